@@ -1,0 +1,1 @@
+"""lit_iiet: ODE-inspired Transformers in PyTorch Lightning."""

@@ -1,0 +1,3 @@
+from lit_iiet.cli import main
+
+main()

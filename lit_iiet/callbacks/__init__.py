@@ -1,0 +1,3 @@
+from lit_iiet.callbacks.text_writer import TextPredictionWriter
+
+__all__ = ["TextPredictionWriter"]

@@ -1,0 +1,89 @@
+"""`python -m lit_iiet {fit,validate,test,predict} --config conf/....yaml`: LightningCLI with the project's defaults.
+
+Every option is a typed, docstring'd `__init__` argument of a LightningModule, a LightningDataModule, the
+Trainer or a callback; `--help` and `--print_config` show them all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from jsonargparse import set_docstring_parse_options
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lit_iiet.callbacks import TextPredictionWriter
+from lit_iiet.checkpoint import SPECIAL_CKPT_PATHS, load_checkpoint
+from lit_iiet.errors import UserInputError
+
+
+def checkpoint_dir(default_root_dir: str | None) -> str:
+    """Checkpoints live in one stable folder per run directory, so that `--ckpt_path last` finds them."""
+    return str(Path(default_root_dir or os.getcwd()) / "checkpoints")
+
+
+class IIETCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Always checkpoint: the best model by val/loss and last.ckpt. Lightning's version counter writes
+        # last-v1.ckpt etc. rather than overwriting a checkpoint that a previous run left in the folder.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-{step}",
+            }
+        )
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+        parser.add_lightning_class_args(TextPredictionWriter, "prediction_writer")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here; check the file first so that a missing or
+        # truncated checkpoint gets one line of explanation instead of a deep torch.load traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS:
+            load_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of `python -m lit_iiet` and the `lit-iiet` script; tests call it with a list of arguments."""
+    set_docstring_parse_options(attribute_docstrings=True)
+    # LMDataModule's sampler resumes mid-epoch from Lightning's own counters; this warning does not apply.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ GPUs; no effect on CPU
+    try:
+        IIETCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_kwargs={"parser_mode": "omegaconf", "prog": "python -m lit_iiet"},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except Exception as e:
+        cause = user_error_in(e)
+        if cause is None:
+            raise
+        print(f"lit_iiet: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def user_error_in(error: BaseException | None) -> UserInputError | None:
+    """The UserInputError behind an exception: jsonargparse and Lightning wrap errors raised in __init__ or hooks."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserInputError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -1,0 +1,317 @@
+"""Language-modelling data: local text / JSONL files or local `datasets` sources, packed into fixed-length windows."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+
+from lit_iiet.data.tokenizer import TOKENIZER_VERSION, Tokenizer, default_cache_dir, fingerprint
+from lit_iiet.errors import UserInputError
+
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+SPLITS = ("train", "val", "test")
+
+
+def expand_files(spec: str | list[str] | None, split: str) -> list[Path]:
+    """Paths, directories or glob patterns -> the sorted list of text/JSONL files they name."""
+    if spec is None:
+        return []
+    files: list[Path] = []
+    for item in [spec] if isinstance(spec, str) else spec:
+        if any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise UserInputError(f"{split} data: no file matches {item!r}")
+            files += [Path(m) for m in matches if m.endswith(TEXT_SUFFIXES)]
+        elif Path(item).is_dir():
+            found = sorted(p for p in Path(item).rglob("*") if p.name.endswith(TEXT_SUFFIXES))
+            if not found:
+                raise UserInputError(f"{split} data: directory {item!r} holds no {'/'.join(TEXT_SUFFIXES)} file")
+            files += found
+        elif Path(item).is_file():
+            if not item.endswith(TEXT_SUFFIXES):
+                raise UserInputError(f"{split} data: {item!r} is not one of {', '.join(TEXT_SUFFIXES)}")
+            files.append(Path(item))
+        else:
+            raise UserInputError(f"{split} data file {item!r} does not exist")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise UserInputError(f"{split} data file {str(f)!r} is empty")
+    return files
+
+
+def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """A .txt file is one document; a .jsonl file holds one document per line, in `text_field`."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+            if path.name.endswith((".txt", ".txt.gz")):
+                text = f.read()
+                if not text.strip():
+                    raise UserInputError(f"data file {str(path)!r} is empty")
+                yield text
+                return
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserInputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise UserInputError(f"{path}:{n}: no {text_field!r} field (set data.text_field)")
+                yield record[text_field]
+    except UnicodeDecodeError as e:
+        raise UserInputError(f"data file {str(path)!r} is not UTF-8 text (bad byte at offset {e.start})") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise UserInputError(f"data file {str(path)!r} is not a readable gzip file ({e})") from None
+
+
+def encode_document(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of one document followed by <eos>; encoded line by line (BPE never merges across newlines)."""
+    ids = [i for line in tokenizer.encode_batch(text.splitlines(keepends=True)) for i in line]
+    ids.append(tokenizer.eos_id)
+    return ids
+
+
+class PackedDataset(Dataset):
+    """Non-overlapping windows of seq_len + 1 tokens from one long token stream (inputs and shifted targets)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
+        if len(tokens) < seq_len + 1:
+            raise UserInputError(f"split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = i * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1].long()
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffles with (seed, epoch) and can start mid-epoch, so a resumed run sees the batches an uninterrupted
+    run would have seen. It is a DistributedSampler (one replica without DDP), so Lightning keeps it under DDP
+    and calls set_epoch on it."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int, skip: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.skip = skip  # samples of this rank already consumed in the current epoch
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())[self.skip :]
+        self.skip = 0  # only the resumed epoch starts late
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class PackedStream(IterableDataset):
+    """Streams documents, tokenizes them on the fly and yields packed windows; sharded over ranks and workers."""
+
+    def __init__(self, documents, tokenizer: Tokenizer, seq_len: int, rank: int = 0, world_size: int = 1) -> None:
+        self.documents, self.tokenizer, self.seq_len = documents, tokenizer, seq_len
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        shards, shard = self.world_size * n_workers, self.rank * n_workers + worker
+        buffer: list[int] = []
+        for n, text in enumerate(self.documents()):
+            if n % shards != shard:
+                continue
+            buffer += encode_document(self.tokenizer, text)
+            while len(buffer) >= self.seq_len + 1:
+                yield torch.tensor(buffer[: self.seq_len + 1])
+                buffer = buffer[self.seq_len :]
+
+
+class LMDataModule(L.LightningDataModule):
+    """Text for language modelling, from local files or a local `datasets` source, with a SentencePiece tokenizer."""
+
+    def __init__(
+        self,
+        train: str | list[str] | None = "data/shakespeare/train.txt.gz",
+        val: str | list[str] | None = "data/shakespeare/valid.txt.gz",
+        test: str | list[str] | None = "data/shakespeare/test.txt.gz",
+        text_field: str = "text",
+        hf_dataset: str | None = None,
+        hf_name: str | None = None,
+        hf_splits: dict[str, str] | None = None,
+        streaming: bool = False,
+        tokenizer: str | None = None,
+        vocab_size: int = 2048,
+        tokenizer_max_lines: int = 2_000_000,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        cache_dir: str | None = None,
+        prompts: list[str] | None = None,
+    ) -> None:
+        """
+        Args:
+            train: Training text: .txt(.gz) files (each one document), .jsonl(.gz) files (one document per line),
+                directories of them, or glob patterns. Ignored when hf_dataset is set.
+            val: Validation text, same forms as train.
+            test: Test text, same forms as train.
+            text_field: The JSONL / dataset column holding the text.
+            hf_dataset: A local `datasets` source instead of files: a directory written by `save_to_disk`, or a
+                dataset name / loading script already in the local `datasets` cache (nothing is downloaded).
+            hf_name: The dataset configuration name (e.g. "wikitext-103-raw-v1").
+            hf_splits: Our split -> the dataset's split, default {"train": "train", "val": "validation", "test": "test"}.
+            streaming: Read the training documents lazily (for corpora that do not fit in memory).
+            tokenizer: A SentencePiece model file to use; None trains a BPE model on the training text (cached).
+            vocab_size: Vocabulary size of the tokenizer trained when tokenizer is None.
+            tokenizer_max_lines: Lines sampled from the training text to train the tokenizer.
+            seq_len: Tokens per training window (the model sees seq_len inputs and seq_len shifted targets).
+            batch_size: Windows per batch and per device.
+            num_workers: DataLoader worker processes.
+            shuffle: Shuffle the training windows each epoch (seeded by seed_everything and the epoch).
+            cache_dir: Where tokenizers and token ids are cached; default $LIT_IIET_CACHE or ~/.cache/lit_iiet.
+            prompts: Prompts that `predict` continues, e.g. ["ROMEO:"].
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if seq_len < 1 or batch_size < 1:
+            raise UserInputError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
+        if vocab_size < 260:
+            raise UserInputError(f"vocab_size={vocab_size}: at least 260 are needed (256 byte tokens + 4 specials)")
+        self.files = {}
+        if hf_dataset is None:
+            self.files = {split: expand_files(spec, split) for split, spec in zip(SPLITS, (train, val, test))}
+            if not self.files["train"] and tokenizer is None:
+                raise UserInputError("data.train is empty: give training text, or a tokenizer model with data.tokenizer")
+        self.hf_splits = {"train": "train", "val": "validation", "test": "test", **(hf_splits or {})}
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.tokenizer: Tokenizer | None = None
+        self.tokens: dict[str, torch.Tensor] = {}
+
+    # --- sources ------------------------------------------------------------------------------------------
+
+    def _hf_split(self, split: str, streaming: bool):
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never reach for the hub at run time
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import datasets
+
+        source, name = self.hparams.hf_dataset, self.hparams.hf_name
+        try:
+            if Path(source).is_dir() and (Path(source) / "dataset_dict.json").exists():
+                ds = datasets.load_from_disk(source)[self.hf_splits[split]]
+                return ds.to_iterable_dataset() if streaming else ds
+            return datasets.load_dataset(source, name, split=self.hf_splits[split], streaming=streaming)
+        except (FileNotFoundError, ConnectionError, ValueError, KeyError) as e:
+            raise UserInputError(
+                f"dataset {source!r} (split {self.hf_splits[split]!r}) is not available locally: {e}. "
+                "Save it once with `datasets.load_dataset(...).save_to_disk(DIR)` on a connected machine and set "
+                "data.hf_dataset=DIR, or point data.train/val/test at local files."
+            ) from None
+
+    def documents(self, split: str, streaming: bool = False) -> Iterator[str]:
+        if self.hparams.hf_dataset is not None:
+            for row in self._hf_split(split, streaming):
+                yield row[self.hparams.text_field]
+            return
+        for path in self.files[split]:
+            yield from read_documents(path, self.hparams.text_field)
+
+    def has_split(self, split: str) -> bool:
+        return self.hparams.hf_dataset is not None or bool(self.files.get(split))
+
+    def _source_id(self) -> tuple:
+        if self.hparams.hf_dataset is not None:
+            return (self.hparams.hf_dataset, self.hparams.hf_name, sorted(self.hf_splits.items()))
+        return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for fs in self.files.values() for f in fs)
+
+    # --- tokenizer and token cache -----------------------------------------------------------------------
+
+    def tokenizer_path(self) -> Path:
+        if self.hparams.tokenizer is not None:
+            return Path(self.hparams.tokenizer)
+        key = fingerprint(TOKENIZER_VERSION, self._source_id(), self.hparams.vocab_size, self.hparams.tokenizer_max_lines)
+        return self.cache_dir / "tokenizers" / f"bpe{self.hparams.vocab_size}-{key}.model"
+
+    def token_path(self, split: str) -> Path:
+        key = fingerprint(self._source_id(), str(self.tokenizer_path().resolve()), split)
+        return self.cache_dir / "tokens" / f"{split}-{key}.pt"
+
+    def _training_lines(self) -> Iterator[str]:
+        for text in self.documents("train", streaming=True):
+            for line in text.splitlines():
+                if line.strip():
+                    yield line
+
+    def prepare_data(self) -> None:
+        """Train the tokenizer and tokenize the in-memory splits once (rank 0); later runs read the cache."""
+        path = self.tokenizer_path()
+        if not path.exists():
+            if self.hparams.tokenizer is not None:
+                raise UserInputError(f"tokenizer model {str(path)!r} does not exist")
+            Tokenizer.train(self._training_lines(), path, self.hparams.vocab_size, self.hparams.tokenizer_max_lines)
+        tokenizer = Tokenizer(path)
+        for split in SPLITS:
+            if (split == "train" and self.hparams.streaming) or not self.has_split(split):
+                continue
+            out = self.token_path(split)
+            if out.exists():
+                continue
+            ids = [i for text in self.documents(split) for i in encode_document(tokenizer, text)]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(f".tmp{os.getpid()}")
+            torch.save(torch.tensor(ids, dtype=torch.int32), tmp)
+            tmp.replace(out)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.tokenizer = Tokenizer(self.tokenizer_path())
+        for split in SPLITS:
+            if split in self.tokens or not self.has_split(split) or (split == "train" and self.hparams.streaming):
+                continue
+            path = self.token_path(split)
+            if not path.exists():  # setup() without prepare_data(), e.g. from a notebook
+                self.prepare_data()
+            self.tokens[split] = torch.load(path, weights_only=True)
+
+    # --- loaders -------------------------------------------------------------------------------------------
+
+    def _loader(self, split: str) -> DataLoader:
+        if not self.has_split(split):
+            raise UserInputError(f"no {split} data configured (set data.{split})")
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        kwargs = dict(batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                      persistent_workers=self.hparams.num_workers > 0)
+        if split == "train" and self.hparams.streaming:
+            dataset = PackedStream(lambda: self.documents("train", streaming=True), self.tokenizer, self.hparams.seq_len, rank, world)
+            return DataLoader(dataset, **kwargs)
+        dataset = PackedDataset(self.tokens[split], self.hparams.seq_len)
+        if split != "train":
+            return DataLoader(dataset, shuffle=False, **kwargs)
+        # On resume Lightning has restored its loop counters before asking for this loader: skip what the
+        # interrupted run already consumed in the current epoch.
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed if self.trainer else 0
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = ResumableSampler(dataset, world, rank, self.hparams.shuffle, seed, skip=done * self.hparams.batch_size)
+        return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        prompts = self.hparams.prompts or [""]
+        return DataLoader(prompts, batch_size=1, collate_fn=lambda batch: batch)

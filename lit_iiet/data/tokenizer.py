@@ -1,0 +1,99 @@
+"""SentencePiece BPE tokenizer: trained once on the training text and cached, or loaded from a given model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+from lit_iiet.errors import UserInputError
+
+# Bump when the training options below change, so that cached tokenizers are retrained.
+TOKENIZER_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LIT_IIET_CACHE", Path.home() / ".cache" / "lit_iiet"))
+
+
+class Tokenizer:
+    """Text <-> ids. Ids 0..3 are <pad>, <unk>, <bos>, <eos>; bytes fall back to byte tokens, so any UTF-8 round-trips."""
+
+    def __init__(self, model_file: str | Path) -> None:
+        path = Path(model_file)
+        if not path.is_file():
+            raise UserInputError(f"tokenizer model {str(path)!r} does not exist")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise UserInputError(f"tokenizer model {str(path)!r} is not a SentencePiece model ({e})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    @staticmethod
+    def train(lines: Iterator[str], model_file: str | Path, vocab_size: int, max_lines: int = 2_000_000) -> "Tokenizer":
+        """Train a BPE model on an iterator of lines and write it to model_file (atomically)."""
+        model_file = Path(model_file)
+        model_file.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=lines,
+                model_writer=buffer,
+                model_type="bpe",
+                vocab_size=vocab_size,
+                character_coverage=1.0,
+                byte_fallback=True,
+                normalization_rule_name="identity",  # keep the text exactly as written
+                remove_extra_whitespaces=False,
+                add_dummy_prefix=False,
+                user_defined_symbols=["\n"],
+                pad_id=0,
+                unk_id=1,
+                bos_id=2,
+                eos_id=3,
+                input_sentence_size=max_lines,
+                shuffle_input_sentence=True,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise UserInputError(f"could not train a tokenizer of vocab_size={vocab_size} on this text: {e}") from None
+        tmp = model_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(model_file)
+        return Tokenizer(model_file)
+
+
+def fingerprint(*parts: object) -> str:
+    """Short stable hash naming a cache entry."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]

@@ -1,0 +1,3 @@
+from lit_iiet.models.lm import LanguageModel
+
+__all__ = ["LanguageModel"]

@@ -1,0 +1,225 @@
+"""LightningModule for decoder-only language modelling with any layer-update scheme."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from lit_iiet.errors import UserInputError
+from lit_iiet.nn.decoder import Decoder, DecoderConfig
+from lit_iiet.nn.generate import generate
+from lit_iiet.nn.ode import ODEConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to min_lr_ratio * lr over the run's optimizer steps."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to weight matrices only (not norms, biases or scheme coefficients)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    total_steps: int | None = None
+    """Optimizer steps the schedule spans; None means the trainer's (max_steps or epochs x batches)."""
+
+
+@dataclass
+class SamplingConfig:
+    """How `predict` and the validation sample continue a prompt."""
+
+    max_new_tokens: int = 200
+    """Tokens to generate."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 is greedy decoding."""
+    top_k: int | None = 50
+    """Sample among the k most likely tokens (None: all)."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p (None: off)."""
+
+
+def _as(cls, value):
+    """Dataclass from a dict: checkpoints store hyperparameters as plain dicts (weights_only loading)."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at an optimizer step: linear warmup, then cosine to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LanguageModel(L.LightningModule):
+    """Next-token prediction with a Transformer++ whose layers follow the chosen ODE scheme."""
+
+    def __init__(
+        self,
+        arch: DecoderConfig = DecoderConfig(),
+        ode: ODEConfig = ODEConfig(),
+        optim: OptimConfig = OptimConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        init_from: str | None = None,
+        val_sample_prompt: str | None = None,
+    ) -> None:
+        """
+        Args:
+            arch: Shape of the Transformer++ (layers, width, heads, vocabulary, context length).
+            ode: Layer-update scheme and its options (iiet iterations or per-layer schedule).
+            optim: Optimizer and learning-rate schedule.
+            sampling: Generation settings for `predict` and the validation sample.
+            init_from: Checkpoint whose weights initialise the model before `fit` (e.g. a vanilla checkpoint
+                into an IIET model). Unlike --ckpt_path it restores no optimizer state or step count.
+            val_sample_prompt: If set, generate from this prompt after each validation and log the text.
+        """
+        super().__init__()
+        arch, ode = _as(DecoderConfig, arch), _as(ODEConfig, ode)
+        self.optim, self.sampling = _as(OptimConfig, optim), _as(SamplingConfig, sampling)
+        self.init_from, self.val_sample_prompt = init_from, val_sample_prompt
+        self.model = Decoder(arch, ode)
+        # Plain dicts only, so that checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {"arch": asdict(arch), "ode": asdict(ode), "optim": asdict(self.optim), "sampling": asdict(self.sampling),
+             "init_from": init_from, "val_sample_prompt": val_sample_prompt}
+        )
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self._step_start = 0.0
+
+    # --- setup ---------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        tokenizer = getattr(dm, "tokenizer", None)
+        cfg = self.model.cfg
+        if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+            raise UserInputError(
+                f"model.arch.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size}); "
+                f"set model.arch.vocab_size >= {tokenizer.vocab_size}"
+            )
+        seq_len = getattr(getattr(dm, "hparams", None), "seq_len", None)
+        if seq_len is not None and seq_len > cfg.max_seq_len:
+            raise UserInputError(f"data.seq_len={seq_len} is longer than model.arch.max_seq_len={cfg.max_seq_len}")
+        if stage == "fit" and self.init_from:
+            from lit_iiet.checkpoint import load_checkpoint
+
+            state = load_checkpoint(self.init_from)["state_dict"]
+            self._check_state_dict(state, self.init_from)
+            self.load_state_dict(state)
+
+    def _check_state_dict(self, state: dict[str, Tensor], source: str) -> None:
+        """A short error instead of load_state_dict's wall of missing / unexpected keys."""
+        own = {k: v.shape for k, v in self.state_dict().items()}
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        wrong = [k for k in own if k in state and state[k].shape != own[k]]
+        if missing or extra or wrong:
+            what = (
+                f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, the model has {tuple(own[wrong[0]])}" if wrong
+                else f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+            )
+            raise UserInputError(f"checkpoint {source!r} does not fit this model's architecture: {what}")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._check_state_dict(checkpoint["state_dict"], "given")
+
+    def configure_optimizers(self):
+        o = self.optim
+        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and not n.startswith("model.update.")]
+        no_decay = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and not n.startswith("model.update."))]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=o.betas, eps=o.eps,
+        )
+        total = o.total_steps or self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise UserInputError("set trainer.max_steps, trainer.max_epochs or model.optim.total_steps for the LR schedule")
+        total = int(total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, o.warmup_steps, total, o.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- steps ---------------------------------------------------------------------------------------------
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.model(idx)
+
+    def loss(self, batch: Tensor) -> Tensor:
+        logits = self.model(batch[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+    def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: Tensor, batch_idx: int) -> None:
+        # Wall time of this micro-batch's forward + backward (+ optimizer step when it falls here).
+        if batch.is_cuda:
+            torch.cuda.synchronize(batch.device)
+        step_time = time.perf_counter() - self._step_start
+        tokens = (batch.shape[1] - 1) * batch.shape[0] * self.trainer.world_size
+        self.log("perf/step_time", step_time)
+        self.log("perf/tokens_per_sec", tokens / step_time, prog_bar=True)
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.val_loss.update(self.loss(batch), weight=batch.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=False)
+        self.log("iiet/evals_per_token", self.model.update.total_evals() / self.model.cfg.n_layers)
+        if self.val_sample_prompt is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            text = self.sample(self.val_sample_prompt)
+            for logger in self.loggers:
+                if hasattr(logger.experiment, "add_text"):
+                    logger.experiment.add_text("val/sample", f"```\n{text}\n```", self.global_step)
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.test_loss.update(self.loss(batch), weight=batch.shape[0])
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.test_loss.compute()
+        self.test_loss.reset()
+        self.log_dict({"test/loss": loss, "test/ppl": loss.exp()})
+
+    # --- generation ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, prompt: str, generator: torch.Generator | None = None) -> str:
+        """Continue a text prompt with the sampling settings; needs the datamodule's tokenizer."""
+        tokenizer = self.trainer.datamodule.tokenizer
+        ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # an empty prompt starts after a document break
+        s = self.sampling
+        max_new = min(s.max_new_tokens, self.model.cfg.max_seq_len - len(ids))
+        if max_new < 1:
+            raise UserInputError(f"prompt of {len(ids)} tokens leaves no room within max_seq_len={self.model.cfg.max_seq_len}")
+        was_training = self.training
+        self.eval()
+        out = generate(self.model, torch.tensor([ids], device=self.device), max_new, s.temperature, s.top_k, s.top_p,
+                       eos_id=tokenizer.eos_id, generator=generator)
+        self.train(was_training)
+        return prompt + tokenizer.decode(t for t in out[0, len(ids):].tolist() if t != tokenizer.eos_id)
+
+    def predict_step(self, batch: list[str], batch_idx: int) -> list[str]:
+        return [self.sample(prompt) for prompt in batch]

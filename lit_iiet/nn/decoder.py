@@ -1,0 +1,138 @@
+"""Decoder-only language model in the Transformer++ layout (pre-RMSNorm, RoPE, SwiGLU, no biases).
+
+Every layer is integrated by the scheme of its `ODEConfig`; with scheme "euler" this is the vanilla model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_iiet.errors import UserInputError
+from lit_iiet.nn.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_tables, swiglu_hidden
+from lit_iiet.nn.ode import Branch, LayerUpdate, ODEConfig
+
+
+@dataclass
+class DecoderConfig:
+    """Shape of a decoder-only Transformer++."""
+
+    vocab_size: int = 2048
+    """Rows of the embedding and the output head; must be at least the tokenizer's vocabulary size."""
+    n_layers: int = 6
+    """Number of layers (each one ODE step)."""
+    d_model: int = 256
+    """Hidden size."""
+    n_heads: int = 4
+    """Attention heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads (plain multi-head attention)."""
+    d_ff: int | None = None
+    """SwiGLU hidden size; None means LLaMA's 8/3 * d_model rounded up to a multiple of 64."""
+    max_seq_len: int = 256
+    """Longest sequence (prompt + generated tokens) the model accepts."""
+    rope_base: float = 10000.0
+    """RoPE base frequency."""
+    dropout: float = 0.0
+    """Dropout on attention weights and on every sub-layer output."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head (Transformer++ leaves them untied)."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise UserInputError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size (RoPE)")
+        if self.n_heads % (self.n_kv_heads or self.n_heads):
+            raise UserInputError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+
+
+class Block(nn.Module):
+    """One pre-norm layer; it only provides its residual branch G, the scheme decides how to step with it."""
+
+    def __init__(self, cfg: DecoderConfig, branch_norm: bool) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dropout)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff or swiglu_hidden(cfg.d_model))
+        self.branch_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if branch_norm else None
+        self.dropout = cfg.dropout
+
+    def branch(self, cos: Tensor, sin: Tensor, caches: list[KVCache] | None, pos: int) -> Branch:
+        """G for the tokens at [pos, pos + T); evaluation e reads and writes cache slot caches[e]."""
+
+        def attn(z: Tensor, e: int) -> Tensor:
+            out = self.attn(self.norm1(z), cos, sin, caches[e] if caches is not None else None, pos)
+            return F.dropout(out, self.dropout, self.training)
+
+        def ffn(z: Tensor, e: int) -> Tensor:
+            return F.dropout(self.ffn(self.norm2(z)), self.dropout, self.training)
+
+        return Branch([attn, ffn], self.branch_norm)
+
+
+class Decoder(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: DecoderConfig, ode: ODEConfig) -> None:
+        super().__init__()
+        self.cfg, self.ode = cfg, ode
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, ode.branch_norm) for _ in range(cfg.n_layers))
+        self.update = LayerUpdate(ode, cfg.n_layers, cfg.d_model)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the projections into the residual
+            if name.endswith(("attn.proj.weight", "ffn.w2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dim() == 2 and module.weight.shape[0] > 1:
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def schedule(self) -> list[int]:
+        return self.update.schedule
+
+    def init_cache(self, batch: int, max_len: int | None = None) -> list[list[KVCache]]:
+        """Empty KV cache: one slot per (layer, F-evaluation)."""
+        c, p = self.cfg, self.embed.weight
+        max_len = max_len or c.max_seq_len
+        return [
+            [KVCache(batch, c.n_kv_heads or c.n_heads, max_len, c.d_model // c.n_heads, p.device, p.dtype) for _ in range(self.update.evals(layer))]
+            for layer in range(c.n_layers)
+        ]
+
+    def hidden(self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0) -> Tensor:
+        """Final-norm hidden states of the tokens idx placed at positions [pos, pos + T)."""
+        T = idx.shape[1]
+        if pos + T > self.cfg.max_seq_len:
+            raise UserInputError(f"sequence of {pos + T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        x = F.dropout(self.embed(idx), self.cfg.dropout, self.training)
+        history = self.update.begin(x)
+        for layer, block in enumerate(self.blocks):
+            G = block.branch(cos, sin, cache[layer] if cache is not None else None, pos)
+            x = self.update(layer, x, G, history)
+        return self.norm(x)
+
+    def forward(self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0) -> Tensor:
+        return self.lm_head(self.hidden(idx, cache, pos))
+
+    def config_dict(self) -> dict:
+        return {"arch": asdict(self.cfg), "ode": asdict(self.ode)}
