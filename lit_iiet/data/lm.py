@@ -48,18 +48,34 @@ def expand_files(spec: str | list[str] | None, split: str) -> list[Path]:
     return files
 
 
+def _not_utf8(path: Path, offset: int) -> UserInputError:
+    return UserInputError(f"data file {str(path)!r} is not UTF-8 text (bad byte at offset {offset})")
+
+
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """A .txt file is one document; a .jsonl file holds one document per line, in `text_field`."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8", errors="strict") as f:
-            if path.name.endswith((".txt", ".txt.gz")):
-                text = f.read()
-                if not text.strip():
-                    raise UserInputError(f"data file {str(path)!r} is empty")
-                yield text
-                return
-            for n, line in enumerate(f, 1):
+        if path.name.endswith((".txt", ".txt.gz")):
+            with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+                try:
+                    text = f.read()  # decodes the whole file at once, so e.start is the offset in the file
+                except UnicodeDecodeError as e:
+                    raise _not_utf8(path, e.start) from None
+            if not text.strip():
+                raise UserInputError(f"data file {str(path)!r} is empty")
+            yield text
+            return
+        # JSONL is decoded line by line from bytes: text-mode iteration decodes in chunks and would report a
+        # bad byte's offset inside its chunk instead of inside the file.
+        with opener(path, "rb") as f:
+            offset = 0
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _not_utf8(path, offset + e.start) from None
+                offset += len(raw)
                 if not line.strip():
                     continue
                 try:
@@ -68,9 +84,10 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
                     raise UserInputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
                 if not isinstance(record, dict) or text_field not in record:
                     raise UserInputError(f"{path}:{n}: no {text_field!r} field (set data.text_field)")
+                if not isinstance(record[text_field], str):
+                    kind = type(record[text_field]).__name__
+                    raise UserInputError(f"{path}:{n}: the {text_field!r} field is a {kind}, not a string")
                 yield record[text_field]
-    except UnicodeDecodeError as e:
-        raise UserInputError(f"data file {str(path)!r} is not UTF-8 text (bad byte at offset {e.start})") from None
     except (gzip.BadGzipFile, EOFError) as e:
         raise UserInputError(f"data file {str(path)!r} is not a readable gzip file ({e})") from None
 
@@ -113,7 +130,9 @@ class ResumableSampler(DistributedSampler):
         return iter(indices)
 
     def __len__(self) -> int:
-        return self.num_samples - self.skip
+        # The whole epoch, also while skipping: Lightning counts the batches restored from a checkpoint towards
+        # the epoch, ends it after len(loader) batches in all, and reuses that length for the later epochs.
+        return self.num_samples
 
 
 class PackedStream(IterableDataset):
@@ -220,8 +239,14 @@ class LMDataModule(L.LightningDataModule):
 
     def documents(self, split: str, streaming: bool = False) -> Iterator[str]:
         if self.hparams.hf_dataset is not None:
+            field = self.hparams.text_field
             for row in self._hf_split(split, streaming):
-                yield row[self.hparams.text_field]
+                if not isinstance(row.get(field), str):
+                    raise UserInputError(
+                        f"dataset {self.hparams.hf_dataset!r} (split {self.hf_splits[split]!r}): no string column "
+                        f"{field!r} (columns: {', '.join(row)}; set data.text_field)"
+                    )
+                yield row[field]
             return
         for path in self.files[split]:
             yield from read_documents(path, self.hparams.text_field)
@@ -230,9 +255,11 @@ class LMDataModule(L.LightningDataModule):
         return self.hparams.hf_dataset is not None or bool(self.files.get(split))
 
     def _source_id(self) -> tuple:
+        field = self.hparams.text_field  # which column / JSON field is the text
         if self.hparams.hf_dataset is not None:
-            return (self.hparams.hf_dataset, self.hparams.hf_name, sorted(self.hf_splits.items()))
-        return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for fs in self.files.values() for f in fs)
+            return (self.hparams.hf_dataset, self.hparams.hf_name, sorted(self.hf_splits.items()), field)
+        files = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for fs in self.files.values() for f in fs)
+        return files + (field,)
 
     # --- tokenizer and token cache -----------------------------------------------------------------------
 
@@ -243,7 +270,9 @@ class LMDataModule(L.LightningDataModule):
         return self.cache_dir / "tokenizers" / f"bpe{self.hparams.vocab_size}-{key}.model"
 
     def token_path(self, split: str) -> Path:
-        key = fingerprint(self._source_id(), str(self.tokenizer_path().resolve()), split)
+        tokenizer = self.tokenizer_path()
+        stamp = (tokenizer.stat().st_size, tokenizer.stat().st_mtime_ns) if tokenizer.exists() else None
+        key = fingerprint(self._source_id(), str(tokenizer.resolve()), stamp, split)
         return self.cache_dir / "tokens" / f"{split}-{key}.pt"
 
     def _training_lines(self) -> Iterator[str]:
@@ -297,8 +326,11 @@ class LMDataModule(L.LightningDataModule):
         if split != "train":
             return DataLoader(dataset, shuffle=False, **kwargs)
         # On resume Lightning has restored its loop counters before asking for this loader: skip what the
-        # interrupted run already consumed in the current epoch.
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed if self.trainer else 0
+        # interrupted run already consumed in the current epoch. `processed` includes the batch whose
+        # on_train_batch_end saved the checkpoint (`completed` does not count it yet); after the last batch of an
+        # epoch (a checkpoint at epoch end, or a reload at the next epoch's start) nothing is left to skip.
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress if self.trainer else None
+        done = 0 if progress is None or progress.is_last_batch else progress.current.processed
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         sampler = ResumableSampler(dataset, world, rank, self.hparams.shuffle, seed, skip=done * self.hparams.batch_size)
         return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)

@@ -65,9 +65,20 @@ class Tokenizer:
         model_file = Path(model_file)
         model_file.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
+        # SentencePiece turns an exception raised by the iterator (e.g. a UserInputError naming a bad data file)
+        # into a RuntimeError with a Python traceback in its message: keep the original to re-raise it as is.
+        source_errors: list[BaseException] = []
+
+        def guarded_lines() -> Iterator[str]:
+            try:
+                yield from lines
+            except BaseException as e:
+                source_errors.append(e)
+                raise
+
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=lines,
+                sentence_iterator=guarded_lines(),
                 model_writer=buffer,
                 model_type="bpe",
                 vocab_size=vocab_size,
@@ -87,6 +98,8 @@ class Tokenizer:
                 minloglevel=2,
             )
         except RuntimeError as e:
+            if source_errors:  # reading the text failed, not the training
+                raise source_errors[0] from None
             raise UserInputError(f"could not train a tokenizer of vocab_size={vocab_size} on this text: {e}") from None
         tmp = model_file.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(buffer.getvalue())

@@ -92,11 +92,11 @@ class LanguageModel(L.LightningModule):
         self.optim, self.sampling = _as(OptimConfig, optim), _as(SamplingConfig, sampling)
         self.init_from, self.val_sample_prompt = init_from, val_sample_prompt
         self.model = Decoder(arch, ode)
-        # Plain dicts only, so that checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(
-            {"arch": asdict(arch), "ode": asdict(ode), "optim": asdict(self.optim), "sampling": asdict(self.sampling),
-             "init_from": init_from, "val_sample_prompt": val_sample_prompt}
-        )
+        # LightningCLI records the class path here, so that `--ckpt_path` rebuilds this exact model; configs are
+        # stored as plain dicts, so that checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters()
+        for name, config in (("arch", arch), ("ode", ode), ("optim", self.optim), ("sampling", self.sampling)):
+            self.hparams[name] = self._hparams_initial[name] = asdict(config)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self._step_start = 0.0
 

@@ -1,0 +1,1 @@
+"""Reading and measuring trained models: TensorBoard scalars (and, later, iteration influence)."""

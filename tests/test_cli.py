@@ -1,0 +1,213 @@
+"""`python -m lit_iiet ...`: every shipped config parses, and fit / validate / test / predict / resume work."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, TINY
+
+from lit_iiet.analysis.logs import read_scalars, read_texts
+from lit_iiet.cli import main
+from lit_iiet.errors import UserInputError
+from lit_iiet.models import LanguageModel
+from lit_iiet.nn.decoder import Decoder, DecoderConfig
+from lit_iiet.nn.ode import ODEConfig
+
+LM_CONFIGS = sorted((ROOT / "conf" / "lm").glob("*.yaml"))
+TRAINER_PRESETS = sorted((ROOT / "conf" / "trainer").glob("*.yaml"))
+
+
+def print_config(capsys, *args) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("path", LM_CONFIGS, ids=lambda p: p.name)
+def test_lm_config_parses_and_builds(path, capsys):
+    """Each config validates through the CLI, and its model builds (on the meta device: no memory, no time)."""
+    config = print_config(capsys, "--config", str(path.relative_to(ROOT)))
+    args = config["model"]["init_args"]
+    with torch.device("meta"):
+        model = Decoder(DecoderConfig(**args["arch"]), ODEConfig(**args["ode"]))
+    n_params = sum(p.numel() for p in model.parameters())
+    expected = {"340m": (3.0e8, 4.0e8), "740m": (7.0e8, 8.0e8), "1.3b": (1.25e9, 1.4e9)}
+    for scale, (low, high) in expected.items():
+        if f"_{scale}_" in path.name:
+            assert low < n_params < high
+    assert config["trainer"]["default_root_dir"].endswith(path.stem)
+
+
+@pytest.mark.parametrize("path", TRAINER_PRESETS, ids=lambda p: p.name)
+def test_trainer_preset_parses(path, capsys):
+    config = print_config(capsys, "--config", "conf/lm/shakespeare_iiet.yaml", "--config", str(path.relative_to(ROOT)))
+    preset = yaml.safe_load(path.read_text())["trainer"]
+    for key, value in preset.items():
+        if key != "strategy":
+            assert config["trainer"][key] == value
+
+
+def test_fsdp_preset_wraps_each_block():
+    """The FSDP preset's wrap policy resolves to the Block class (the strategy object builds without a GPU)."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lit_iiet.nn.decoder import Block
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=FSDPStrategy)
+    preset = yaml.safe_load((ROOT / "conf/trainer/fsdp.yaml").read_text())["trainer"]
+    strategy = parser.instantiate_classes(parser.parse_object({"strategy": preset["strategy"]})).strategy
+    assert isinstance(strategy, FSDPStrategy)
+    assert Block in strategy.kwargs["auto_wrap_policy"]._module_classes
+
+
+def test_help_shows_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "lit_iiet.models.LanguageModel"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model.ode.scheme" in out and "iiet only: fixed-point iterations per layer" in out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A real `python -m lit_iiet fit` of 6 steps (a separate process, exactly as a user runs it)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cmd = [sys.executable, "-m", "lit_iiet", "fit", *TINY, "--trainer.max_steps", "6",
+           "--model.val_sample_prompt", "ROMEO:", "--trainer.default_root_dir", str(run_dir)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_fit_writes_checkpoints_and_tensorboard_logs(trained_run):
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    assert list((trained_run / "checkpoints").glob("best-step=*.ckpt"))
+    assert (trained_run / "lightning_logs" / "version_0" / "config.yaml").is_file()
+    scalars = read_scalars(trained_run)
+    for tag in ("train/loss", "train/lr", "val/loss", "val/ppl", "perf/tokens_per_sec", "perf/step_time", "iiet/evals_per_token"):
+        assert tag in scalars, tag
+    assert [step for step, _ in scalars["val/loss"]] == [2, 5]  # validated after steps 3 and 6
+    val = [v for _, v in scalars["val/loss"]]
+    assert val[-1] < val[0] < 7.0  # learning, from about ln(512) = 6.2
+    assert abs(scalars["val/ppl"][-1][1] - torch.tensor(val[-1]).exp().item()) < 1e-3 * scalars["val/ppl"][-1][1]
+    assert scalars["iiet/evals_per_token"][-1][1] == 3.0
+    samples = read_texts(trained_run, "val/sample")
+    assert samples and all("ROMEO:" in s for s in samples)
+
+
+def test_checkpoint_carries_config_and_loads_weights_only(trained_run):
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert ckpt["hyper_parameters"]["ode"] == {**ckpt["hyper_parameters"]["ode"], "scheme": "iiet", "iters": 3}
+    model = LanguageModel.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert model.model.schedule == [3, 3]
+    for key, value in ckpt["state_dict"].items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_validate_test_and_predict_from_checkpoint(trained_run, capsys):
+    ckpt = str(trained_run / "checkpoints" / "last.ckpt")
+    common = [*TINY, "--trainer.default_root_dir", str(trained_run), "--ckpt_path", ckpt]
+    main(["validate", *common])
+    main(["test", *common])
+    out = capsys.readouterr().out
+    assert "val/loss" in out and "test/loss" in out
+    main(["predict", *common, "--data.prompts", '["ROMEO:", "JULIET:"]'])
+    out = capsys.readouterr().out
+    texts = (trained_run / "predictions.txt").read_text()
+    assert texts.startswith("ROMEO:") and "\n\nJULIET:" in texts
+    assert "ROMEO:" in out
+
+
+def test_resume_reaches_the_same_step_and_loss(tmp_path):
+    """fit 4 steps, then `--ckpt_path last` to 8, equals 8 uninterrupted steps (weights and logged losses)."""
+    common = [*TINY, "--model.ode.iters", "2", "--trainer.val_check_interval", "4", "--model.optim.total_steps", "8"]
+    main(["fit", *common, "--trainer.max_steps", "8", "--trainer.default_root_dir", str(tmp_path / "straight")])
+    main(["fit", *common, "--trainer.max_steps", "4", "--trainer.default_root_dir", str(tmp_path / "resumed")])
+    main(["fit", *common, "--trainer.max_steps", "8", "--trainer.default_root_dir", str(tmp_path / "resumed"), "--ckpt_path", "last"])
+    straight = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
+    assert straight["global_step"] == resumed["global_step"] == 8
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, atol=1e-6, rtol=0)
+    loss = lambda run: dict(read_scalars(tmp_path / run)["train/loss"])  # noqa: E731
+    assert set(loss("resumed")) == set(loss("straight"))
+    for step, value in loss("straight").items():
+        assert abs(loss("resumed")[step] - value) < 1e-5
+
+
+def test_vanilla_checkpoint_loads_into_iiet(tmp_path):
+    """Two-stage training and IIAD rely on it: euler weights in an IIET model; at r = 1 the logits are identical."""
+    main(["fit", *TINY, "--model.ode.scheme", "euler", "--model.ode.iters", "1", "--trainer.max_steps", "3",
+          "--trainer.default_root_dir", str(tmp_path / "euler")])
+    ckpt = tmp_path / "euler" / "checkpoints" / "last.ckpt"
+    vanilla = LanguageModel.load_from_checkpoint(ckpt).eval()
+    iiet1 = LanguageModel.load_from_checkpoint(ckpt, ode={"scheme": "iiet", "iters": 1}).eval()
+    iiet3 = LanguageModel.load_from_checkpoint(ckpt, ode={"scheme": "iiet", "iters": [3, 2]}).eval()
+    idx = torch.randint(0, 512, (2, 16))
+    assert torch.equal(iiet1(idx), vanilla(idx))
+    assert iiet3.model.schedule == [3, 2] and not torch.allclose(iiet3(idx), vanilla(idx))
+    # The same through the CLI: init_from loads the weights and IIET training starts from them.
+    main(["fit", *TINY, "--model.init_from", str(ckpt), "--trainer.max_steps", "2",
+          "--trainer.default_root_dir", str(tmp_path / "iiet")])
+    assert torch.load(tmp_path / "iiet/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]["ode"]["iters"] == 3
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*.ckpt"))}
+
+
+def write_bad_files(tmp_path: Path) -> dict[str, Path]:
+    files = {"empty": tmp_path / "empty.txt", "latin1": tmp_path / "latin1.txt", "truncated": tmp_path / "truncated.ckpt"}
+    files["empty"].write_text("")
+    files["latin1"].write_bytes("Café au lait, naïve façade.\n".encode("latin-1"))
+    return files
+
+
+BAD_INPUTS = {
+    "unknown scheme": (["--model.ode.scheme", "implicit"], "unknown scheme 'implicit'; choose one of euler, iiet"),
+    "r below 1": (["--model.ode.iters", "0"], "iters=0: every iteration count must be an integer >= 1"),
+    "schedule length": (["--model.ode.iters", "[3, 1, 2]"], "schedule [3, 1, 2] has 3 entries; the stack has 2 layers"),
+    "missing data file": (["--data.train", "data/shakespeare/nope.txt"], "train data file 'data/shakespeare/nope.txt' does not exist"),
+    "empty data file": (["--data.train", "{empty}"], "is empty"),
+    "not UTF-8": (["--data.train", "{latin1}", "--data.vocab_size", "300", "--model.arch.vocab_size", "300"], "is not UTF-8 text"),
+    "vocab too small": (["--model.arch.vocab_size", "300"], "model.arch.vocab_size=300 is smaller than the tokenizer's vocabulary (512)"),
+    "sequence too long": (["--data.seq_len", "300"], "data.seq_len=300 is longer than model.arch.max_seq_len=256"),
+    "truncated checkpoint": (["--ckpt_path", "{truncated}"], "is truncated or not a torch checkpoint"),
+    "missing checkpoint": (["--ckpt_path", "runs/none.ckpt"], "checkpoint 'runs/none.ckpt' does not exist"),
+    "other architecture": (["--model.init_from", "{other}"], "does not fit this model's architecture: shape of model.embed.weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_short_error_and_nothing_is_overwritten(case, trained_run, tmp_path, capsys):
+    files = write_bad_files(tmp_path)
+    last = trained_run / "checkpoints" / "last.ckpt"
+    files["truncated"].write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    files["other"] = trained_run / "other.ckpt"
+    if not files["other"].exists():  # a checkpoint of a wider model
+        main(["fit", *TINY, "--model.arch.d_model", "64", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+              "--trainer.default_root_dir", str(tmp_path / "wide")])
+        files["other"].write_bytes((tmp_path / "wide/checkpoints/last.ckpt").read_bytes())
+    capsys.readouterr()
+    before = snapshot(trained_run)
+    args, message = BAD_INPUTS[case]
+    args = [a.format(**files) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *TINY, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(trained_run), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lit_iiet: error: ") and message in err[-1], err[-5:]
+    assert len(err[-1]) < 300
+    assert snapshot(trained_run) == before
+
+
+def test_loading_a_checkpoint_into_another_architecture_fails_clearly(trained_run):
+    with pytest.raises(UserInputError, match="does not fit this model's architecture"):
+        LanguageModel.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt", arch={"n_layers": 3, "d_model": 32, "n_heads": 2, "vocab_size": 512})

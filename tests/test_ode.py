@@ -1,0 +1,224 @@
+"""The schemes against known answers: a linear ODE's exact solution, orders of accuracy, implicit Euler."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lit_iiet.errors import UserInputError
+from lit_iiet.nn.decoder import Decoder, DecoderConfig
+from lit_iiet.nn.ode import (
+    Branch,
+    ODEConfig,
+    euler,
+    fixed_point,
+    iiet,
+    pcformer_corrector,
+    pcformer_predictor,
+    rk2,
+    rk2_gated,
+    rk4,
+)
+
+DIM = 4
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """The maths is checked in float64, so tolerances can be tight."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def linear_system(seed: int = 0) -> torch.Tensor:
+    """A stable, non-normal A (eigenvalues with negative real parts), so dy/dt = A y has y(t) = expm(tA) y0."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(DIM, DIM, generator=g, dtype=torch.float64)
+    return (M - M.T) - 0.5 * torch.eye(DIM, dtype=torch.float64) + 0.1 * M
+
+
+def linear_branch(A: torch.Tensor, h: float) -> Branch:
+    """G(z) = h A z: one layer is one step of size h."""
+    return Branch([lambda z, e: z @ (h * A).T])
+
+
+SCHEME_STEPS = {
+    "euler": lambda y, G: euler(y, G),
+    "rk2": lambda y, G: rk2(y, G),
+    "rk2_gated": lambda y, G: rk2_gated(y, G, zero_gate()),
+    "rk4": lambda y, G: rk4(y, G),
+    "iiet_converged": lambda y, G: iiet(y, G, iters=60),
+}
+ORDERS = {"euler": 1, "rk2": 2, "rk2_gated": 2, "rk4": 4, "iiet_converged": 1}
+
+
+def zero_gate() -> nn.Linear:
+    gate = nn.Linear(2 * DIM, 1)
+    nn.init.zeros_(gate.weight)
+    nn.init.zeros_(gate.bias)  # g = 1/2: the gated block at initialisation is Heun's RK2
+    return gate
+
+
+def integrate(step, A: torch.Tensor, n: int, t: float = 1.0) -> torch.Tensor:
+    y = torch.ones(1, DIM, dtype=torch.float64)
+    G = linear_branch(A, t / n)
+    for _ in range(n):
+        y = step(y, G)
+    return y
+
+
+@pytest.mark.parametrize("name", list(SCHEME_STEPS))
+def test_order_of_accuracy_on_linear_ode(name):
+    """Global error against expm(A) shrinks like h^p for the scheme's order p."""
+    A = linear_system()
+    exact = torch.ones(1, DIM, dtype=torch.float64) @ torch.linalg.matrix_exp(A).T
+    errors = [(integrate(SCHEME_STEPS[name], A, n) - exact).norm().item() for n in (16, 32, 64)]
+    observed = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert errors[-1] < errors[0]
+    for p in observed:
+        assert abs(p - ORDERS[name]) < 0.2, (name, errors, observed)
+
+
+def test_rk4_single_step_matches_taylor_polynomial():
+    """One classic RK4 step on a linear system is exactly the degree-4 Taylor polynomial of expm(hA)."""
+    A, h = linear_system(1), 0.3
+    y = torch.randn(1, DIM, dtype=torch.float64)
+    hA = h * A
+    taylor = sum(torch.linalg.matrix_power(hA, k) / math.factorial(k) for k in range(5))
+    assert torch.allclose(rk4(y, linear_branch(A, h)), y @ taylor.T, atol=1e-13)
+
+
+def test_iiet_converges_to_implicit_euler_step():
+    """Enough fixed-point iterations solve y_next = y + hA y_next, i.e. y_next = (I - hA)^-1 y."""
+    A, h = linear_system(2), 0.1
+    y = torch.randn(3, DIM, dtype=torch.float64)
+    implicit = torch.linalg.solve(torch.eye(DIM, dtype=torch.float64) - h * A, y.T).T
+    assert torch.allclose(iiet(y, linear_branch(A, h), iters=80), implicit, atol=1e-12)
+    # r = 1 is explicit Euler, and the r-th Picard iterate is the Neumann series truncated after (hA)^r.
+    G = linear_branch(A, h)
+    assert torch.equal(iiet(y, G, iters=1), euler(y, G))
+    neumann = sum(torch.linalg.matrix_power(h * A, k) for k in range(4))
+    assert torch.allclose(iiet(y, G, iters=3), y @ neumann.T, atol=1e-14)
+
+
+def test_damped_iteration_has_the_same_fixed_point():
+    A, h = linear_system(3), 0.1
+    y = torch.randn(2, DIM, dtype=torch.float64)
+    implicit = torch.linalg.solve(torch.eye(DIM, dtype=torch.float64) - h * A, y.T).T
+    assert torch.allclose(iiet(y, linear_branch(A, h), iters=200, damping=0.5), implicit, atol=1e-12)
+    # One damped iteration is a shortened explicit step: y + b G(y).
+    G = linear_branch(A, h)
+    assert torch.allclose(iiet(y, G, iters=1, damping=0.5), y + 0.5 * G(y, 0), atol=1e-15)
+
+
+def test_mean_output_with_two_iterations_is_heun():
+    """output="mean" averages the slopes G(z_0), G(z_1); with r = 2 that is exactly RK2 (Heun)."""
+    A = linear_system(4)
+    y = torch.randn(2, DIM, dtype=torch.float64)
+    G = linear_branch(A, 0.2)
+    assert torch.allclose(iiet(y, G, iters=2, output="mean"), rk2(y, G), atol=1e-15)
+
+
+def test_sublayer_unit_solves_each_sublayer_implicitly():
+    """unit="sublayer": u = (I - hA1)^-1 y, then y_next = (I - hA2)^-1 u."""
+    A1, A2, h = linear_system(5), linear_system(6), 0.1
+    G = Branch([lambda z, e: z @ (h * A1).T, lambda z, e: z @ (h * A2).T])
+    y = torch.randn(2, DIM, dtype=torch.float64)
+    eye = torch.eye(DIM, dtype=torch.float64)
+    u = torch.linalg.solve(eye - h * A1, y.T).T
+    expected = torch.linalg.solve(eye - h * A2, u.T).T
+    assert torch.allclose(iiet(y, G, iters=80, unit="sublayer"), expected, atol=1e-12)
+
+
+def test_fixed_point_residual_shrinks_with_r_for_contractive_G():
+    """For a contraction with Lipschitz constant L, the residual ||z_r - y - G(z_r)|| falls at least by L per step."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(DIM, DIM, generator=g, dtype=torch.float64)
+    L = 0.6
+    W = L * W / torch.linalg.matrix_norm(W, ord=2)  # tanh is 1-Lipschitz, so G is L-Lipschitz
+
+    def G(z, e):
+        return torch.tanh(z @ W.T)
+
+    y = torch.randn(5, DIM, generator=g, dtype=torch.float64)
+    residuals = []
+    for r in range(1, 9):
+        z = fixed_point(y, G, r)
+        residuals.append((z - y - G(z, 0)).norm().item())
+    for before, after in zip(residuals, residuals[1:]):
+        assert after <= L * before + 1e-15
+    assert residuals[-1] < 1e-2 * residuals[0]
+
+
+def test_pcformer_predictor_and_corrector_closed_form():
+    """PCformer's update on a linear G, written out by hand with identity norms."""
+    A, h, alpha = linear_system(8), 0.1, torch.tensor(0.3, dtype=torch.float64)
+    G = linear_branch(A, h)
+    y = torch.randn(2, DIM, dtype=torch.float64)
+    hA = (h * A).T  # row vectors: z @ hA == G(z)
+    f1 = y @ hA
+    f2 = (y + f1) @ hA
+    expected_p = y + alpha * (1 - alpha) * f1 + alpha * f2
+    prediction = pcformer_predictor(y, G, alpha)
+    assert torch.allclose(prediction, expected_p, atol=1e-15)
+
+    emb = torch.randn(2, DIM, dtype=torch.float64)
+    w_in, w_out = torch.tensor([0.25, 0.75]), torch.tensor([0.4, 0.6])
+    history = [emb]
+    out = pcformer_corrector(history, prediction, G, w_in, w_out, nn.Identity(), nn.Identity())
+    c = 0.25 * emb + 0.75 * expected_p
+    h_corr = c + c @ hA
+    assert torch.allclose(out, 0.4 * emb + 0.6 * h_corr, atol=1e-15)
+    assert len(history) == 2 and torch.allclose(history[-1], h_corr)
+
+
+def tiny_decoder(scheme: str, iters=1, **ode) -> Decoder:
+    cfg = DecoderConfig(vocab_size=64, n_layers=3, d_model=32, n_heads=4, max_seq_len=32)
+    torch.manual_seed(0)
+    return Decoder(cfg, ODEConfig(scheme=scheme, iters=iters, **ode)).eval()
+
+
+@pytest.mark.parametrize("ode", [{}, {"iiet_output": "mean"}])
+def test_iiet_r1_equals_euler_on_the_same_weights(ode):
+    """Iteration 1 of the implicit Euler solve is the vanilla layer: same weights, identical logits."""
+    vanilla = tiny_decoder("euler")
+    model = tiny_decoder("iiet", 1, **ode)
+    model.load_state_dict(vanilla.state_dict())
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.equal(model(idx), vanilla(idx))
+    # More iterations change the output (so the comparison above can fail).
+    deeper = tiny_decoder("iiet", 2)
+    deeper.load_state_dict(vanilla.state_dict())
+    assert not torch.allclose(deeper(idx), vanilla(idx))
+
+
+def test_iiet_sublayer_unit_r1_equals_euler():
+    vanilla, model = tiny_decoder("euler"), tiny_decoder("iiet", 1, iiet_unit="sublayer")
+    model.load_state_dict(vanilla.state_dict())
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.allclose(model(idx), vanilla(idx), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scheme": "midpoint"}, "unknown scheme 'midpoint'"),
+        ({"scheme": "iiet", "iters": 0}, "iters=0"),
+        ({"scheme": "iiet", "iters": [2, 0, 1]}, "iters=[2, 0, 1]"),
+        ({"scheme": "rk2", "iters": 3}, "only used by scheme 'iiet'"),
+        ({"scheme": "iiet", "iiet_damping": 0.0}, "iiet_damping=0.0"),
+        ({"scheme": "iiet", "iiet_output": "first"}, "iiet_output='first'"),
+        ({"scheme": "iiet", "iiet_unit": "head"}, "iiet_unit='head'"),
+    ],
+)
+def test_bad_ode_config(kwargs, message):
+    with pytest.raises(UserInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ODEConfig(**kwargs)
+
+
+def test_schedule_length_must_match_layers():
+    with pytest.raises(UserInputError, match=r"schedule \[1, 2\] has 2 entries; the stack has 3 layers"):
+        tiny_decoder("iiet", [1, 2])
