@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from lit_iiet.checkpoint import load_checkpoint
 from lit_iiet.errors import UserInputError
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.generate import generate
@@ -115,8 +116,6 @@ class LanguageModel(L.LightningModule):
         if seq_len is not None and seq_len > cfg.max_seq_len:
             raise UserInputError(f"data.seq_len={seq_len} is longer than model.arch.max_seq_len={cfg.max_seq_len}")
         if stage == "fit" and self.init_from:
-            from lit_iiet.checkpoint import load_checkpoint
-
             state = load_checkpoint(self.init_from)["state_dict"]
             self._check_state_dict(state, self.init_from)
             self.load_state_dict(state)
@@ -139,8 +138,9 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and not n.startswith("model.update.")]
-        no_decay = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and not n.startswith("model.update."))]
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():  # scheme coefficients (model.update.*) are not decayed
+            (decay if p.dim() >= 2 and not name.startswith("model.update.") else no_decay).append(p)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=o.betas, eps=o.eps,
@@ -168,7 +168,7 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 

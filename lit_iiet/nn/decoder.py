@@ -6,7 +6,7 @@ Every layer is integrated by the scheme of its `ODEConfig`; with scheme "euler" 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,3 @@ class Decoder(nn.Module):
 
     def forward(self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0) -> Tensor:
         return self.lm_head(self.hidden(idx, cache, pos))
-
-    def config_dict(self) -> dict:
-        return {"arch": asdict(self.cfg), "ode": asdict(self.ode)}

@@ -64,11 +64,6 @@ class KVCache(nn.Module):
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search keeps the cache of the surviving hypotheses)."""
-        self.k = self.k.index_select(0, index)
-        self.v = self.v.index_select(0, index)
-
 
 class Attention(nn.Module):
     """Multi-head (grouped-query) self-attention with RoPE, computed by `scaled_dot_product_attention`."""

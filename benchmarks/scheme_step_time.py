@@ -1,0 +1,106 @@
+"""Training step time of each layer-update scheme as a ratio to euler, measured in one run.
+
+    python -m benchmarks.scheme_step_time                     # the shakespeare_*.yaml shape, fp32 on CPU
+    python -m benchmarks.scheme_step_time --device cuda --dtype bf16 --d_model 1024 --n_layers 24 --seq_len 2048
+
+Every scheme trains on the same batch. Rounds alternate the schemes (euler, iiet r=2, ..., euler, iiet r=2, ...)
+so that drifts of the machine's speed hit all of them alike; each round times a few full optimizer steps
+(forward, backward, AdamW) and the table reports the median over rounds. "per evaluation" divides the ratio by
+the scheme's F-evaluations per layer: 1.0 means the scheme costs exactly its evaluations and nothing more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+
+from lit_iiet.nn.decoder import Decoder, DecoderConfig
+from lit_iiet.nn.ode import ODEConfig
+
+SCHEMES = {
+    "euler": ODEConfig("euler"),
+    "iiet r=2": ODEConfig("iiet", 2),
+    "iiet r=3": ODEConfig("iiet", 3),
+    "iiet r=4": ODEConfig("iiet", 4),
+    "rk2": ODEConfig("rk2"),
+    "rk2_gated": ODEConfig("rk2_gated"),
+    "rk4": ODEConfig("rk4"),
+    "pcformer": ODEConfig("pcformer", branch_norm=True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n_layers", type=int, default=4)
+    parser.add_argument("--d_model", type=int, default=128)
+    parser.add_argument("--n_heads", type=int, default=4)
+    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps timed per scheme and round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (GPU only)")
+    parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    cfg = DecoderConfig(args.vocab_size, args.n_layers, args.d_model, args.n_heads, max_seq_len=args.seq_len)
+    batch = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
+
+    runs = {}
+    for name in args.schemes:
+        torch.manual_seed(0)
+        model = Decoder(cfg, SCHEMES[name]).to(device)
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+
+    def step(model, optimizer) -> None:
+        with autocast:
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for model, optimizer in runs.values():  # warm up allocator, kernels and autotuning
+        step(model, optimizer)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, (model, optimizer) in runs.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(model, optimizer)
+            sync()
+            times[name].append((time.perf_counter() - start) / args.steps)
+
+    base = statistics.median(times["euler"]) if "euler" in times else None
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"Training step time per scheme, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; "
+          f"{args.n_layers} layers x {args.d_model}, batch {args.batch_size} x {args.seq_len} tokens; "
+          f"median of {args.rounds} alternating rounds of {args.steps} steps.\n")
+    print("| scheme | F-evals / layer | step time vs euler | per evaluation |" + (" step time (ms) |" if device.type == "cuda" else ""))
+    print("|---|---|---|---|" + ("---|" if device.type == "cuda" else ""))
+    for name, (model, _) in runs.items():
+        median = statistics.median(times[name])
+        evals = model.update.total_evals() / args.n_layers
+        ratio = f"{median / base:.2f}" if base else "n/a"
+        per_eval = f"{median / base / evals:.2f}" if base else "n/a"
+        absolute = f" {1000 * median:.1f} |" if device.type == "cuda" else ""  # absolute times only from a GPU
+        print(f"| {name} | {evals:g} | {ratio} | {per_eval} |{absolute}")
+
+
+if __name__ == "__main__":
+    main()
