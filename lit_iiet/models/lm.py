@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lit_iiet.checkpoint import load_checkpoint
 from lit_iiet.errors import UserInputError
+from lit_iiet.models.base import ODEModule, as_config
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.generate import generate
 from lit_iiet.nn.ode import ODEConfig
@@ -53,11 +51,6 @@ class SamplingConfig:
     """Nucleus sampling: the smallest set of tokens whose probability reaches top_p (None: off)."""
 
 
-def _as(cls, value):
-    """Dataclass from a dict: checkpoints store hyperparameters as plain dicts (weights_only loading)."""
-    return cls(**value) if isinstance(value, dict) else value
-
-
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Multiplier of the peak learning rate at an optimizer step: linear warmup, then cosine to min_ratio."""
     if step < warmup:
@@ -66,7 +59,7 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class LanguageModel(L.LightningModule):
+class LanguageModel(ODEModule):
     """Next-token prediction with a Transformer++ whose layers follow the chosen ODE scheme."""
 
     def __init__(
@@ -89,62 +82,25 @@ class LanguageModel(L.LightningModule):
             val_sample_prompt: If set, generate from this prompt after each validation and log the text.
         """
         super().__init__()
-        arch, ode = _as(DecoderConfig, arch), _as(ODEConfig, ode)
-        self.optim, self.sampling = _as(OptimConfig, optim), _as(SamplingConfig, sampling)
+        arch, ode = as_config(DecoderConfig, arch), as_config(ODEConfig, ode)
+        self.optim, self.sampling = as_config(OptimConfig, optim), as_config(SamplingConfig, sampling)
         self.init_from, self.val_sample_prompt = init_from, val_sample_prompt
         self.model = Decoder(arch, ode)
-        # LightningCLI records the class path here, so that `--ckpt_path` rebuilds this exact model; configs are
-        # stored as plain dicts, so that checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters()
-        for name, config in (("arch", arch), ("ode", ode), ("optim", self.optim), ("sampling", self.sampling)):
-            self.hparams[name] = self._hparams_initial[name] = asdict(config)
+        self.save_configs(arch=arch, ode=ode, optim=self.optim, sampling=self.sampling)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self._step_start = 0.0
 
     # --- setup ---------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        tokenizer = getattr(dm, "tokenizer", None)
-        cfg = self.model.cfg
-        if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-            raise UserInputError(
-                f"model.arch.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size}); "
-                f"set model.arch.vocab_size >= {tokenizer.vocab_size}"
-            )
-        seq_len = getattr(getattr(dm, "hparams", None), "seq_len", None)
-        if seq_len is not None and seq_len > cfg.max_seq_len:
-            raise UserInputError(f"data.seq_len={seq_len} is longer than model.arch.max_seq_len={cfg.max_seq_len}")
-        if stage == "fit" and self.init_from:
-            state = load_checkpoint(self.init_from)["state_dict"]
-            self._check_state_dict(state, self.init_from)
-            self.load_state_dict(state)
-
-    def _check_state_dict(self, state: dict[str, Tensor], source: str) -> None:
-        """A short error instead of load_state_dict's wall of missing / unexpected keys."""
-        own = {k: v.shape for k, v in self.state_dict().items()}
-        missing = sorted(set(own) - set(state))
-        extra = sorted(set(state) - set(own))
-        wrong = [k for k in own if k in state and state[k].shape != own[k]]
-        if missing or extra or wrong:
-            what = (
-                f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, the model has {tuple(own[wrong[0]])}" if wrong
-                else f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-            )
-            raise UserInputError(f"checkpoint {source!r} does not fit this model's architecture: {what}")
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._check_state_dict(checkpoint["state_dict"], "given")
+        self.check_vocab(self.model.cfg.vocab_size)
+        seq_len = getattr(getattr(self.datamodule, "hparams", None), "seq_len", None)
+        if seq_len is not None and seq_len > self.model.cfg.max_seq_len:
+            raise UserInputError(f"data.seq_len={seq_len} is longer than model.arch.max_seq_len={self.model.cfg.max_seq_len}")
+        super().setup(stage)
 
     def configure_optimizers(self):
         o = self.optim
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():  # scheme coefficients (model.update.*) are not decayed
-            (decay if p.dim() >= 2 and not name.startswith("model.update.") else no_decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=o.betas, eps=o.eps,
-        )
+        optimizer = torch.optim.AdamW(self.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
         total = o.total_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise UserInputError("set trainer.max_steps, trainer.max_epochs or model.optim.total_steps for the LR schedule")
@@ -163,23 +119,13 @@ class LanguageModel(L.LightningModule):
         logits = self.model(batch[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
-    def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
+    def batch_tokens(self, batch: Tensor) -> int:
+        return (batch.shape[1] - 1) * batch.shape[0]
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
-
-    def on_train_batch_end(self, outputs, batch: Tensor, batch_idx: int) -> None:
-        # Wall time of this micro-batch's forward + backward (+ optimizer step when it falls here).
-        if batch.is_cuda:
-            torch.cuda.synchronize(batch.device)
-        step_time = time.perf_counter() - self._step_start
-        tokens = (batch.shape[1] - 1) * batch.shape[0] * self.trainer.world_size
-        self.log("perf/step_time", step_time)
-        self.log("perf/tokens_per_sec", tokens / step_time, prog_bar=True)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         self.val_loss.update(self.loss(batch), weight=batch.shape[0])

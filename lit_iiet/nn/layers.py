@@ -64,43 +64,94 @@ class KVCache(nn.Module):
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def reorder(self, index: Tensor) -> None:
+        """Keep the rows of index (beam search: the cache of the surviving hypotheses)."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
 
 class Attention(nn.Module):
-    """Multi-head (grouped-query) self-attention with RoPE, computed by `scaled_dot_product_attention`."""
+    """Multi-head (grouped-query) attention computed by `scaled_dot_product_attention`.
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, dropout: float = 0.0) -> None:
+    Self-attention (causal with a KV cache for decoders, or bidirectional over a padded source for encoders)
+    rotates queries and keys with RoPE. Cross-attention (cross=True) reads keys and values of an encoder's
+    output, computed once by `memory_kv` and reused by every decoding step and every F-evaluation.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, dropout: float = 0.0, cross: bool = False) -> None:
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"d_model={dim} must be divisible by n_heads={n_heads}")
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be divisible by n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
-        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
-        self.proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
-        self.dropout = dropout
+        q_size, kv_size = n_heads * self.head_dim, n_kv_heads * self.head_dim
+        if cross:
+            self.q = nn.Linear(dim, q_size, bias=False)
+            self.kv = nn.Linear(dim, 2 * kv_size, bias=False)
+        else:
+            self.qkv = nn.Linear(dim, q_size + 2 * kv_size, bias=False)
+        self.proj = nn.Linear(q_size, dim, bias=False)
+        self.cross, self.dropout = cross, dropout
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, pos: int = 0) -> Tensor:
-        """x: (B, T, C), the T new tokens at positions [pos, pos + T); cos/sin already sliced to those positions."""
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)
+
+    def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values of an encoder output (B, S, C)."""
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor | None = None,
+        sin: Tensor | None = None,
+        cache: KVCache | None = None,
+        pos: int = 0,
+        key_mask: Tensor | None = None,
+        causal: bool = True,
+        memory_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """x: (B, T, C), the T new tokens at positions [pos, pos + T); cos/sin already sliced to those positions.
+
+        key_mask: (B, S) bool, True where a key may be attended (source padding); memory_kv: cross-attention only.
+        """
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
-        )
-        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache(pos, k, v)
+        if self.cross:
+            q, (k, v), causal = self._heads(self.q(x), self.n_heads), memory_kv, False
+        else:
+            q, k, v = self.qkv(x).split([self.n_heads * self.head_dim] + 2 * [self.n_kv_heads * self.head_dim], dim=-1)
+            q = apply_rope(self._heads(q, self.n_heads), cos, sin)
+            k = apply_rope(self._heads(k, self.n_kv_heads), cos, sin)
+            v = self._heads(v, self.n_kv_heads)
+            if cache is not None:
+                k, v = cache(pos, k, v)
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        if k.shape[2] == T:  # no past: the plain causal mask
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
-            )
-        else:  # T new queries after pos cached keys: query i sees keys [0, pos + i]
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        dropout = self.dropout if self.training else 0.0
+        if key_mask is None and (not causal or k.shape[2] == T):  # no past, no padding: SDPA's own masks
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, dropout_p=dropout)
+        else:
+            mask = key_mask[:, None, None, :] if key_mask is not None else None
+            if causal:  # T new queries after pos cached keys: query i sees keys [0, pos + i]
+                tri = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=k.shape[2] - T)
+                mask = tri if mask is None else mask & tri
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class ReluFFN(nn.Module):
+    """The original Transformer's feed-forward net: W2(relu(W1 x + b1)) + b2 (WMT-style encoder-decoders)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.relu(self.w1(x)))
 
 
 class SwiGLU(nn.Module):

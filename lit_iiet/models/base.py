@@ -1,0 +1,90 @@
+"""What every lit_iiet LightningModule shares: plain-dict hyperparameters, init_from, checks, throughput logging."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lit_iiet.checkpoint import load_checkpoint
+from lit_iiet.errors import UserInputError
+
+
+def as_config(cls, value):
+    """Dataclass from a dict: checkpoints store hyperparameters as plain dicts (weights_only loading)."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
+class ODEModule(L.LightningModule):
+    """Base class; subclasses set `self.model` and define `batch_tokens(batch)` (tokens a batch trains on)."""
+
+    init_from: str | None = None
+
+    def save_configs(self, **configs) -> None:
+        """save_hyperparameters, with each config dataclass stored as a plain dict.
+
+        LightningCLI records the class path here, so that `--ckpt_path` rebuilds this exact model; plain dicts
+        keep checkpoints loadable with torch.load(weights_only=True).
+        """
+        self.save_hyperparameters()
+        for name, config in configs.items():
+            self.hparams[name] = self._hparams_initial[name] = asdict(config)
+
+    @property
+    def datamodule(self):
+        return self.trainer.datamodule if self._trainer is not None else None
+
+    def check_vocab(self, vocab_size: int, key: str = "model.arch.vocab_size") -> None:
+        tokenizer = getattr(self.datamodule, "tokenizer", None)
+        if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+            raise UserInputError(
+                f"{key}={vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size}); "
+                f"set {key} >= {tokenizer.vocab_size}"
+            )
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from:
+            state = load_checkpoint(self.init_from)["state_dict"]
+            self.check_state_dict(state, self.init_from)
+            self.load_state_dict(state)
+
+    def check_state_dict(self, state: dict[str, Tensor], source: str) -> None:
+        """A short error instead of load_state_dict's wall of missing / unexpected keys."""
+        own = {k: v.shape for k, v in self.state_dict().items()}
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        wrong = [k for k in own if k in state and state[k].shape != own[k]]
+        if missing or extra or wrong:
+            what = (
+                f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, the model has {tuple(own[wrong[0]])}" if wrong
+                else f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+            )
+            raise UserInputError(f"checkpoint {source!r} does not fit this model's architecture: {what}")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_state_dict(checkpoint["state_dict"], "given")
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on weight matrices only; not on norms, biases, or scheme coefficients (`*.update.*`)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            (decay if p.dim() >= 2 and "update." not in name else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def batch_tokens(self, batch) -> int:
+        raise NotImplementedError  # each task counts its own tokens
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Wall time of this micro-batch's forward + backward (+ optimizer step when it falls here).
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        step_time = time.perf_counter() - self._step_start
+        self.log("perf/step_time", step_time)
+        self.log("perf/tokens_per_sec", self.batch_tokens(batch) * self.trainer.world_size / step_time, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
