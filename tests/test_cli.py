@@ -1,6 +1,7 @@
 """`python -m lit_iiet ...`: every shipped config parses, and fit / validate / test / predict / resume work."""
 
 import hashlib
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,8 @@ from lit_iiet.analysis.logs import read_scalars, read_texts
 from lit_iiet.cli import main
 from lit_iiet.errors import UserInputError
 from lit_iiet.models import LanguageModel
-from lit_iiet.nn.decoder import Decoder, DecoderConfig
-from lit_iiet.nn.ode import ODEConfig
 
-LM_CONFIGS = sorted((ROOT / "conf" / "lm").glob("*.yaml"))
+CONFIGS = sorted(p for group in ("lm", "mt", "sum") for p in (ROOT / "conf" / group).glob("*.yaml"))
 TRAINER_PRESETS = sorted((ROOT / "conf" / "trainer").glob("*.yaml"))
 
 
@@ -28,18 +27,19 @@ def print_config(capsys, *args) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("path", LM_CONFIGS, ids=lambda p: p.name)
-def test_lm_config_parses_and_builds(path, capsys):
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_parses_and_builds(path, capsys):
     """Each config validates through the CLI, and its model builds (on the meta device: no memory, no time)."""
     config = print_config(capsys, "--config", str(path.relative_to(ROOT)))
-    args = config["model"]["init_args"]
+    module, _, name = config["model"]["class_path"].rpartition(".")
     with torch.device("meta"):
-        model = Decoder(DecoderConfig(**args["arch"]), ODEConfig(**args["ode"]))
+        model = getattr(importlib.import_module(module), name)(**config["model"]["init_args"])
     n_params = sum(p.numel() for p in model.parameters())
-    expected = {"340m": (3.0e8, 4.0e8), "740m": (7.0e8, 8.0e8), "1.3b": (1.25e9, 1.4e9)}
-    for scale, (low, high) in expected.items():
-        if f"_{scale}_" in path.name:
-            assert low < n_params < high
+    expected = {"340m": (3.0e8, 4.0e8), "740m": (7.0e8, 8.0e8), "1.3b": (1.25e9, 1.4e9), "wmt14_en_de_euler": (5.5e7, 7.5e7),
+                "iiet_big": (2.0e8, 2.6e8)}
+    for key, (low, high) in expected.items():
+        if key in path.name:
+            assert low < n_params < high, n_params
     assert config["trainer"]["default_root_dir"].endswith(path.stem)
 
 

@@ -334,7 +334,9 @@ def build_pairs(texts: dict, stats: collections.Counter) -> tuple[list[Verse], l
         if PLACEHOLDER_RE.match(text)
     )
     if len(placeholders) != EXPECTED_PLACEHOLDERS:
-        raise ValueError(f"{len(placeholders)} placeholder verses, expected {EXPECTED_PLACEHOLDERS}")
+        raise ValueError(
+            f"{len(placeholders)} placeholder verses, expected {EXPECTED_PLACEHOLDERS}"
+        )
     en = {key: clean_english(text, stats) for key, text in texts[EN_CODE].items()}
     move_psalm_headings(en, stats)
     remove_speaker_labels(en, stats)

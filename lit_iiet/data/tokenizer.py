@@ -40,7 +40,8 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        return self.sp.pad_id()
+        # Models trained elsewhere (e.g. Llama-2's) may have no pad piece; <unk> then pads (and is never a target).
+        return self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
 
     @property
     def bos_id(self) -> int:

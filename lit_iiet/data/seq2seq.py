@@ -1,0 +1,435 @@
+"""Sequence-to-sequence data: translation and summarization pairs with a joint SentencePiece vocabulary."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from lit_iiet.data.lm import ResumableSampler
+from lit_iiet.data.tokenizer import TOKENIZER_VERSION, Tokenizer, default_cache_dir, fingerprint
+from lit_iiet.errors import UserInputError
+
+SPLITS = ("train", "val", "test")
+# ISO 639-1: the language codes a translation data module accepts.
+LANGUAGES = set(
+    "aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de dv dz ee el "
+    "en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id ie ig ii ik io is it iu "
+    "ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb lg li ln lo lt lu lv mg mh mi mk ml mn mr ms mt my na "
+    "nb nd ne ng nl nn no nr nv ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl sm sn so "
+    "sq sr ss st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo za zh zu".split()
+)
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def get_field(row: dict, field: str):
+    """row["a"]["b"] for field "a.b"; WMT-style rows keep their languages under "translation"."""
+    value = row
+    for part in field.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, dict) and isinstance(value.get("translation"), dict) and part in value["translation"]:
+            value = value["translation"][part]
+        else:
+            return None
+    return value
+
+
+class PairDataset(Dataset):
+    """Token ids of (source, target) pairs, kept flat with offsets (one tensor each, cheap to cache)."""
+
+    def __init__(self, encoded: dict[str, torch.Tensor]) -> None:
+        self.src, self.src_off = encoded["src"], encoded["src_offsets"]
+        self.tgt, self.tgt_off = encoded["tgt"], encoded["tgt_offsets"]
+
+    def __len__(self) -> int:
+        return len(self.src_off) - 1
+
+    def __getitem__(self, i: int):
+        return i, self.src[self.src_off[i] : self.src_off[i + 1]].long(), self.tgt[self.tgt_off[i] : self.tgt_off[i + 1]].long()
+
+
+def pack(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = torch.tensor([0] + [len(s) for s in sequences]).cumsum(0)
+    return torch.tensor([t for s in sequences for t in s], dtype=torch.int32), offsets
+
+
+class Seq2SeqDataModule(L.LightningDataModule):
+    """Pairs from JSONL files or a local `datasets` source; batches of right-padded sources and targets."""
+
+    task = "translation"
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        src_field: str = "source",
+        tgt_field: str = "target",
+        hf_dataset: str | None = None,
+        hf_name: str | None = None,
+        hf_splits: dict[str, str] | None = None,
+        tokenizer: str | None = None,
+        vocab_size: int = 8000,
+        max_src_len: int = 256,
+        max_tgt_len: int = 256,
+        long_source: str = "truncate",
+        batch_size: int = 32,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        cache_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            train: Training pairs: a .jsonl(.gz) file of objects holding src_field and tgt_field. (Translation
+                also takes a prefix P of parallel text files P.<src_lang> and P.<tgt_lang>.)
+            val: Validation pairs, same forms as train.
+            test: Test pairs, same forms as train.
+            src_field: Source field; dotted for nested objects ("translation.de").
+            tgt_field: Target field.
+            hf_dataset: A local `datasets` source instead of files: a `save_to_disk` directory, or a dataset
+                already in the local `datasets` cache (nothing is downloaded).
+            hf_name: The dataset configuration (e.g. "de-en" for wmt14, "3.0.0" for cnn_dailymail).
+            hf_splits: Our split -> the dataset's split; default train/validation/test.
+            tokenizer: A SentencePiece model to use; None trains a joint BPE vocabulary on both sides of train.
+            vocab_size: Size of the joint vocabulary trained when tokenizer is None.
+            max_src_len: Longest source in tokens (with eos); longer ones are handled by long_source.
+            max_tgt_len: Longest target in tokens (with bos or eos); longer targets are truncated.
+            long_source: "truncate" (counted in a warning) or "reject" (an error naming the first such pair).
+            batch_size: Pairs per batch and per device.
+            num_workers: DataLoader worker processes.
+            shuffle: Shuffle the training pairs each epoch (seeded).
+            cache_dir: Where tokenizers and token ids are cached; default $LIT_IIET_CACHE or ~/.cache/lit_iiet.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.src_field, self.tgt_field = src_field, tgt_field  # subclasses resolve defaults before calling us
+        if long_source not in ("truncate", "reject"):
+            raise UserInputError(f"long_source={long_source!r}; choose 'truncate' or 'reject'")
+        if max_src_len < 2 or max_tgt_len < 2 or batch_size < 1:
+            raise UserInputError(f"max_src_len={max_src_len}, max_tgt_len={max_tgt_len} must be >= 2 and batch_size={batch_size} >= 1")
+        if vocab_size < 260:
+            raise UserInputError(f"vocab_size={vocab_size}: at least 260 are needed (256 byte tokens + 4 specials)")
+        self.specs = {"train": train, "val": val, "test": test}
+        if hf_dataset is None:
+            for split, spec in self.specs.items():
+                if spec is not None:
+                    self._files(split, spec)  # fail now, before anything runs, if a file is missing
+            if train is None and tokenizer is None:
+                raise UserInputError("data.train is not set: give training pairs, or a tokenizer model with data.tokenizer")
+        self.hf_splits = {"train": "train", "val": "validation", "test": "test", **(hf_splits or {})}
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.tokenizer: Tokenizer | None = None
+        self.datasets: dict[str, PairDataset] = {}
+        self.texts: dict[str, list[tuple[str, str]]] = {}
+
+    # --- sources ------------------------------------------------------------------------------------------
+
+    def _files(self, split: str, spec: str) -> list[Path]:
+        path = Path(spec)
+        if spec.endswith((".jsonl", ".jsonl.gz")):
+            files = [path]
+        else:
+            raise UserInputError(f"{split} data {spec!r}: expected a .jsonl or .jsonl.gz file")
+        for f in files:
+            if not f.is_file():
+                raise UserInputError(f"{split} data file {str(f)!r} does not exist")
+            if f.stat().st_size == 0:
+                raise UserInputError(f"{split} data file {str(f)!r} is empty")
+        return files
+
+    def _hf_rows(self, split: str) -> Iterator[dict]:
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never reach for the hub at run time
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import datasets
+
+        source, name = self.hparams.hf_dataset, self.hparams.hf_name
+        try:
+            if Path(source).is_dir() and (Path(source) / "dataset_dict.json").exists():
+                rows = datasets.load_from_disk(source)[self.hf_splits[split]]
+            else:
+                rows = datasets.load_dataset(source, name, split=self.hf_splits[split])
+        except (FileNotFoundError, ConnectionError, ValueError, KeyError) as e:
+            raise UserInputError(
+                f"dataset {source!r} (config {name!r}, split {self.hf_splits[split]!r}) is not available locally: "
+                f"{str(e).splitlines()[0][:200]}. Save it once with `datasets.load_dataset(...).save_to_disk(DIR)` on "
+                "a connected machine and set data.hf_dataset=DIR, or point data.train/val/test at local files."
+            ) from None
+        yield from rows
+
+    def _rows(self, split: str) -> Iterator[tuple[str, dict]]:
+        """(where, row) for each pair of a split; where names the file and line for error messages."""
+        if self.hparams.hf_dataset is not None:
+            for n, row in enumerate(self._hf_rows(split)):
+                yield f"{self.hparams.hf_dataset}[{self.hf_splits[split]}][{n}]", row
+            return
+        for path in self._files(split, self.specs[split]):
+            with _open_text(path) as f:
+                try:
+                    for n, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                yield f"{path}:{n}", json.loads(line)
+                            except json.JSONDecodeError as e:
+                                raise UserInputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                except UnicodeDecodeError:
+                    raise UserInputError(f"data file {str(path)!r} is not UTF-8 text") from None
+
+    def pairs(self, split: str) -> list[tuple[str, str]]:
+        """The (source, target) texts of a split; empty sides are an error."""
+        out = []
+        for where, row in self._rows(split):
+            src, tgt = get_field(row, self.src_field), get_field(row, self.tgt_field)
+            for side, field, text in (("source", self.src_field, src), ("target", self.tgt_field, tgt)):
+                if not isinstance(text, str):
+                    keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                    raise UserInputError(f"{where}: no {side} text in field {field!r} (fields: {keys})")
+                if not text.strip():
+                    raise UserInputError(f"{where}: empty {side} text")
+            out.append((src, tgt))
+        if not out:
+            raise UserInputError(f"{split} data holds no pairs")
+        return out
+
+    def has_split(self, split: str) -> bool:
+        return self.hparams.hf_dataset is not None or self.specs[split] is not None
+
+    def _source_id(self) -> tuple:
+        h = self.hparams
+        if h.hf_dataset is not None:
+            return (h.hf_dataset, h.hf_name, sorted(self.hf_splits.items()), self.src_field, self.tgt_field)
+        stats = tuple(
+            (str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+            for split, spec in self.specs.items() if spec is not None for f in self._files(split, spec)
+        )
+        return stats + (self.src_field, self.tgt_field)
+
+    # --- tokenizer and cache -------------------------------------------------------------------------------
+
+    def tokenizer_path(self) -> Path:
+        if self.hparams.tokenizer is not None:
+            return Path(self.hparams.tokenizer)
+        key = fingerprint(TOKENIZER_VERSION, "joint", self._source_id(), self.hparams.vocab_size)
+        return self.cache_dir / "tokenizers" / f"joint{self.hparams.vocab_size}-{key}.model"
+
+    def token_path(self, split: str) -> Path:
+        h, tok = self.hparams, self.tokenizer_path()
+        stamp = (tok.stat().st_size, tok.stat().st_mtime_ns) if tok.exists() else None
+        key = fingerprint(self._source_id(), str(tok.resolve()), stamp, h.max_src_len, h.max_tgt_len, h.long_source, split)
+        return self.cache_dir / "tokens" / f"pairs-{split}-{key}.pt"
+
+    def _training_lines(self) -> Iterator[str]:
+        for src, tgt in self.pairs("train"):
+            for text in (src, tgt):
+                for line in text.splitlines():
+                    if line.strip():
+                        yield line[:4000]  # SentencePiece skips longer training lines anyway
+
+    def encode_pairs(self, split: str, tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+        h = self.hparams
+        pairs = self.pairs(split)
+        srcs = tokenizer.encode_batch([s for s, _ in pairs])
+        tgts = tokenizer.encode_batch([t for _, t in pairs])
+        long = [i for i, s in enumerate(srcs) if len(s) + 1 > h.max_src_len]
+        if long and h.long_source == "reject":
+            raise UserInputError(
+                f"{split} pair {long[0]} has a source of {len(srcs[long[0]]) + 1} tokens, more than max_src_len={h.max_src_len} "
+                f"({len(long)} such pairs; set data.long_source=truncate to cut them)"
+            )
+        if long:
+            rank_zero_warn(f"{len(long)} of {len(pairs)} {split} sources are longer than max_src_len={h.max_src_len} tokens and were truncated")
+        srcs = [s[: h.max_src_len - 1] + [tokenizer.eos_id] for s in srcs]
+        tgts = [t[: h.max_tgt_len - 1] for t in tgts]
+        (src, src_off), (tgt, tgt_off) = pack(srcs), pack(tgts)
+        return {"src": src, "src_offsets": src_off, "tgt": tgt, "tgt_offsets": tgt_off}
+
+    def prepare_data(self) -> None:
+        path = self.tokenizer_path()
+        if not path.exists():
+            if self.hparams.tokenizer is not None:
+                raise UserInputError(f"tokenizer model {str(path)!r} does not exist")
+            Tokenizer.train(self._training_lines(), path, self.hparams.vocab_size)
+        tokenizer = Tokenizer(path)
+        for split in SPLITS:
+            out = self.token_path(split)
+            if not self.has_split(split) or out.exists():
+                continue
+            encoded = self.encode_pairs(split, tokenizer)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(f".tmp{os.getpid()}")
+            torch.save(encoded, tmp)
+            tmp.replace(out)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.tokenizer = Tokenizer(self.tokenizer_path())
+        for split in SPLITS:
+            if split in self.datasets or not self.has_split(split):
+                continue
+            if not self.token_path(split).exists():
+                self.prepare_data()
+            self.datasets[split] = PairDataset(torch.load(self.token_path(split), weights_only=True))
+            if split != "train":  # references are scored on the original text
+                self.texts[split] = self.pairs(split)
+
+    # --- loaders -------------------------------------------------------------------------------------------
+
+    def collate(self, items) -> dict[str, torch.Tensor]:
+        """Right-padded batch: src (B, S) + src_mask, tgt_in = <bos> target, tgt_out = target <eos>."""
+        tok, B = self.tokenizer, len(items)
+        S = max(len(s) for _, s, _ in items)
+        T = max(len(t) for _, _, t in items) + 1
+        src = torch.full((B, S), tok.pad_id, dtype=torch.long)
+        tgt_in = torch.full((B, T), tok.pad_id, dtype=torch.long)
+        tgt_out = torch.full((B, T), tok.pad_id, dtype=torch.long)
+        for b, (_, s, t) in enumerate(items):
+            src[b, : len(s)] = s
+            tgt_in[b, 0], tgt_in[b, 1 : len(t) + 1] = tok.bos_id, t
+            tgt_out[b, : len(t)], tgt_out[b, len(t)] = t, tok.eos_id
+        index = torch.tensor([i for i, _, _ in items])
+        return {"index": index, "src": src, "src_mask": src != tok.pad_id, "tgt_in": tgt_in, "tgt_out": tgt_out}
+
+    def _loader(self, split: str) -> DataLoader:
+        if not self.has_split(split):
+            raise UserInputError(f"no {split} data configured (set data.{split})")
+        dataset = self.datasets[split]
+        kwargs = dict(batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers, collate_fn=self.collate,
+                      persistent_workers=self.hparams.num_workers > 0)
+        if split != "train":
+            return DataLoader(dataset, shuffle=False, **kwargs)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress if self.trainer else None
+        done = 0 if progress is None or progress.is_last_batch else progress.current.processed
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = ResumableSampler(dataset, world, rank, self.hparams.shuffle, seed, skip=done * self.hparams.batch_size)
+        return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class TranslationDataModule(Seq2SeqDataModule):
+    """Translation from src_lang to tgt_lang: JSONL pairs, parallel text files, or WMT from a local `datasets` copy."""
+
+    task = "translation"
+
+    def __init__(
+        self,
+        src_lang: str = "fr",
+        tgt_lang: str = "en",
+        train: str | None = "data/bible/fr-en.train.jsonl.gz",
+        val: str | None = "data/bible/fr-en.valid.jsonl.gz",
+        test: str | None = "data/bible/fr-en.test.jsonl.gz",
+        src_field: str | None = None,
+        tgt_field: str | None = None,
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            src_lang: Source language, an ISO 639-1 code.
+            tgt_lang: Target language, an ISO 639-1 code.
+            train: .jsonl(.gz) pairs, or a prefix P of parallel text files P.<src_lang> / P.<tgt_lang> (.gz allowed).
+            val: Validation pairs, same forms as train.
+            test: Test pairs, same forms as train.
+            src_field: Source field; default src_lang (WMT rows {"translation": {"de": ...}} are found too).
+            tgt_field: Target field; default tgt_lang.
+            **kwargs: The options of Seq2SeqDataModule (tokenizer, lengths, batch size, datasets source, ...).
+        """
+        for lang in (src_lang, tgt_lang):
+            if lang not in LANGUAGES:
+                raise UserInputError(f"unknown language code {lang!r}: use an ISO 639-1 code such as en, de, fr")
+        if src_lang == tgt_lang:
+            raise UserInputError(f"src_lang and tgt_lang are both {src_lang!r}")
+        self.src_lang, self.tgt_lang = src_lang, tgt_lang
+        super().__init__(train=train, val=val, test=test, src_field=src_field or src_lang, tgt_field=tgt_field or tgt_lang, **kwargs)
+
+    def _parallel(self, spec: str) -> tuple[Path, Path] | None:
+        for suffix in ("", ".gz"):
+            src, tgt = Path(f"{spec}.{self.src_lang}{suffix}"), Path(f"{spec}.{self.tgt_lang}{suffix}")
+            if src.is_file() or tgt.is_file():
+                return src, tgt
+        return None
+
+    def _files(self, split: str, spec: str) -> list[Path]:
+        if spec.endswith((".jsonl", ".jsonl.gz")) or self._parallel(spec) is None:
+            if not spec.endswith((".jsonl", ".jsonl.gz")):
+                raise UserInputError(
+                    f"{split} data {spec!r}: neither a .jsonl(.gz) file nor a prefix of {spec}.{self.src_lang} / {spec}.{self.tgt_lang}"
+                )
+            return super()._files(split, spec)
+        files = list(self._parallel(spec))
+        for f in files:
+            if not f.is_file():
+                raise UserInputError(f"{split} data file {str(f)!r} does not exist (its other side does)")
+            if f.stat().st_size == 0:
+                raise UserInputError(f"{split} data file {str(f)!r} is empty")
+        return files
+
+    def _rows(self, split: str) -> Iterator[tuple[str, dict]]:
+        spec = self.specs[split]
+        if self.hparams.hf_dataset is not None or spec.endswith((".jsonl", ".jsonl.gz")):
+            yield from super()._rows(split)
+            return
+        src_path, tgt_path = self._files(split, spec)
+        with _open_text(src_path) as fs, _open_text(tgt_path) as ft:
+            try:
+                src_lines, tgt_lines = fs.read().split("\n"), ft.read().split("\n")
+            except UnicodeDecodeError:
+                raise UserInputError(f"{split} data {spec!r}: a side is not UTF-8 text") from None
+        for lines in (src_lines, tgt_lines):
+            if lines and lines[-1] == "":
+                lines.pop()  # the final newline
+        if len(src_lines) != len(tgt_lines):
+            raise UserInputError(
+                f"{split} data: {src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}; the sides must align line by line"
+            )
+        for n, (s, t) in enumerate(zip(src_lines, tgt_lines), 1):
+            yield f"{src_path}:{n}", {self.src_field: s, self.tgt_field: t}
+
+
+SUMMARIZATION_SCHEMAS = {"cnn_dailymail": ("article", "highlights"), "xsum": ("document", "summary"), "aclsum": ("document", "summary")}
+
+
+class SummarizationDataModule(Seq2SeqDataModule):
+    """Document -> summary pairs; summaries keep one sentence per line (ROUGE-Lsum splits on newlines)."""
+
+    task = "summarization"
+
+    def __init__(
+        self,
+        schema: str = "aclsum",
+        train: str | None = "data/aclsum/train.jsonl.gz",
+        val: str | None = "data/aclsum/valid.jsonl.gz",
+        test: str | None = "data/aclsum/test.jsonl.gz",
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            schema: Field names of a known corpus: cnn_dailymail (article / highlights), xsum and aclsum
+                (document / summary); src_field and tgt_field override them.
+            train: Training pairs (.jsonl(.gz)), unless hf_dataset is set.
+            val: Validation pairs.
+            test: Test pairs.
+            **kwargs: The options of Seq2SeqDataModule (tokenizer, max_src_len for source truncation, ...).
+        """
+        if schema not in SUMMARIZATION_SCHEMAS:
+            raise UserInputError(f"schema={schema!r}; choose one of {', '.join(SUMMARIZATION_SCHEMAS)}")
+        src_field, tgt_field = SUMMARIZATION_SCHEMAS[schema]
+        kwargs.setdefault("src_field", src_field)
+        kwargs.setdefault("tgt_field", tgt_field)
+        super().__init__(train=train, val=val, test=test, **kwargs)

@@ -1,0 +1,325 @@
+"""Encoder-decoder: cache exactness, beam search, metrics against the reference libraries, data, bad input."""
+
+import gzip
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import sacrebleu
+import torch
+from conftest import ROOT
+from rouge_score import rouge_scorer
+
+from lit_iiet.analysis.logs import read_scalars
+from lit_iiet.cli import main
+from lit_iiet.data import SummarizationDataModule, TranslationDataModule
+from lit_iiet.errors import UserInputError
+from lit_iiet.metrics import bleu_chrf, rouge
+from lit_iiet.models.seq2seq import inverse_sqrt, label_smoothed_nll
+from lit_iiet.nn.generate import beam_search, generate
+from lit_iiet.nn.ode import ODEConfig
+from lit_iiet.nn.seq2seq import Seq2Seq, Seq2SeqConfig
+
+V, BOS, EOS = 61, 2, 3
+SCHEMES = {
+    "euler": (ODEConfig("euler"), ODEConfig("euler")),
+    "iiet_enc": (ODEConfig("iiet", 3), ODEConfig("euler")),
+    "iiet_both": (ODEConfig("iiet", [2, 1]), ODEConfig("iiet", [1, 3])),
+    "rk2": (ODEConfig("rk2"), ODEConfig("rk2_gated")),
+    "rk4": (ODEConfig("rk4"), ODEConfig("rk4")),
+    "pcformer": (ODEConfig("pcformer", branch_norm=True), ODEConfig("pcformer", branch_norm=True)),
+}
+
+
+def make(enc: ODEConfig, dec: ODEConfig) -> Seq2Seq:
+    torch.manual_seed(0)
+    cfg = Seq2SeqConfig(V, d_model=32, n_heads=4, enc_layers=2, dec_layers=2, d_ff=64, dropout=0.0, max_src_len=40, max_tgt_len=40)
+    model = Seq2Seq(cfg, enc, dec).eval()
+    with torch.no_grad():  # larger weights than the init, so that iterations and cache slots really differ
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.25)
+    return model
+
+
+def batch_of(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded random sources of the given lengths (pad id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        src[b, :n] = torch.randint(4, V, (n,), generator=g)
+    return src, src != 0
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_cached_decoder_steps_equal_full_decoder_forward(name):
+    model = make(*SCHEMES[name])
+    src, mask = batch_of([9, 5, 7])
+    tgt = torch.randint(4, V, (3, 14), generator=torch.Generator().manual_seed(1))
+    full = model(src, mask, tgt)
+    bound = model.decoder_for(src, mask)
+    cache = bound.init_cache(3, 14)
+    pieces, pos = [], 0
+    for n in (1, 1, 5, 1, 6):
+        pieces.append(bound(tgt[:, pos : pos + n], cache, pos))
+        pos += n
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["euler", "iiet_both", "pcformer"])
+def test_beam_size_1_equals_greedy(name):
+    model = make(*SCHEMES[name])
+    src, mask = batch_of([8, 6, 3, 7], seed=2)
+    greedy = generate(model.decoder_for(src, mask), torch.full((4, 1), BOS), 12, temperature=0.0, eos_id=EOS)
+    beam1 = beam_search(model.decoder_for(src, mask), 4, BOS, EOS, torch.full((4,), 12), beam=1)
+    for row, hyp in zip(greedy[:, 1:].tolist(), beam1):
+        expected = row[: row.index(EOS)] if EOS in row else row
+        assert hyp == expected
+
+
+@pytest.mark.parametrize("name", ["euler", "iiet_enc"])
+def test_beam_output_does_not_depend_on_batch_or_padding(name):
+    model = make(*SCHEMES[name])
+    src, mask = batch_of([4, 11, 7, 9], seed=3)
+    max_len = torch.tensor([10, 15, 12, 13])
+    together = beam_search(model.decoder_for(src, mask), 4, BOS, EOS, max_len, beam=4, lenpen=0.7)
+    for b in range(4):
+        n = int(mask[b].sum())
+        alone = beam_search(model.decoder_for(src[b : b + 1, :n], mask[b : b + 1, :n]), 1, BOS, EOS, max_len[b : b + 1], beam=4, lenpen=0.7)
+        padded_src = torch.cat([src[b : b + 1, :n], torch.zeros(1, 6, dtype=torch.long)], 1)
+        padded = beam_search(model.decoder_for(padded_src, padded_src != 0), 1, BOS, EOS, max_len[b : b + 1], beam=4, lenpen=0.7)
+        assert together[b] == alone[0] == padded[0]
+
+
+def test_beam_constraints_length_and_no_repeat_ngram():
+    model = make(*SCHEMES["euler"])
+    src, mask = batch_of([6, 6], seed=4)
+    max_len = torch.tensor([9, 5])
+    hyps = beam_search(model.decoder_for(src, mask), 2, BOS, EOS, max_len, beam=3, min_len=4, no_repeat_ngram=2)
+    for hyp, limit in zip(hyps, max_len.tolist()):
+        assert 4 <= len(hyp) <= limit
+        bigrams = list(zip(hyp, hyp[1:]))
+        assert len(bigrams) == len(set(bigrams))
+    # Without the constraint, this random model repeats itself (so the check above can fail).
+    free = beam_search(model.decoder_for(src, mask), 2, BOS, EOS, torch.tensor([20, 20]), beam=3)
+    assert any(len(list(zip(h, h[1:]))) != len(set(zip(h, h[1:]))) for h in free)
+
+
+def test_beam_search_finds_better_hypotheses_than_greedy():
+    """Ranked by log-probability (lenpen 0), a wider beam never returns a worse hypothesis."""
+    model = make(*SCHEMES["iiet_enc"])
+    src, mask = batch_of([7, 5, 9], seed=5)
+
+    def logprob(b: int, hyp: list[int]) -> float:
+        tokens = torch.tensor([[BOS] + hyp])
+        lp = model(src[b : b + 1, : int(mask[b].sum())], mask[b : b + 1, : int(mask[b].sum())], tokens).log_softmax(-1)
+        return sum(lp[0, t, tok].item() for t, tok in enumerate(hyp + [EOS]))
+
+    max_len = torch.full((3,), 8)
+    narrow = beam_search(model.decoder_for(src, mask), 3, BOS, EOS, max_len, beam=1, lenpen=0.0)
+    wide = beam_search(model.decoder_for(src, mask), 3, BOS, EOS, max_len, beam=6, lenpen=0.0)
+    for b in range(3):
+        assert logprob(b, wide[b]) >= logprob(b, narrow[b]) - 1e-5
+
+
+HYPS = ["The cat sat on the mat.", "Il fait beau aujourd'hui", "a b c d e", ""]
+REFS = ["The cat is sitting on the mat.", "It is nice today", "a b c d e", "nothing"]
+
+
+def test_bleu_and_chrf_equal_sacrebleu():
+    scores = bleu_chrf(HYPS, REFS)
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS]).score, abs=1e-9)
+    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score, abs=1e-9)
+    assert scores["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    assert bleu_chrf(REFS, REFS)["bleu"] == pytest.approx(100.0)
+
+
+def test_rouge_equals_rouge_score():
+    hyps = ["we propose a new model.\nit works well.", "the results are good"]
+    refs = ["we propose a novel model.\nit works.", "results are bad"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"], use_stemmer=True)
+    direct = [scorer.score(r, h) for h, r in zip(hyps, refs)]
+    ours = rouge(hyps, refs)
+    for key in ("rouge1", "rouge2", "rougeLsum"):
+        assert ours[key] == pytest.approx(100 * sum(d[key].fmeasure for d in direct) / 2, abs=1e-9)
+    assert ours["rougeLsum"] != ours["rouge2"]
+
+
+def test_label_smoothing_is_fairseqs_convention():
+    """Target weight 1 - eps, every other class eps / (V - 1); pad targets ignored."""
+    torch.manual_seed(0)
+    logits, target, eps = torch.randn(2, 3, 7), torch.tensor([[1, 4, 0], [6, 0, 0]]), 0.1
+    loss, nll = label_smoothed_nll(logits, target, eps, ignore_index=0)
+    lp = logits.log_softmax(-1)
+    q = torch.full((2, 3, 7), eps / 6).scatter(-1, target[..., None], 1 - eps)
+    keep = target != 0
+    assert loss.item() == pytest.approx((-(q * lp).sum(-1))[keep].mean().item(), rel=1e-6)
+    assert nll.item() == pytest.approx(torch.nn.functional.cross_entropy(logits[keep], target[keep]).item(), rel=1e-6)
+
+
+def test_inverse_sqrt_schedule():
+    assert inverse_sqrt(0, 4) == 0.25 and inverse_sqrt(3, 4) == 1.0
+    assert inverse_sqrt(15, 4) == pytest.approx(math.sqrt(4 / 16))
+
+
+# --- shipped corpora -----------------------------------------------------------------------------------------
+
+
+def read_jsonl(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_bible_splits_are_disjoint_by_book_and_verse():
+    splits = {s: read_jsonl(ROOT / f"data/bible/fr-en.{s}.jsonl.gz") for s in ("train", "valid", "test")}
+    books = {s: {r["book"] for r in rows} for s, rows in splits.items()}
+    assert not books["train"] & books["valid"] and not books["train"] & books["test"] and not books["valid"] & books["test"]
+    ids = [r["id"] for rows in splits.values() for r in rows]
+    assert len(ids) == len(set(ids))
+    assert all(r["fr"].strip() and r["en"].strip() for rows in splits.values() for r in rows)
+    train_en = {r["en"] for r in splits["train"]}
+    # Formulaic verses recur across books ("The word of Yahweh came to me, saying, ..."): 27 of 1706 here.
+    assert sum(r["en"] in train_en for r in splits["test"]) < 0.03 * len(splits["test"])
+
+
+def test_aclsum_splits_are_disjoint():
+    splits = {s: read_jsonl(ROOT / f"data/aclsum/{s}.jsonl.gz") for s in ("train", "valid", "test")}
+    assert [len(rows) for rows in splits.values()] == [100, 50, 100]
+    ids = [r["id"] for rows in splits.values() for r in rows]
+    assert len(ids) == len(set(ids))
+    assert all(1 <= r["summary"].count("\n") <= 3 for rows in splits.values() for r in rows)
+
+
+@pytest.fixture(scope="module")
+def bible(tmp_path_factory):
+    dm = TranslationDataModule(vocab_size=1000, max_src_len=64, max_tgt_len=64, batch_size=4,
+                               cache_dir=str(tmp_path_factory.mktemp("bible_cache")))
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def test_bible_loads_and_round_trips_through_the_joint_tokenizer(bible):
+    assert bible.tokenizer.vocab_size == 1000
+    for src, tgt in bible.texts["test"][:200]:
+        assert bible.tokenizer.decode(bible.tokenizer.encode(src)) == src
+        assert bible.tokenizer.decode(bible.tokenizer.encode(tgt)) == tgt
+    batch = next(iter(bible.train_dataloader()))
+    assert torch.equal(batch["src_mask"], batch["src"] != bible.tokenizer.pad_id)
+    assert (batch["tgt_in"][:, 0] == bible.tokenizer.bos_id).all()
+    n = (batch["tgt_out"] != bible.tokenizer.pad_id).sum(1)  # target + eos
+    assert torch.equal(batch["tgt_out"][torch.arange(4), n - 1], torch.full((4,), bible.tokenizer.eos_id))
+    shifted = batch["tgt_in"][:, 1:] != bible.tokenizer.pad_id  # tgt_in = <bos> + target, tgt_out = target + <eos>
+    assert torch.equal(batch["tgt_in"][:, 1:][shifted], batch["tgt_out"][:, :-1][shifted])
+
+
+def test_summarization_data_keeps_sentence_lines(tmp_path):
+    dm = SummarizationDataModule(vocab_size=600, max_src_len=128, cache_dir=str(tmp_path))
+    dm.prepare_data()
+    dm.setup()
+    _, summary = dm.texts["test"][0]
+    assert summary.count("\n") >= 1
+    assert dm.tokenizer.decode(dm.tokenizer.encode(summary)) == summary
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_empty_source_or_target_is_rejected(tmp_path):
+    good = {"fr": "Bonjour le monde", "en": "Hello world"}
+    train = write_jsonl(tmp_path / "t.jsonl", [good, {"fr": "  ", "en": "x"}])
+    dm = TranslationDataModule(train=train, val=None, test=None, vocab_size=300, cache_dir=str(tmp_path))
+    with pytest.raises(UserInputError, match=r"t.jsonl:2: empty source text"):
+        dm.pairs("train")
+    train = write_jsonl(tmp_path / "u.jsonl", [good, good, {"fr": "x", "en": ""}])
+    with pytest.raises(UserInputError, match=r"u.jsonl:3: empty target text"):
+        TranslationDataModule(train=train, val=None, test=None, vocab_size=300, cache_dir=str(tmp_path)).pairs("train")
+
+
+def test_parallel_files_must_align(tmp_path):
+    (tmp_path / "train.fr").write_text("un\ndeux\ntrois\n", encoding="utf-8")
+    (tmp_path / "train.en").write_text("one\ntwo\n", encoding="utf-8")
+    dm = TranslationDataModule(train=str(tmp_path / "train"), val=None, test=None, vocab_size=300, cache_dir=str(tmp_path))
+    with pytest.raises(UserInputError, match=r"train.fr has 3 lines but .*train.en has 2"):
+        dm.pairs("train")
+    (tmp_path / "train.en").write_text("one\ntwo\nthree\n", encoding="utf-8")
+    assert dm.pairs("train") == [("un", "one"), ("deux", "two"), ("trois", "three")]
+
+
+def test_long_sources_truncate_with_a_count_or_are_rejected(tmp_path):
+    rows = [{"fr": "mot " * n, "en": "word"} for n in (3, 80, 90, 4)] * 30
+    train = write_jsonl(tmp_path / "long.jsonl", rows)
+    common = dict(train=train, val=None, test=None, vocab_size=270, max_src_len=16, cache_dir=str(tmp_path))
+    dm = TranslationDataModule(**common)
+    with pytest.warns(UserWarning, match="60 of 120 train sources are longer than max_src_len=16 tokens and were truncated"):
+        dm.prepare_data()
+    dm.setup()
+    assert max(len(dm.datasets["train"][i][1]) for i in range(120)) == 16
+    with pytest.raises(UserInputError, match=r"train pair 1 has a source of \d+ tokens, more than max_src_len=16 \(60 such pairs"):
+        TranslationDataModule(**common, long_source="reject").prepare_data()
+
+
+@pytest.mark.parametrize("langs, message", [(("fr", "xx"), "unknown language code 'xx'"), (("en", "en"), "both 'en'")])
+def test_language_codes_are_checked(langs, message):
+    with pytest.raises(UserInputError, match=message):
+        TranslationDataModule(*langs)
+
+
+def test_unavailable_datasets_source_says_how_to_provide_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    dm = TranslationDataModule("en", "de", hf_dataset="wmt14", hf_name="de-en", vocab_size=300, cache_dir=str(tmp_path))
+    with pytest.raises(UserInputError, match="not available locally.*save_to_disk"):
+        dm.pairs("train")
+
+
+# --- the CLI, end to end ------------------------------------------------------------------------------------
+
+TINY_MT = [
+    "--config", "conf/mt/bible_fr_en_iiet.yaml",
+    "--model.arch.d_model", "32", "--model.arch.n_heads", "2", "--model.arch.enc_layers", "2", "--model.arch.dec_layers", "1",
+    "--model.arch.d_ff", "64", "--model.arch.vocab_size", "600", "--data.vocab_size", "600", "--data.batch_size", "8",
+    "--data.max_src_len", "48", "--data.max_tgt_len", "48", "--model.decoding.beam", "2",
+    "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2",
+    "--trainer.limit_test_batches", "2", "--model.val_decode_batches", "1", "--trainer.enable_progress_bar", "false",
+    "--trainer.log_every_n_steps", "1",
+]
+
+
+def test_translation_fit_test_and_average(tmp_path, capsys):
+    run = tmp_path / "mt"
+    main(["fit", *TINY_MT, "--trainer.default_root_dir", str(run)])
+    scalars = read_scalars(run)
+    for tag in ("train/loss", "train/nll_loss", "val/loss", "val/nll_loss", "val/ppl", "val/bleu", "val/chrf"):
+        assert tag in scalars, tag
+    capsys.readouterr()
+    main(["test", *TINY_MT, "--trainer.default_root_dir", str(run), "--ckpt_path", str(run / "checkpoints/last.ckpt")])
+    out = capsys.readouterr().out
+    assert "test BLEU = " in out and "BLEU signature: nrefs:1|case:mixed|eff:no|tok:13a" in out
+    hyp_file = next(run.rglob("test.hyp.txt"))
+    hyps = hyp_file.read_text(encoding="utf-8").splitlines()
+    refs = (hyp_file.parent / "test.ref.txt").read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == len(refs) == 16
+    printed = float(out.split("test BLEU = ")[1].split()[0])
+    assert printed == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=0.01)
+
+    # Average the best and last checkpoints with the command-line tool.
+    ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
+    out_file = tmp_path / "avg.ckpt"
+    cmd = [sys.executable, "-m", "lit_iiet.average_checkpoints", *map(str, ckpts), "--output", str(out_file)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    a, b = (torch.load(p, weights_only=True)["state_dict"] for p in ckpts)
+    avg = torch.load(out_file, weights_only=True)["state_dict"]
+    key = "model.embed.weight"
+    torch.testing.assert_close(avg[key], (a[key] + b[key]) / 2)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "exists" in again.stderr
