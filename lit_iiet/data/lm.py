@@ -129,6 +129,19 @@ class ResumableSampler(DistributedSampler):
         self.skip = 0  # only the resumed epoch starts late
         return iter(indices)
 
+    @classmethod
+    def for_training(cls, trainer, dataset: Dataset, shuffle: bool, batch_size: int) -> "ResumableSampler":
+        """The training sampler of this rank, seeded by seed_everything, starting where a resumed run stopped."""
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        # On resume Lightning has restored its loop counters before asking for the loader: skip what the
+        # interrupted run already consumed in the current epoch. `processed` includes the batch whose
+        # on_train_batch_end saved the checkpoint (`completed` does not count it yet); after the last batch of an
+        # epoch (a checkpoint at epoch end, or a reload at the next epoch's start) nothing is left to skip.
+        progress = trainer.fit_loop.epoch_loop.batch_progress if trainer else None
+        done = 0 if progress is None or progress.is_last_batch else progress.current.processed
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return cls(dataset, world, rank, shuffle, seed, skip=done * batch_size)
+
     def __len__(self) -> int:
         # The whole epoch, also while skipping: Lightning counts the batches restored from a checkpoint towards
         # the epoch, ends it after len(loader) batches in all, and reuses that length for the later epochs.
@@ -325,14 +338,7 @@ class LMDataModule(L.LightningDataModule):
         dataset = PackedDataset(self.tokens[split], self.hparams.seq_len)
         if split != "train":
             return DataLoader(dataset, shuffle=False, **kwargs)
-        # On resume Lightning has restored its loop counters before asking for this loader: skip what the
-        # interrupted run already consumed in the current epoch. `processed` includes the batch whose
-        # on_train_batch_end saved the checkpoint (`completed` does not count it yet); after the last batch of an
-        # epoch (a checkpoint at epoch end, or a reload at the next epoch's start) nothing is left to skip.
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress if self.trainer else None
-        done = 0 if progress is None or progress.is_last_batch else progress.current.processed
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        sampler = ResumableSampler(dataset, world, rank, self.hparams.shuffle, seed, skip=done * self.hparams.batch_size)
+        sampler = ResumableSampler.for_training(self.trainer, dataset, self.hparams.shuffle, self.hparams.batch_size)
         return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
 
     def train_dataloader(self) -> DataLoader:

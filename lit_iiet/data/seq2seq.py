@@ -306,11 +306,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
                       persistent_workers=self.hparams.num_workers > 0)
         if split != "train":
             return DataLoader(dataset, shuffle=False, **kwargs)
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress if self.trainer else None
-        done = 0 if progress is None or progress.is_last_batch else progress.current.processed
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        sampler = ResumableSampler(dataset, world, rank, self.hparams.shuffle, seed, skip=done * self.hparams.batch_size)
+        sampler = ResumableSampler.for_training(self.trainer, dataset, self.hparams.shuffle, self.hparams.batch_size)
         return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
