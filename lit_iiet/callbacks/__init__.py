@@ -1,3 +1,6 @@
+from lit_iiet.callbacks.iiad import IIAD
+from lit_iiet.callbacks.influence import InfluenceLogger
 from lit_iiet.callbacks.text_writer import TextPredictionWriter
+from lit_iiet.callbacks.two_stage import TwoStage
 
-__all__ = ["TextPredictionWriter"]
+__all__ = ["IIAD", "InfluenceLogger", "TextPredictionWriter", "TwoStage"]

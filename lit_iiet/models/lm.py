@@ -88,6 +88,7 @@ class LanguageModel(ODEModule):
         self.model = Decoder(arch, ode)
         self.save_configs(arch=arch, ode=ode, optim=self.optim, sampling=self.sampling)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.distiller = None  # an IIAD callback, while it distils a teacher into this model
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -123,7 +124,12 @@ class LanguageModel(ODEModule):
         return (batch.shape[1] - 1) * batch.shape[0]
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
+        if self.distiller is not None:  # set by the IIAD callback: CE + distillation terms, each logged
+            terms = self.distiller.loss_terms(self, batch)
+            self.log_dict({f"train/{name}": value for name, value in terms.items() if name != "loss"}, sync_dist=True)
+            loss = terms["loss"]
+        else:
+            loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
         return loss
 

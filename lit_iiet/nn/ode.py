@@ -53,24 +53,32 @@ def euler(y: Tensor, G: Branch) -> Tensor:
     return y + G(y, 0)
 
 
-def fixed_point(y: Tensor, f: Sublayer, iters: int, damping: float = 1.0, output: str = "last") -> Tensor:
+def fixed_point(
+    y: Tensor, f: Sublayer, iters: int, damping: float = 1.0, output: str = "last", iterates: list[Tensor] | None = None
+) -> Tensor:
     """Picard iteration for the implicit Euler step y_next = y + f(y_next), starting from z0 = y.
 
     damping b < 1 relaxes each step: z <- (1 - b) z + b (y + f(z)). output="mean" returns y + the mean of the
     r slopes f(z_0..z_{r-1}) instead of the last iterate; both reduce to explicit Euler at r = 1, b = 1.
+    If `iterates` is a list, z_1..z_r are appended to it (influence analysis, hidden-state distillation).
     """
     z, slope_sum = y, None
     for k in range(iters):
         slope = f(z, k)
         slope_sum = slope if slope_sum is None else slope_sum + slope
         z = y + slope if damping == 1.0 else (1 - damping) * z + damping * (y + slope)
+        if iterates is not None:
+            iterates.append(z)
     return y + slope_sum / iters if output == "mean" else z
 
 
-def iiet(y: Tensor, G: Branch, iters: int, damping: float = 1.0, output: str = "last", unit: str = "layer") -> Tensor:
+def iiet(
+    y: Tensor, G: Branch, iters: int, damping: float = 1.0, output: str = "last", unit: str = "layer",
+    iterates: list[Tensor] | None = None,
+) -> Tensor:
     """Iterative implicit Euler. unit="sublayer" iterates each sub-layer's own implicit step in turn."""
     if unit == "layer":
-        return fixed_point(y, G, iters, damping, output)
+        return fixed_point(y, G, iters, damping, output, iterates)
     h = y
     for sublayer in G.sublayers:
         h = fixed_point(h, sublayer, iters, damping, output)
@@ -174,6 +182,8 @@ class LayerUpdate(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.schedule = cfg.schedule(n_layers)
+        # Set to {} to record, per layer, its input and states: [y, z_1, ..., z_r] for iiet, [y, y_next] otherwise.
+        self.recording: dict[int, list[Tensor]] | None = None
         if cfg.scheme == "rk2_gated":
             self.gates = nn.ModuleList(nn.Linear(2 * dim, 1) for _ in range(n_layers))
             for gate in self.gates:  # start at g = 0.5, i.e. plain RK2
@@ -201,20 +211,26 @@ class LayerUpdate(nn.Module):
         return [x] if self.cfg.scheme == "pcformer" else None
 
     def forward(self, layer: int, y: Tensor, G: Branch, history: list[Tensor] | None = None) -> Tensor:
-        s = self.cfg.scheme
+        s, states = self.cfg.scheme, [y] if self.recording is not None else None
         if s == "euler":
-            return euler(y, G)
-        if s == "iiet":
+            out = euler(y, G)
+        elif s == "iiet":
             c = self.cfg
-            return iiet(y, G, self.schedule[layer], c.iiet_damping, c.iiet_output, c.iiet_unit)
-        if s == "rk2":
-            return rk2(y, G)
-        if s == "rk2_gated":
-            return rk2_gated(y, G, self.gates[layer])
-        if s == "rk4":
-            return rk4(y, G)
-        prediction = pcformer_predictor(y, G, self.alpha)
-        n = layer + 2
-        return pcformer_corrector(
-            history, prediction, G, self.w_in[layer, :n], self.w_out[layer, :n], self.norm_p[layer], self.norm_h[layer]
-        )
+            out = iiet(y, G, self.schedule[layer], c.iiet_damping, c.iiet_output, c.iiet_unit, states)
+        elif s == "rk2":
+            out = rk2(y, G)
+        elif s == "rk2_gated":
+            out = rk2_gated(y, G, self.gates[layer])
+        elif s == "rk4":
+            out = rk4(y, G)
+        else:
+            prediction = pcformer_predictor(y, G, self.alpha)
+            n = layer + 2
+            out = pcformer_corrector(
+                history, prediction, G, self.w_in[layer, :n], self.w_out[layer, :n], self.norm_p[layer], self.norm_h[layer]
+            )
+        if states is not None:
+            if len(states) == 1 or states[-1] is not out:  # the output, unless it is already the last iterate
+                states.append(out)
+            self.recording[layer] = states
+        return out
