@@ -97,8 +97,8 @@ def beam_search(
 ) -> list[list[int]]:
     """Beam search over the KV cache; returns each sentence's best hypothesis (token ids, without bos/eos).
 
-    `model` is a decoder bound to its sources (`Seq2Seq.decoder_for`): `model(idx, cache, pos)`, `init_cache`,
-    `expand(beam)` and `reorder(rows)`. Hypotheses are ranked by summed log-probability divided by
+    `model` is a decoder bound to its sources (`Seq2Seq.decoder_for`): `model(idx, cache, pos)`, `init_cache` and
+    `expand(beam)`. Hypotheses are ranked by summed log-probability divided by
     length ** lenpen (length counts the eos), as in fairseq. max_len (B,) caps each sentence's length, where
     eos is forced; min_len forbids eos before it. An eos is only accepted among the `beam` best candidates of
     a step, so beam = 1 is exactly greedy decoding.
@@ -130,12 +130,12 @@ def beam_search(
                     lprobs[row, list(ban)] = float("-inf")
         V = lprobs.shape[-1]
         candidates = (scores.view(N, 1) + lprobs).view(batch, K * V)
-        cand_scores, cand_index = candidates.topk(2 * K, dim=-1)
+        cand_scores, cand_index = (t.tolist() for t in candidates.topk(2 * K, dim=-1))
         next_rows, next_tokens, next_scores = [], [], []
         for b in range(batch):
             keep: list[tuple[int, int, float]] = []
             for rank in range(2 * K):
-                score, index = float(cand_scores[b, rank]), int(cand_index[b, rank])
+                score, index = cand_scores[b][rank], cand_index[b][rank]
                 row, token = b * K + index // V, index % V
                 if done[b] or score == float("-inf"):
                     break
@@ -153,11 +153,12 @@ def beam_search(
                 next_scores.append(score)
         if all(done):
             break
+        # Beams only ever move within their sentence's group of rows, and those rows share one source: the
+        # encoder side needs no reordering, only the self-attention cache (its filled prefix).
         rows = torch.tensor(next_rows, device=device)
         for slots in cache:
             for slot in slots:
-                slot.reorder(rows)
-        model.reorder(rows)
+                slot.reorder(rows, step + 1)
         tokens = torch.cat((tokens.index_select(0, rows), torch.tensor(next_tokens, device=device)[:, None]), dim=1)
         scores = torch.tensor(next_scores, device=device).view(batch, K)
     return [max(hyps)[1] if hyps else [] for hyps in finished]

@@ -64,10 +64,10 @@ class KVCache(nn.Module):
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep the rows of index (beam search: the cache of the surviving hypotheses)."""
-        self.k = self.k.index_select(0, index)
-        self.v = self.v.index_select(0, index)
+    def reorder(self, index: Tensor, length: int) -> None:
+        """Rows <- rows[index] for the first `length` positions (beam search keeps its surviving hypotheses)."""
+        self.k[:, :, :length] = self.k[:, :, :length].index_select(0, index)
+        self.v[:, :, :length] = self.v[:, :, :length].index_select(0, index)
 
 
 class Attention(nn.Module):

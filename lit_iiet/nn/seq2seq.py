@@ -196,7 +196,3 @@ class BoundDecoder:
         """Each source repeated for `repeats` beams (rows b*repeats .. b*repeats + repeats - 1)."""
         rep = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
         return BoundDecoder(self.model, [(rep(k), rep(v)) for k, v in self.memory_kv], rep(self.src_mask))
-
-    def reorder(self, index: Tensor) -> None:
-        self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
-        self.src_mask = self.src_mask.index_select(0, index)
