@@ -215,6 +215,22 @@ def test_bible_loads_and_round_trips_through_the_joint_tokenizer(bible):
     assert torch.equal(batch["tgt_in"][:, 1:][shifted], batch["tgt_out"][:, :-1][shifted])
 
 
+@pytest.mark.parametrize("config, fields", [("conf/sum/aclsum_iiet.yaml", ("document", "summary")),
+                                             ("conf/sum/cnn_dailymail_iiet.yaml", ("article", "highlights")),
+                                             ("conf/mt/bible_fr_en_iiet.yaml", ("fr", "en"))])
+def test_data_fields_resolve_through_the_cli(config, fields):
+    """Defaults that subclasses derive (schema or language -> field names) survive LightningCLI's instantiation."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from lit_iiet.cli import IIETCLI
+
+    cli = IIETCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                  parser_kwargs={"parser_mode": "omegaconf"},
+                  args=["--config", config, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                        "--trainer.precision", "32-true", "--trainer.strategy", "auto"])
+    assert (cli.datamodule.src_field, cli.datamodule.tgt_field) == fields
+
+
 def test_summarization_data_keeps_sentence_lines(tmp_path):
     dm = SummarizationDataModule(vocab_size=600, max_src_len=128, cache_dir=str(tmp_path))
     dm.prepare_data()

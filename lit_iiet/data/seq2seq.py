@@ -412,20 +412,23 @@ class SummarizationDataModule(Seq2SeqDataModule):
         train: str | None = "data/aclsum/train.jsonl.gz",
         val: str | None = "data/aclsum/valid.jsonl.gz",
         test: str | None = "data/aclsum/test.jsonl.gz",
+        src_field: str | None = None,
+        tgt_field: str | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             schema: Field names of a known corpus: cnn_dailymail (article / highlights), xsum and aclsum
-                (document / summary); src_field and tgt_field override them.
+                (document / summary).
             train: Training pairs (.jsonl(.gz)), unless hf_dataset is set.
             val: Validation pairs.
             test: Test pairs.
+            src_field: Document field; default the schema's.
+            tgt_field: Summary field; default the schema's.
             **kwargs: The options of Seq2SeqDataModule (tokenizer, max_src_len for source truncation, ...).
         """
         if schema not in SUMMARIZATION_SCHEMAS:
             raise UserInputError(f"schema={schema!r}; choose one of {', '.join(SUMMARIZATION_SCHEMAS)}")
-        src_field, tgt_field = SUMMARIZATION_SCHEMAS[schema]
-        kwargs.setdefault("src_field", src_field)
-        kwargs.setdefault("tgt_field", tgt_field)
-        super().__init__(train=train, val=val, test=test, **kwargs)
+        default_src, default_tgt = SUMMARIZATION_SCHEMAS[schema]
+        super().__init__(train=train, val=val, test=test, src_field=src_field or default_src,
+                         tgt_field=tgt_field or default_tgt, **kwargs)
