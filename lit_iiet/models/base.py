@@ -19,7 +19,8 @@ def as_config(cls, value):
 
 
 class ODEModule(L.LightningModule):
-    """Base class; subclasses set `self.model` and define `batch_tokens(batch)` (tokens a batch trains on)."""
+    """Base class. Subclasses set `self.model` and define `batch_tokens(batch)`, the number of tokens a batch
+    trains on (throughput logging uses it)."""
 
     init_from: str | None = None
 
@@ -73,9 +74,6 @@ class ODEModule(L.LightningModule):
         for name, p in self.named_parameters():
             (decay if p.dim() >= 2 and "update." not in name else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-    def batch_tokens(self, batch) -> int:
-        raise NotImplementedError  # each task counts its own tokens
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
