@@ -90,7 +90,8 @@ def test_fit_writes_checkpoints_and_tensorboard_logs(trained_run):
     assert list((trained_run / "checkpoints").glob("best-step=*.ckpt"))
     assert (trained_run / "lightning_logs" / "version_0" / "config.yaml").is_file()
     scalars = read_scalars(trained_run)
-    for tag in ("train/loss", "train/lr", "val/loss", "val/ppl", "perf/tokens_per_sec", "perf/step_time", "iiet/evals_per_token"):
+    for tag in ("train/loss", "train/lr", "val/loss", "val/ppl", "perf/tokens_per_sec", "perf/step_time", "perf/flops_per_sec",
+                "iiet/evals_per_token"):
         assert tag in scalars, tag
     assert [step for step, _ in scalars["val/loss"]] == [2, 5]  # validated after steps 3 and 6
     val = [v for _, v in scalars["val/loss"]]

@@ -7,10 +7,17 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from torch import Tensor
 
 from lit_iiet.checkpoint import load_checkpoint
 from lit_iiet.errors import UserInputError
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The matmul dtype of a Trainer precision setting ("bf16-mixed" -> bfloat16, "32-true" -> float32)."""
+    precision = str(precision)
+    return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else torch.float32
 
 
 def as_config(cls, value):
@@ -20,9 +27,12 @@ def as_config(cls, value):
 
 class ODEModule(L.LightningModule):
     """Base class. Subclasses set `self.model` and define `batch_tokens(batch)`, the number of tokens a batch
-    trains on (throughput logging uses it)."""
+    trains on, and `forward_flops(batch)`, the matmul FLOPs of its forward pass with every F-evaluation counted
+    (throughput logging uses both)."""
 
     init_from: str | None = None
+    flops_per_batch: int | None = None  # of the current training batch; Lightning's ThroughputMonitor reads it too
+    _peak_flops: int | None = None
 
     def save_configs(self, **configs) -> None:
         """save_hyperparameters, with each config dataclass stored as a plain dict.
@@ -76,6 +86,10 @@ class ODEModule(L.LightningModule):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Training costs 3x the forward matmuls (the backward pass computes two per forward matmul).
+        self.flops_per_batch = 3 * self.forward_flops(batch)
+        if self._peak_flops is None and self.device.type == "cuda":
+            self._peak_flops = get_available_flops(self.device, precision_dtype(self.trainer.precision))
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -85,4 +99,7 @@ class ODEModule(L.LightningModule):
         step_time = time.perf_counter() - self._step_start
         self.log("perf/step_time", step_time)
         self.log("perf/tokens_per_sec", self.batch_tokens(batch) * self.trainer.world_size / step_time, prog_bar=True)
+        self.log("perf/flops_per_sec", self.flops_per_batch / step_time)  # per device
+        if self._peak_flops:  # MFU only where the device's peak is known (Lightning's table of GPUs)
+            self.log("perf/mfu", self.flops_per_batch / step_time / self._peak_flops)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

@@ -70,6 +70,8 @@ class LanguageModel(ODEModule):
         sampling: SamplingConfig = SamplingConfig(),
         init_from: str | None = None,
         val_sample_prompt: str | None = None,
+        activation_checkpointing: str = "none",
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -80,12 +82,21 @@ class LanguageModel(ODEModule):
             init_from: Checkpoint whose weights initialise the model before `fit` (e.g. a vanilla checkpoint
                 into an IIET model). Unlike --ckpt_path it restores no optimizer state or step count.
             val_sample_prompt: If set, generate from this prompt after each validation and log the text.
+            activation_checkpointing: Trade compute for memory in training: "none"; "layer" keeps each layer's
+                input and recomputes the whole layer (all its evaluations) in the backward pass; "iteration" keeps
+                each F-evaluation's input and recomputes one G at a time (works for every scheme, pcformer too).
+            compile: Compile the model with torch.compile (in place: checkpoints keep their keys).
         """
         super().__init__()
         arch, ode = as_config(DecoderConfig, arch), as_config(ODEConfig, ode)
         self.optim, self.sampling = as_config(OptimConfig, optim), as_config(SamplingConfig, sampling)
         self.init_from, self.val_sample_prompt = init_from, val_sample_prompt
         self.model = Decoder(arch, ode)
+        if activation_checkpointing not in ("none", "layer", "iteration"):
+            raise UserInputError(f"activation_checkpointing={activation_checkpointing!r}; choose 'none', 'layer' or 'iteration'")
+        if activation_checkpointing == "layer" and ode.scheme == "pcformer":
+            raise UserInputError("activation_checkpointing='layer' does not support scheme 'pcformer'; use 'iteration'")
+        self.model.checkpointing, self.compile_model = activation_checkpointing, compile
         self.save_configs(arch=arch, ode=ode, optim=self.optim, sampling=self.sampling)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.distiller = None  # an IIAD callback, while it distils a teacher into this model
@@ -98,6 +109,10 @@ class LanguageModel(ODEModule):
         if seq_len is not None and seq_len > self.model.cfg.max_seq_len:
             raise UserInputError(f"data.seq_len={seq_len} is longer than model.arch.max_seq_len={self.model.cfg.max_seq_len}")
         super().setup(stage)
+
+    def configure_model(self) -> None:
+        if self.compile_model and self.model._compiled_call_impl is None:  # configure_model may run more than once
+            self.model.compile()
 
     def configure_optimizers(self):
         o = self.optim
@@ -119,6 +134,9 @@ class LanguageModel(ODEModule):
     def loss(self, batch: Tensor) -> Tensor:
         logits = self.model(batch[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+    def forward_flops(self, batch: Tensor) -> int:
+        return self.model.flops(batch.shape[0], batch.shape[1] - 1)
 
     def batch_tokens(self, batch: Tensor) -> int:
         return (batch.shape[1] - 1) * batch.shape[0]

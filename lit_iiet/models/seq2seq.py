@@ -133,6 +133,9 @@ class Seq2SeqModel(ODEModule):
         logits = self.model(batch["src"], batch["src_mask"], batch["tgt_in"])
         return label_smoothed_nll(logits, batch["tgt_out"], self.label_smoothing, self.datamodule.tokenizer.pad_id)
 
+    def forward_flops(self, batch: dict) -> int:
+        return self.model.flops(batch["src"].shape[0], batch["src"].shape[1], batch["tgt_in"].shape[1])
+
     def batch_tokens(self, batch: dict) -> int:
         return int(batch["src_mask"].sum() + (batch["tgt_out"] != self.datamodule.tokenizer.pad_id).sum())
 

@@ -8,11 +8,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lit_iiet.errors import UserInputError
-from lit_iiet.nn.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_tables, swiglu_hidden
+from lit_iiet.nn.layers import (
+    Attention,
+    KVCache,
+    RMSNorm,
+    SwiGLU,
+    linear_weights,
+    rope_tables,
+    swiglu_hidden,
+)
 from lit_iiet.nn.ode import Branch, LayerUpdate, ODEConfig
 
 
@@ -65,7 +75,7 @@ class Block(nn.Module):
         self.branch_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if branch_norm else None
         self.dropout = cfg.dropout
 
-    def branch(self, cos: Tensor, sin: Tensor, caches: list[KVCache] | None, pos: int) -> Branch:
+    def branch(self, cos: Tensor, sin: Tensor, caches: list[KVCache] | None, pos: int, checkpoint: bool = False) -> Branch:
         """G for the tokens at [pos, pos + T); evaluation e reads and writes cache slot caches[e]."""
 
         def attn(z: Tensor, e: int) -> Tensor:
@@ -75,7 +85,7 @@ class Block(nn.Module):
         def ffn(z: Tensor, e: int) -> Tensor:
             return F.dropout(self.ffn(self.norm2(z)), self.dropout, self.training)
 
-        return Branch([attn, ffn], self.branch_norm)
+        return Branch([attn, ffn], self.branch_norm, checkpoint)
 
 
 class Decoder(nn.Module):
@@ -87,6 +97,9 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, ode.branch_norm) for _ in range(cfg.n_layers))
         self.update = LayerUpdate(ode, cfg.n_layers, cfg.d_model)
+        # Activation checkpointing while training: "none", "layer" (keep each layer's input, recompute the
+        # layer with all its evaluations) or "iteration" (keep each F-evaluation's input, recompute one G).
+        self.checkpointing = "none"
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -108,6 +121,16 @@ class Decoder(nn.Module):
     def schedule(self) -> list[int]:
         return self.update.schedule
 
+    def flops(self, batch: int, seq_len: int) -> int:
+        """Matmul FLOPs of one forward pass over (batch, seq_len) tokens, every F-evaluation counted.
+
+        Attention counts the full T x T score matrix, as torch's FlopCounterMode does (and as MFU conventions do);
+        a training step costs about 3x this (the backward pass computes two matmuls per forward matmul).
+        """
+        tokens, d = batch * seq_len, self.cfg.d_model
+        per_eval = 2 * tokens * linear_weights(self.blocks[0]) + 4 * batch * seq_len * seq_len * d
+        return self.update.total_evals() * per_eval + self.update.flops(tokens) + 2 * tokens * self.lm_head.weight.numel()
+
     def init_cache(self, batch: int, max_len: int | None = None) -> list[list[KVCache]]:
         """Empty KV cache: one slot per (layer, F-evaluation)."""
         c, p = self.cfg, self.embed.weight
@@ -125,9 +148,17 @@ class Decoder(nn.Module):
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         x = F.dropout(self.embed(idx), self.cfg.dropout, self.training)
         history = self.update.begin(x)
+        mode = self.checkpointing if self.training and torch.is_grad_enabled() else "none"
+        if mode not in ("none", "layer", "iteration"):
+            raise UserInputError(f"activation checkpointing {mode!r}; choose 'none', 'layer' or 'iteration'")
+        if mode == "layer" and history is not None:  # recomputing a layer would extend PCformer's history twice
+            raise UserInputError("activation checkpointing 'layer' does not support scheme 'pcformer'; use 'iteration'")
         for layer, block in enumerate(self.blocks):
-            G = block.branch(cos, sin, cache[layer] if cache is not None else None, pos)
-            x = self.update(layer, x, G, history)
+            G = block.branch(cos, sin, cache[layer] if cache is not None else None, pos, checkpoint=mode == "iteration")
+            if mode == "layer":
+                x = torch.utils.checkpoint.checkpoint(self.update, layer, x, G, history, use_reentrant=False)
+            else:
+                x = self.update(layer, x, G, history)
         return self.norm(x)
 
     def forward(self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0) -> Tensor:

@@ -167,6 +167,11 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+def linear_weights(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
+    """Weights of the nn.Linear layers in module: a token passing through all of them costs 2x this in FLOPs."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear) and m not in skip)
+
+
 def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
     """LLaMA's FFN width: 2/3 of 4*dim, rounded up to a multiple (keeps parameters equal to a 4*dim MLP)."""
     hidden = int(2 * 4 * dim / 3)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lit_iiet.errors import UserInputError
@@ -34,10 +35,16 @@ class Branch:
     `norm`, if given, is applied to G's output (PCformer's "RK norm").
     """
 
-    def __init__(self, sublayers: list[Sublayer], norm: nn.Module | None = None) -> None:
-        self.sublayers, self.norm = sublayers, norm
+    def __init__(self, sublayers: list[Sublayer], norm: nn.Module | None = None, checkpoint: bool = False) -> None:
+        self.sublayers, self.norm, self.checkpoint = sublayers, norm, checkpoint
 
     def __call__(self, z: Tensor, e: int) -> Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            # Activation checkpointing per F-evaluation: keep z only, recompute the branch in the backward pass.
+            return torch.utils.checkpoint.checkpoint(self._evaluate, z, e, use_reentrant=False)
+        return self._evaluate(z, e)
+
+    def _evaluate(self, z: Tensor, e: int) -> Tensor:
         out, h = None, z
         for sublayer in self.sublayers:
             d = sublayer(h, e)
@@ -205,6 +212,10 @@ class LayerUpdate(nn.Module):
 
     def total_evals(self) -> int:
         return sum(self.evals(layer) for layer in range(len(self.schedule)))
+
+    def flops(self, tokens: int) -> int:
+        """Matmul FLOPs of the scheme itself (rk2 gates) for `tokens` tokens through the whole stack."""
+        return sum(2 * tokens * g.weight.numel() for g in self.gates) if self.cfg.scheme == "rk2_gated" else 0
 
     def begin(self, x: Tensor) -> list[Tensor] | None:
         """Per-forward state: PCformer's layer history starts with the embedding output."""

@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_iiet.errors import UserInputError
-from lit_iiet.nn.layers import Attention, KVCache, ReluFFN, RMSNorm, SwiGLU, rope_tables
+from lit_iiet.nn.layers import (
+    Attention,
+    KVCache,
+    ReluFFN,
+    RMSNorm,
+    SwiGLU,
+    linear_weights,
+    rope_tables,
+)
 from lit_iiet.nn.ode import Branch, LayerUpdate, ODEConfig
 
 
@@ -167,6 +175,23 @@ class Seq2Seq(nn.Module):
     def forward(self, src: Tensor, src_mask: Tensor, tgt: Tensor) -> Tensor:
         """Teacher-forced logits for the target inputs tgt (B, T)."""
         return self.decode(tgt, self.memory_kv(self.encode(src, src_mask)), src_mask)
+
+    def flops(self, batch: int, src_len: int, tgt_len: int) -> int:
+        """Matmul FLOPs of one teacher-forced forward pass over padded (batch, src_len) and (batch, tgt_len).
+
+        Every F-evaluation of both stacks is counted; cross-attention keys and values are computed once per
+        layer, not per evaluation. Same conventions as `Decoder.flops`.
+        """
+        d, S, T = self.cfg.d_model, batch * src_len, batch * tgt_len
+        enc_eval = 2 * S * linear_weights(self.encoder[0]) + 4 * batch * src_len * src_len * d
+        kv = self.decoder[0].cross_attn.kv
+        dec_eval = 2 * T * linear_weights(self.decoder[0], skip=(kv,)) + 4 * batch * tgt_len * (tgt_len + src_len) * d
+        return (
+            self.enc_update.total_evals() * enc_eval + self.enc_update.flops(S)
+            + self.cfg.dec_layers * 2 * S * kv.weight.numel()
+            + self.dec_update.total_evals() * dec_eval + self.dec_update.flops(T)
+            + 2 * T * self.out.weight.numel()
+        )
 
     def init_cache(self, batch: int, max_len: int) -> list[list[KVCache]]:
         c, p = self.cfg, self.embed.weight
