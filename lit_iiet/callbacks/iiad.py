@@ -26,6 +26,7 @@ from lit_iiet.analysis.influence import (
     schedule_from_influence,
 )
 from lit_iiet.errors import UserInputError
+from lit_iiet.models.base import NEW_POLICY_PARAMS
 
 
 def calibration_batches(trainer, n: int, device) -> list[Tensor]:
@@ -92,7 +93,7 @@ class IIAD(Callback):
         self.teacher = LanguageModel.load_from_checkpoint(self.teacher_path, map_location="cpu", weights_only=True)
         if self.teacher.model.update.cfg.scheme != "iiet":
             raise UserInputError(f"IIAD teacher {self.teacher_path!r} has scheme {self.teacher.model.update.cfg.scheme!r}, not 'iiet'")
-        pl_module.check_state_dict(self.teacher.state_dict(), self.teacher_path)
+        pl_module.check_state_dict(self.teacher.state_dict(), self.teacher_path, allow_missing=NEW_POLICY_PARAMS)
         self.teacher.eval().requires_grad_(False)
         if trainer.ckpt_path is not None:  # resuming: weights and the pruned schedule come from the checkpoint
             return
@@ -104,7 +105,7 @@ class IIAD(Callback):
         full = stats.schedule
         self.schedule = schedule_from_influence(stats.metric(self.metric), full, self.threshold, self.target_compute)
         self.stats = stats
-        pl_module.load_state_dict(self.teacher.state_dict())  # the student starts as the teacher ...
+        pl_module.load_weights(self.teacher.state_dict(), self.teacher_path)  # the student starts as the teacher ...
         set_schedule(pl_module, self.schedule)  # ... with fewer iterations
         rank_zero_info(
             f"IIAD: {self.metric} per layer {[round(v, 4) for v in stats.metric(self.metric)]}; schedule {full} -> "
@@ -134,6 +135,10 @@ class IIAD(Callback):
             kd = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * T**2
             terms = {"ce": ce, "kd": kd}
             loss = ce + self.kd_weight * kd
+            aux = student.model.update.aux_loss()  # an adaptive student's router BCE
+            if aux is not None:
+                terms["router_aux"] = aux
+                loss = loss + aux
             if record:
                 s_rec, t_rec = student.model.update.recording, self.teacher.model.update.recording
                 mse = torch.stack([F.mse_loss(s_rec[l][-1].float(), t_rec[l][-1].float()) for l in s_rec]).mean()

@@ -13,6 +13,9 @@ from torch import Tensor
 from lit_iiet.checkpoint import load_checkpoint
 from lit_iiet.errors import UserInputError
 
+# Parameters that a model trained without an adaptive iteration policy lacks (init_from, IIAD teachers).
+NEW_POLICY_PARAMS = ("model.update.routers.",)
+
 
 def precision_dtype(precision: str) -> torch.dtype:
     """The matmul dtype of a Trainer precision setting ("bf16-mixed" -> bfloat16, "32-true" -> float32)."""
@@ -58,14 +61,17 @@ class ODEModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from:
-            state = load_checkpoint(self.init_from)["state_dict"]
-            self.check_state_dict(state, self.init_from)
-            self.load_state_dict(state)
+            self.load_weights(load_checkpoint(self.init_from)["state_dict"], self.init_from)
 
-    def check_state_dict(self, state: dict[str, Tensor], source: str) -> None:
+    def load_weights(self, state: dict[str, Tensor], source: str) -> None:
+        """Initialise from another model's weights; parameters only an adaptive policy has keep their init."""
+        self.check_state_dict(state, source, allow_missing=NEW_POLICY_PARAMS)
+        self.load_state_dict(state, strict=False)
+
+    def check_state_dict(self, state: dict[str, Tensor], source: str, allow_missing: tuple[str, ...] = ()) -> None:
         """A short error instead of load_state_dict's wall of missing / unexpected keys."""
         own = {k: v.shape for k, v in self.state_dict().items()}
-        missing = sorted(set(own) - set(state))
+        missing = sorted(k for k in set(own) - set(state) if not k.startswith(allow_missing))
         extra = sorted(set(state) - set(own))
         wrong = [k for k in own if k in state and state[k].shape != own[k]]
         if missing or extra or wrong:

@@ -99,6 +99,9 @@ class LanguageModel(ODEModule):
         self.model.checkpointing, self.compile_model = activation_checkpointing, compile
         self.save_configs(arch=arch, ode=ode, optim=self.optim, sampling=self.sampling)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        # Iterations per token (mean over layers) and, for adaptive policies, agreement with full iteration.
+        self.val_evals, self.val_agreement = MeanMetric(), MeanMetric()
+        self._val_evals_hist: list[Tensor] = []
         self.distiller = None  # an IIAD callback, while it distils a teacher into this model
 
     # --- setup ---------------------------------------------------------------------------------------------
@@ -148,17 +151,50 @@ class LanguageModel(ODEModule):
             loss = terms["loss"]
         else:
             loss = self.loss(batch)
+            aux = self.model.update.aux_loss()  # the router's BCE (router policy only)
+            if aux is not None:
+                self.log("train/router_aux", aux, sync_dist=True)
+                loss = loss + aux
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        self.val_loss.update(self.loss(batch), weight=batch.shape[0])
+        logits = self.model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        self.val_loss.update(loss, weight=batch.shape[0])
+        update = self.model.update
+        if update.cfg.scheme != "iiet":
+            return
+        per_token = torch.stack(list(update.counts.values())).float().mean(0)  # (B, T), mean over layers
+        self.val_evals.update(per_token.mean(), weight=per_token.numel())
+        self._val_evals_hist.append(per_token.flatten().cpu())
+        if update.cfg.adaptive:
+            update.force_full = True
+            try:
+                full = self.model(batch[:, :-1])
+            finally:
+                update.force_full = False
+            agree = (logits.argmax(-1) == full.argmax(-1)).float().mean()
+            self.val_agreement.update(agree, weight=per_token.numel())
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
         self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=False)
-        self.log("iiet/evals_per_token", self.model.update.total_evals() / self.model.cfg.n_layers)
+        update = self.model.update
+        if update.cfg.scheme == "iiet" and self.val_evals.update_count:
+            self.log("iiet/evals_per_token", self.val_evals.compute())
+            if update.cfg.adaptive:
+                self.log("iiet/agreement", self.val_agreement.compute())
+            if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+                for logger in self.loggers:
+                    if hasattr(logger.experiment, "add_histogram"):
+                        logger.experiment.add_histogram("iiet/evals_per_token", torch.cat(self._val_evals_hist), self.global_step)
+        else:
+            self.log("iiet/evals_per_token", update.total_evals() / self.model.cfg.n_layers)
+        self.val_evals.reset()
+        self.val_agreement.reset()
+        self._val_evals_hist.clear()
         if self.val_sample_prompt is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             text = self.sample(self.val_sample_prompt)
             for logger in self.loggers:

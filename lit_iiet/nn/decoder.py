@@ -75,17 +75,41 @@ class Block(nn.Module):
         self.branch_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if branch_norm else None
         self.dropout = cfg.dropout
 
-    def branch(self, cos: Tensor, sin: Tensor, caches: list[KVCache] | None, pos: int, checkpoint: bool = False) -> Branch:
-        """G for the tokens at [pos, pos + T); evaluation e reads and writes cache slot caches[e]."""
+    def branch(
+        self, cos: Tensor, sin: Tensor, caches: list[KVCache] | None, pos: int, checkpoint: bool = False,
+        shared_kv: bool = False,
+    ) -> Branch:
+        """G for the tokens at [pos, pos + T); evaluation e reads and writes cache slot caches[e].
 
-        def attn(z: Tensor, e: int) -> Tensor:
-            out = self.attn(self.norm1(z), cos, sin, caches[e] if caches is not None else None, pos)
+        shared_kv: every evaluation attends to the keys and values of evaluation 0 (one cache slot per layer).
+        """
+        first_kv: list[tuple[Tensor, Tensor]] = []  # shared_kv without a cache: evaluation 0's keys and values
+
+        def attn(z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
+            h = self.norm1(z)
+            if shared_kv and e > 0:
+                kv = caches[0].prefix(pos + z.shape[1], rows) if caches is not None else first_kv[0]
+                out = self.attn(h, cos, sin, memory_kv=kv)
+            else:
+                cache = caches[e] if caches is not None else None
+                if shared_kv and cache is None:
+                    _, k, v = self.attn.project(h, cos, sin, queries=False)
+                    first_kv.append((k, v))
+                    out = self.attn(h, cos, sin, memory_kv=(k, v))
+                else:
+                    out = self.attn(h, cos, sin, cache, pos, rows=rows)
             return F.dropout(out, self.dropout, self.training)
 
-        def ffn(z: Tensor, e: int) -> Tensor:
+        def ffn(z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
             return F.dropout(self.ffn(self.norm2(z)), self.dropout, self.training)
 
-        return Branch([attn, ffn], self.branch_norm, checkpoint)
+        def fill(z: Tensor, e: int, rows: Tensor) -> None:
+            """Exact early exit: the slot e of stopped rows gets keys and values of their frozen state z."""
+            _, k, v = self.attn.project(self.norm1(z), cos, sin, queries=False)
+            caches[e](pos, k, v, rows)
+
+        decoding = caches is not None
+        return Branch([attn, ffn], self.branch_norm, checkpoint, fill if decoding else None, decoding)
 
 
 class Decoder(nn.Module):
@@ -136,7 +160,7 @@ class Decoder(nn.Module):
         c, p = self.cfg, self.embed.weight
         max_len = max_len or c.max_seq_len
         return [
-            [KVCache(batch, c.n_kv_heads or c.n_heads, max_len, c.d_model // c.n_heads, p.device, p.dtype) for _ in range(self.update.evals(layer))]
+            [KVCache(batch, c.n_kv_heads or c.n_heads, max_len, c.d_model // c.n_heads, p.device, p.dtype) for _ in range(self.update.slots(layer))]
             for layer in range(c.n_layers)
         ]
 
@@ -149,12 +173,13 @@ class Decoder(nn.Module):
         x = F.dropout(self.embed(idx), self.cfg.dropout, self.training)
         history = self.update.begin(x)
         mode = self.checkpointing if self.training and torch.is_grad_enabled() else "none"
+        shared_kv = self.ode.kv_mode == "shared"
         if mode not in ("none", "layer", "iteration"):
             raise UserInputError(f"activation checkpointing {mode!r}; choose 'none', 'layer' or 'iteration'")
         if mode == "layer" and history is not None:  # recomputing a layer would extend PCformer's history twice
             raise UserInputError("activation checkpointing 'layer' does not support scheme 'pcformer'; use 'iteration'")
         for layer, block in enumerate(self.blocks):
-            G = block.branch(cos, sin, cache[layer] if cache is not None else None, pos, checkpoint=mode == "iteration")
+            G = block.branch(cos, sin, cache[layer] if cache is not None else None, pos, mode == "iteration", shared_kv)
             if mode == "layer":
                 x = torch.utils.checkpoint.checkpoint(self.update, layer, x, G, history, use_reentrant=False)
             else:

@@ -56,13 +56,24 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def forward(self, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, pos: int, k: Tensor, v: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Write k, v (B', H, T, D) at [pos, pos + T) of the batch rows `rows` (all if None); return the prefix."""
         end = pos + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; decoding position {end - 1} does not fit")
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        if rows is None:
+            self.k[:, :, pos:end] = k
+            self.v[:, :, pos:end] = v
+        else:
+            self.k[rows, :, pos:end] = k
+            self.v[rows, :, pos:end] = v
+        return self.prefix(end, rows)
+
+    def prefix(self, end: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions [0, end), of the batch rows `rows` (gathered: a copy) or of all rows."""
+        if rows is None:
+            return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[rows, :, :end], self.v[rows, :, :end]
 
     def reorder(self, index: Tensor, length: int) -> None:
         """Rows <- rows[index] for the first `length` positions (beam search keeps its surviving hypotheses)."""
@@ -102,6 +113,16 @@ class Attention(nn.Module):
         k, v = self.kv(memory).chunk(2, dim=-1)
         return self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
 
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor, queries: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Self-attention q, k, v of x (B, T, C) in heads, RoPE applied; queries=False skips q (cache filling)."""
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if queries:
+            q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+            q = apply_rope(self._heads(q, self.n_heads), cos, sin)
+        else:
+            q, (k, v) = None, F.linear(x, self.qkv.weight[q_size:]).chunk(2, dim=-1)
+        return q, apply_rope(self._heads(k, self.n_kv_heads), cos, sin), self._heads(v, self.n_kv_heads)
+
     def forward(
         self,
         x: Tensor,
@@ -112,21 +133,23 @@ class Attention(nn.Module):
         key_mask: Tensor | None = None,
         causal: bool = True,
         memory_kv: tuple[Tensor, Tensor] | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, C), the T new tokens at positions [pos, pos + T); cos/sin already sliced to those positions.
 
-        key_mask: (B, S) bool, True where a key may be attended (source padding); memory_kv: cross-attention only.
+        key_mask: (B, S) bool, True where a key may be attended (source padding). memory_kv: precomputed keys and
+        values to attend to instead of x's own (cross-attention; causal self-attention over a shared KV slot).
+        rows: the cache's batch rows that x holds, when only some rows are decoded (per-token early exit).
         """
         B, T, _ = x.shape
         if self.cross:
             q, (k, v), causal = self._heads(self.q(x), self.n_heads), memory_kv, False
+        elif memory_kv is not None:
+            q, (k, v) = apply_rope(self._heads(F.linear(x, self.qkv.weight[: self.n_heads * self.head_dim]), self.n_heads), cos, sin), memory_kv
         else:
-            q, k, v = self.qkv(x).split([self.n_heads * self.head_dim] + 2 * [self.n_kv_heads * self.head_dim], dim=-1)
-            q = apply_rope(self._heads(q, self.n_heads), cos, sin)
-            k = apply_rope(self._heads(k, self.n_kv_heads), cos, sin)
-            v = self._heads(v, self.n_kv_heads)
+            q, k, v = self.project(x, cos, sin)
             if cache is not None:
-                k, v = cache(pos, k, v)
+                k, v = cache(pos, k, v, rows)
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
@@ -35,19 +36,26 @@ class Branch:
     `norm`, if given, is applied to G's output (PCformer's "RK norm").
     """
 
-    def __init__(self, sublayers: list[Sublayer], norm: nn.Module | None = None, checkpoint: bool = False) -> None:
+    def __init__(
+        self, sublayers: list[Sublayer], norm: nn.Module | None = None, checkpoint: bool = False,
+        fill: Callable[[Tensor, int, Tensor], None] | None = None, decoding: bool = False,
+    ) -> None:
         self.sublayers, self.norm, self.checkpoint = sublayers, norm, checkpoint
+        # Per-token early exit while decoding one token per row: `fill(z, e, rows)` writes the KV-cache slot e
+        # of rows that stopped iterating, from their frozen state (exact mode), without evaluating G.
+        self.fill, self.decoding = fill, decoding
 
-    def __call__(self, z: Tensor, e: int) -> Tensor:
+    def __call__(self, z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
         if self.checkpoint and torch.is_grad_enabled():
             # Activation checkpointing per F-evaluation: keep z only, recompute the branch in the backward pass.
-            return torch.utils.checkpoint.checkpoint(self._evaluate, z, e, use_reentrant=False)
-        return self._evaluate(z, e)
+            return torch.utils.checkpoint.checkpoint(self._evaluate, z, e, rows, use_reentrant=False)
+        return self._evaluate(z, e, rows)
 
-    def _evaluate(self, z: Tensor, e: int) -> Tensor:
+    def _evaluate(self, z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
+        """rows: the batch rows z holds when G runs on a compacted sub-batch (their KV-cache rows)."""
         out, h = None, z
         for sublayer in self.sublayers:
-            d = sublayer(h, e)
+            d = sublayer(h, e) if rows is None else sublayer(h, e, rows)
             out = d if out is None else out + d
             h = h + d
         return out if self.norm is None else self.norm(out)
@@ -77,6 +85,49 @@ def fixed_point(
         if iterates is not None:
             iterates.append(z)
     return y + slope_sum / iters if output == "mean" else z
+
+
+def adaptive_fixed_point(
+    y: Tensor, G: Branch, iters: int, decide: Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor | None]],
+    fill: bool = True, iterates: list[Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """IIET with per-token early exit: the gated iteration z <- z + g (y + G(z) - z) while a token is active.
+
+    Iteration 1 runs for every token (it is the vanilla layer). Before iteration k + 1, `decide(k, z, z_prev)`
+    returns which tokens continue, (B, T) bool, and their gate g, (B, T, 1) or None for g = 1; a token that
+    stops keeps its state for good. Returns the output and each token's number of iterations (B, T).
+
+    A full-sequence pass computes G for every token and masks the update: every token's state then feeds the
+    keys of the next evaluation, which is exactly what the KV cache's slot for that evaluation must hold. When
+    decoding one token per row over the cache, the active rows are gathered into a dense sub-batch instead
+    (saved evaluations become saved time) and, with `fill`, the stopped rows' cache slots are written from
+    their frozen states (one key/value projection, no attention or FFN), so that later tokens see the same
+    keys as in the full-sequence pass.
+    """
+    B, T, _ = y.shape
+    z, z_prev, gate = y, y, None
+    active = torch.ones(B, T, dtype=torch.bool, device=y.device)
+    counts = torch.zeros(B, T, dtype=torch.long, device=y.device)
+    for k in range(iters):
+        if k > 0:
+            keep, gate = decide(k, z, z_prev)
+            active = active & keep
+        z_prev = z
+        if G.decoding and T == 1 and not bool(active.all()):
+            rows, stopped = active[:, 0].nonzero().squeeze(1), (~active[:, 0]).nonzero().squeeze(1)
+            if fill and G.fill is not None:
+                G.fill(z[stopped], k, stopped)
+            if len(rows):
+                za = z[rows]
+                step = y[rows] + G(za, k, rows) - za
+                z = z.index_copy(0, rows, za + (step if gate is None else gate[rows] * step))
+        else:
+            step = y + G(z, k) - z
+            z = torch.where(active[..., None], z + (step if gate is None else gate * step), z)
+        counts += active
+        if iterates is not None:
+            iterates.append(z)
+    return z, counts
 
 
 def iiet(
@@ -138,6 +189,7 @@ def pcformer_corrector(
 
 FIXED_EVALS = {"euler": 1, "rk2": 2, "rk2_gated": 2, "rk4": 4, "pcformer": 3}
 SCHEMES = ("euler", "iiet", "rk2", "rk2_gated", "rk4", "pcformer")
+POLICIES = ("fixed", "residual", "router")
 
 
 @dataclass
@@ -156,6 +208,20 @@ class ODEConfig:
     """iiet only: iterate the whole layer (attention + FFN together) or each sub-layer in turn."""
     branch_norm: bool = False
     """RMSNorm on every G output (PCformer's RK norm). Breaks iiet r = 1 == euler; off by default."""
+    iiet_policy: str = "fixed"
+    """iiet only: how many iterations each token gets in a layer. fixed: the schedule. residual: a token stops once
+    its relative increment ||z_k - z_(k-1)|| / ||z_(k-1)|| falls below iiet_threshold (no training needed). router:
+    a learned per-layer router; it picks the top router_capacity of the tokens in training, sigmoid > 0.5 at
+    inference, and gates the increment z <- z + g (y + G(z) - z)."""
+    iiet_threshold: float | list[float] = 0.0
+    """residual policy: the relative-increment threshold, one for every layer or one per layer (0: never stop)."""
+    router_capacity: float = 0.5
+    """router policy, training: the fraction of a batch's tokens that run each iteration after the first."""
+    router_aux_weight: float = 0.1
+    """router policy: weight of the BCE loss that teaches sigmoid > 0.5 to make the training-time choice causally."""
+    kv_mode: str = "exact"
+    """iiet KV cache: exact (one slot per iteration; stopped tokens' slots filled from their frozen state) or shared
+    (one slot per layer from the first iteration, reused by the others: smaller and approximate, also in training)."""
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -172,6 +238,31 @@ class ODEConfig:
             raise UserInputError(f"iiet_unit={self.iiet_unit!r}; choose 'layer' or 'sublayer'")
         if not 0.0 < self.iiet_damping <= 1.0:
             raise UserInputError(f"iiet_damping={self.iiet_damping} must lie in (0, 1]")
+        if self.iiet_policy not in POLICIES:
+            raise UserInputError(f"iiet_policy={self.iiet_policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.kv_mode not in ("exact", "shared"):
+            raise UserInputError(f"kv_mode={self.kv_mode!r}; choose 'exact' or 'shared'")
+        if self.adaptive or self.kv_mode == "shared":
+            what = f"iiet_policy={self.iiet_policy!r}" if self.adaptive else "kv_mode='shared'"
+            if self.scheme != "iiet" or self.iiet_unit != "layer" or self.iiet_output != "last" or self.iiet_damping != 1.0:
+                raise UserInputError(f"{what} needs scheme 'iiet' with iiet_unit 'layer', iiet_output 'last' and iiet_damping 1.0")
+        thresholds = [self.iiet_threshold] if isinstance(self.iiet_threshold, (int, float)) else list(self.iiet_threshold)
+        if not thresholds or any(not isinstance(t, (int, float)) or t < 0 for t in thresholds):
+            raise UserInputError(f"iiet_threshold={self.iiet_threshold!r}: thresholds must be numbers >= 0")
+        if not 0.0 < self.router_capacity <= 1.0:
+            raise UserInputError(f"router_capacity={self.router_capacity} must lie in (0, 1]")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.iiet_policy != "fixed"
+
+    def thresholds(self, n_layers: int) -> list[float]:
+        """The residual policy's per-layer thresholds."""
+        if isinstance(self.iiet_threshold, (int, float)):
+            return [float(self.iiet_threshold)] * n_layers
+        if len(self.iiet_threshold) != n_layers:
+            raise UserInputError(f"iiet_threshold {list(self.iiet_threshold)} has {len(self.iiet_threshold)} entries; the stack has {n_layers} layers")
+        return [float(t) for t in self.iiet_threshold]
 
     def schedule(self, n_layers: int) -> list[int]:
         """The per-layer iteration budget [r_1, ..., r_L]."""
@@ -191,6 +282,19 @@ class LayerUpdate(nn.Module):
         self.schedule = cfg.schedule(n_layers)
         # Set to {} to record, per layer, its input and states: [y, z_1, ..., z_r] for iiet, [y, y_next] otherwise.
         self.recording: dict[int, list[Tensor]] | None = None
+        # iiet: each token's iteration count per layer, (B, T), of the last forward pass (metrics, replay).
+        self.counts: dict[int, Tensor] = {}
+        # Set to {layer: counts (B, T)} to replay recorded per-token decisions instead of taking them.
+        self.replay: dict[int, Tensor] | None = None
+        self.aux_losses: list[Tensor] = []  # router BCE terms of the last training forward pass
+        self.force_full = False  # True: every token runs every iteration with g = 1 (the full-iteration reference)
+        if cfg.iiet_policy == "residual":
+            self.thresholds = cfg.thresholds(n_layers)
+        if cfg.iiet_policy == "router":
+            self.routers = nn.ModuleList(nn.Linear(dim, 1) for _ in range(n_layers))
+            for router in self.routers:  # start by letting every token continue with g close to 1 (plain IIET)
+                nn.init.zeros_(router.weight)
+                nn.init.constant_(router.bias, 3.0)
         if cfg.scheme == "rk2_gated":
             self.gates = nn.ModuleList(nn.Linear(2 * dim, 1) for _ in range(n_layers))
             for gate in self.gates:  # start at g = 0.5, i.e. plain RK2
@@ -207,8 +311,47 @@ class LayerUpdate(nn.Module):
             self.norm_h = nn.ModuleList(RMSNorm(dim) for _ in range(n_layers))
 
     def evals(self, layer: int) -> int:
-        """F-evaluations (and KV-cache slots) of one layer."""
+        """F-evaluations of one layer (its most, under an adaptive policy)."""
         return self.schedule[layer] if self.cfg.scheme == "iiet" else FIXED_EVALS[self.cfg.scheme]
+
+    def slots(self, layer: int) -> int:
+        """KV-cache slots of one layer: one per evaluation, or one in the shared mode."""
+        return 1 if self.cfg.kv_mode == "shared" else self.evals(layer)
+
+    def decider(self, layer: int):
+        """The per-token continue/stop decision of a layer's adaptive policy: decide(k, z, z_prev)."""
+        policy = self.cfg.iiet_policy
+
+        def decide(k: int, z: Tensor, z_prev: Tensor) -> tuple[Tensor, Tensor | None]:
+            if self.replay is not None:
+                return self.replay[layer] > k, None if policy != "router" else torch.sigmoid(self.routers[layer](z))
+            if policy == "fixed":
+                return torch.ones(z.shape[:2], dtype=torch.bool, device=z.device), None
+            if policy == "residual":
+                increment = (z - z_prev).float().norm(dim=-1) / z_prev.float().norm(dim=-1).clamp_min(1e-12)
+                return increment >= self.thresholds[layer], None
+            logit = self.routers[layer](z).float()
+            gate = torch.sigmoid(logit).to(z.dtype)
+            if not self.training:
+                return logit[..., 0] > 0, gate
+            # Expert choice: the top router_capacity of the batch's tokens run this iteration (static shapes,
+            # not causal); the BCE term teaches the causal rule sigmoid > 0.5 to pick the same tokens.
+            n = max(1, round(self.cfg.router_capacity * logit.numel()))
+            chosen = torch.zeros(logit.numel(), dtype=torch.bool, device=z.device)
+            chosen[logit.flatten().topk(n).indices] = True
+            chosen = chosen.view(z.shape[:2])
+            self.aux_losses.append(F.binary_cross_entropy_with_logits(logit[..., 0], chosen.float()))
+            return chosen, gate
+
+        return decide
+
+    def aux_loss(self) -> Tensor | None:
+        """Router BCE of the last training forward, weighted; it touches every router so DDP never finds one unused."""
+        if self.cfg.iiet_policy != "router" or not self.training:
+            return None
+        unused_guard = sum(p.sum() for p in self.routers.parameters()) * 0.0
+        terms = self.aux_losses
+        return unused_guard + (self.cfg.router_aux_weight * torch.stack(terms).mean() if terms else 0.0)
 
     def total_evals(self) -> int:
         return sum(self.evals(layer) for layer in range(len(self.schedule)))
@@ -223,11 +366,17 @@ class LayerUpdate(nn.Module):
 
     def forward(self, layer: int, y: Tensor, G: Branch, history: list[Tensor] | None = None) -> Tensor:
         s, states = self.cfg.scheme, [y] if self.recording is not None else None
+        if layer == 0:
+            self.aux_losses = []
         if s == "euler":
             out = euler(y, G)
+        elif s == "iiet" and not self.force_full and (self.cfg.adaptive or self.replay is not None or self.cfg.kv_mode == "shared"):
+            fill = self.cfg.kv_mode == "exact"
+            out, self.counts[layer] = adaptive_fixed_point(y, G, self.schedule[layer], self.decider(layer), fill, states)
         elif s == "iiet":
             c = self.cfg
             out = iiet(y, G, self.schedule[layer], c.iiet_damping, c.iiet_output, c.iiet_unit, states)
+            self.counts[layer] = torch.full(y.shape[:2], self.schedule[layer], dtype=torch.long, device=y.device)
         elif s == "rk2":
             out = rk2(y, G)
         elif s == "rk2_gated":
