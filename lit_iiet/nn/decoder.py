@@ -186,5 +186,7 @@ class Decoder(nn.Module):
                 x = self.update(layer, x, G, history)
         return self.norm(x)
 
-    def forward(self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0) -> Tensor:
-        return self.lm_head(self.hidden(idx, cache, pos))
+    def forward(self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0, last_only: bool = False) -> Tensor:
+        """Logits (B, T, V), or (B, 1, V) of the last position with last_only (generation's prefill)."""
+        h = self.hidden(idx, cache, pos)
+        return self.lm_head(h[:, -1:] if last_only else h)

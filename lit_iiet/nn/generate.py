@@ -44,7 +44,7 @@ def generate(
 ) -> Tensor:
     """Continue prompt (B, T) by up to max_new_tokens tokens; rows that emit eos_id are padded with it.
 
-    `model(idx, cache, pos)` returns logits and `model.init_cache(batch, max_len)` an empty cache. Without the
+    `model(idx, cache, pos, last_only)` returns logits and `model.init_cache(batch, max_len)` an empty cache. Without the
     cache every step reruns the whole sequence: slow, but the reference the cached path must equal.
     """
     B, T = prompt.shape
@@ -55,7 +55,7 @@ def generate(
     pos = 0
     for _ in range(max_new_tokens):
         if use_cache:
-            logits = model(tokens[:, pos:], cache, pos)[:, -1]
+            logits = model(tokens[:, pos:], cache, pos, last_only=True)[:, -1]
             pos = tokens.shape[1]
         else:
             logits = model(tokens)[:, -1]

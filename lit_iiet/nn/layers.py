@@ -154,7 +154,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if key_mask is None and (not causal or k.shape[2] == T):  # no past, no padding: SDPA's own masks
+        # No padding and no past (or one new query, which may see every key): SDPA's own masks, or none.
+        if key_mask is None and (not causal or T == 1 or k.shape[2] == T):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, dropout_p=dropout)
         else:
             mask = key_mask[:, None, None, :] if key_mask is not None else None

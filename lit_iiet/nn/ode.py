@@ -88,13 +88,13 @@ def fixed_point(
 
 
 def adaptive_fixed_point(
-    y: Tensor, G: Branch, iters: int, decide: Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor | None]],
+    y: Tensor, G: Branch, iters: int, decide: Callable[[int, Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]],
     fill: bool = True, iterates: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """IIET with per-token early exit: the gated iteration z <- z + g (y + G(z) - z) while a token is active.
 
-    Iteration 1 runs for every token (it is the vanilla layer). Before iteration k + 1, `decide(k, z, z_prev)`
-    returns which tokens continue, (B, T) bool, and their gate g, (B, T, 1) or None for g = 1; a token that
+    Iteration 1 runs for every token (it is the vanilla layer). Before iteration k + 1, `decide(k, z, z_prev,
+    active)` returns which tokens continue, (B, T) bool, and their gate g, (B, T, 1) or None for g = 1; a token that
     stops keeps its state for good. Returns the output and each token's number of iterations (B, T).
 
     A full-sequence pass computes G for every token and masks the update: every token's state then feeds the
@@ -110,7 +110,7 @@ def adaptive_fixed_point(
     counts = torch.zeros(B, T, dtype=torch.long, device=y.device)
     for k in range(iters):
         if k > 0:
-            keep, gate = decide(k, z, z_prev)
+            keep, gate = decide(k, z, z_prev, active)
             active = active & keep
         z_prev = z
         if G.decoding and T == 1 and not bool(active.all()):
@@ -211,8 +211,9 @@ class ODEConfig:
     iiet_policy: str = "fixed"
     """iiet only: how many iterations each token gets in a layer. fixed: the schedule. residual: a token stops once
     its relative increment ||z_k - z_(k-1)|| / ||z_(k-1)|| falls below iiet_threshold (no training needed). router:
-    a learned per-layer router; it picks the top router_capacity of the tokens in training, sigmoid > 0.5 at
-    inference, and gates the increment z <- z + g (y + G(z) - z)."""
+    a learned per-layer router; it picks the top router_capacity of the tokens in training and sigmoid > 0.5 at
+    inference. Increments are gated, z <- z + g (y + G(z) - z): g = 1 continues (for the router a straight-through
+    gate whose gradient is the sigmoid's), g = 0 stops."""
     iiet_threshold: float | list[float] = 0.0
     """residual policy: the relative-increment threshold, one for every layer or one per layer (0: never stop)."""
     router_capacity: float = 0.5
@@ -292,9 +293,9 @@ class LayerUpdate(nn.Module):
             self.thresholds = cfg.thresholds(n_layers)
         if cfg.iiet_policy == "router":
             self.routers = nn.ModuleList(nn.Linear(dim, 1) for _ in range(n_layers))
-            for router in self.routers:  # start by letting every token continue with g close to 1 (plain IIET)
+            for router in self.routers:  # start undecided (sigmoid = 0.5); the BCE term calibrates the threshold
                 nn.init.zeros_(router.weight)
-                nn.init.constant_(router.bias, 3.0)
+                nn.init.zeros_(router.bias)
         if cfg.scheme == "rk2_gated":
             self.gates = nn.ModuleList(nn.Linear(2 * dim, 1) for _ in range(n_layers))
             for gate in self.gates:  # start at g = 0.5, i.e. plain RK2
@@ -319,26 +320,29 @@ class LayerUpdate(nn.Module):
         return 1 if self.cfg.kv_mode == "shared" else self.evals(layer)
 
     def decider(self, layer: int):
-        """The per-token continue/stop decision of a layer's adaptive policy: decide(k, z, z_prev)."""
+        """The per-token continue/stop decision of a layer's adaptive policy: decide(k, z, z_prev, active)."""
         policy = self.cfg.iiet_policy
 
-        def decide(k: int, z: Tensor, z_prev: Tensor) -> tuple[Tensor, Tensor | None]:
+        def decide(k: int, z: Tensor, z_prev: Tensor, active: Tensor) -> tuple[Tensor, Tensor | None]:
             if self.replay is not None:
-                return self.replay[layer] > k, None if policy != "router" else torch.sigmoid(self.routers[layer](z))
+                return self.replay[layer] > k, None
             if policy == "fixed":
                 return torch.ones(z.shape[:2], dtype=torch.bool, device=z.device), None
             if policy == "residual":
                 increment = (z - z_prev).float().norm(dim=-1) / z_prev.float().norm(dim=-1).clamp_min(1e-12)
                 return increment >= self.thresholds[layer], None
             logit = self.routers[layer](z).float()
-            gate = torch.sigmoid(logit).to(z.dtype)
+            # Straight-through gate: exactly 1 for a token that continues (it runs the plain IIET iteration),
+            # with the sigmoid's gradient, so the loss tells the router which tokens gain from iterating.
+            prob = torch.sigmoid(logit)
+            gate = (prob / prob.detach()).to(z.dtype)
             if not self.training:
                 return logit[..., 0] > 0, gate
-            # Expert choice: the top router_capacity of the batch's tokens run this iteration (static shapes,
-            # not causal); the BCE term teaches the causal rule sigmoid > 0.5 to pick the same tokens.
-            n = max(1, round(self.cfg.router_capacity * logit.numel()))
+            # Expert choice: the top router_capacity of the batch's tokens, among those still active, run this
+            # iteration (not causal); the BCE term teaches the causal rule sigmoid > 0.5 to pick the same tokens.
+            n = min(max(1, round(self.cfg.router_capacity * logit.numel())), int(active.sum()))
             chosen = torch.zeros(logit.numel(), dtype=torch.bool, device=z.device)
-            chosen[logit.flatten().topk(n).indices] = True
+            chosen[logit.flatten().masked_fill(~active.flatten(), float("-inf")).topk(n).indices] = True
             chosen = chosen.view(z.shape[:2])
             self.aux_losses.append(F.binary_cross_entropy_with_logits(logit[..., 0], chosen.float()))
             return chosen, gate

@@ -159,7 +159,10 @@ class Seq2Seq(nn.Module):
         """Cross-attention keys and values of every decoder layer, computed once per source."""
         return [block.cross_attn.memory_kv(memory) for block in self.decoder]
 
-    def decode(self, tgt: Tensor, memory_kv, src_mask: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0) -> Tensor:
+    def decode(
+        self, tgt: Tensor, memory_kv, src_mask: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0,
+        last_only: bool = False,
+    ) -> Tensor:
         """Target ids (B, T) at positions [pos, pos + T) -> logits (B, T, V)."""
         T = tgt.shape[1]
         if pos + T > self.cfg.max_tgt_len:
@@ -170,7 +173,7 @@ class Seq2Seq(nn.Module):
         for layer, block in enumerate(self.decoder):
             G = block.branch(cos, sin, memory_kv[layer], src_mask, cache[layer] if cache is not None else None, pos)
             x = self.dec_update(layer, x, G, history)
-        return self.out(self.dec_norm(x))
+        return self.out(self.dec_norm(x[:, -1:] if last_only else x))
 
     def forward(self, src: Tensor, src_mask: Tensor, tgt: Tensor) -> Tensor:
         """Teacher-forced logits for the target inputs tgt (B, T)."""
@@ -211,8 +214,8 @@ class BoundDecoder:
     def __init__(self, model: Seq2Seq, memory_kv, src_mask: Tensor) -> None:
         self.model, self.memory_kv, self.src_mask = model, memory_kv, src_mask
 
-    def __call__(self, idx: Tensor, cache=None, pos: int = 0) -> Tensor:
-        return self.model.decode(idx, self.memory_kv, self.src_mask, cache, pos)
+    def __call__(self, idx: Tensor, cache=None, pos: int = 0, last_only: bool = False) -> Tensor:
+        return self.model.decode(idx, self.memory_kv, self.src_mask, cache, pos, last_only)
 
     def init_cache(self, batch: int, max_len: int) -> list[list[KVCache]]:
         return self.model.init_cache(batch, max_len)

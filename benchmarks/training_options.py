@@ -1,0 +1,124 @@
+"""Activation checkpointing and torch.compile on an IIET training step: time and peak memory, in one run.
+
+    python -m benchmarks.training_options                      # iiet r=3, the shakespeare_*.yaml shape, CPU fp32
+    python -m benchmarks.training_options --device cuda --dtype bf16 --d_model 1024 --n_layers 24 --seq_len 2048
+
+Variants (the `LanguageModel` options `activation_checkpointing` and `compile`): none, checkpointing per layer,
+checkpointing per iteration (per F-evaluation), and torch.compile. Every variant trains on the same batch; rounds
+alternate the variants and the table gives the median step time (forward, backward, AdamW) as a ratio to
+"none". Peak memory is one forward + backward, measured as in `benchmarks/memory.py` (profiler memory events on
+CPU, `max_memory_allocated` on CUDA), above the memory already live. Compilation time is reported separately and
+excluded from the step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.memory import check_cpu_method, cpu_peak, cuda_peak
+from lit_iiet.nn.decoder import Decoder, DecoderConfig
+from lit_iiet.nn.ode import ODEConfig
+
+VARIANTS = ("none", "layer", "iteration", "compile")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=3, help="iiet iterations per layer")
+    parser.add_argument("--n_layers", type=int, default=4)
+    parser.add_argument("--d_model", type=int, default=128)
+    parser.add_argument("--n_heads", type=int, default=4)
+    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps timed per variant and round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    args = parser.parse_args()
+    if args.dtype == "bf16" and not args.device.startswith("cuda"):
+        parser.error("--dtype bf16 is for CUDA: bf16 matmuls on these CPUs are about 200x slower than fp32")
+    device = torch.device(args.device)
+    if device.type == "cpu" and (problem := check_cpu_method()):
+        print(problem, file=sys.stderr)
+        return 1
+
+    cfg = DecoderConfig(args.vocab_size, args.n_layers, args.d_model, args.n_heads, max_seq_len=args.seq_len)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=g).to(device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16")
+
+    models, optimizers, compile_s = {}, {}, None
+    for variant in VARIANTS:
+        torch.manual_seed(0)
+        model = Decoder(cfg, ODEConfig("iiet", args.iters)).to(device).train()
+        model.checkpointing = variant if variant in ("layer", "iteration") else "none"
+        if variant == "compile":
+            model.compile()
+        models[variant], optimizers[variant] = model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def loss_of(model) -> torch.Tensor:
+        with autocast:
+            logits = model(batch[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+    def step(variant: str) -> None:
+        optimizers[variant].zero_grad(set_to_none=True)
+        loss_of(models[variant]).backward()
+        optimizers[variant].step()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for variant in VARIANTS:  # warm-up; for "compile" this is the compilation
+        start = time.perf_counter()
+        step(variant)
+        sync()
+        if variant == "compile":
+            compile_s = time.perf_counter() - start
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(variant)
+            sync()
+            times[variant].append((time.perf_counter() - start) / args.steps)
+
+    peaks = {}
+    for variant in VARIANTS:
+        optimizers[variant].zero_grad(set_to_none=False)  # gradients already allocated: the peak is activations
+
+        def forward_backward(variant=variant) -> None:
+            loss_of(models[variant]).backward()
+
+        peaks[variant] = cuda_peak(forward_backward, device) if device.type == "cuda" else cpu_peak(forward_backward)
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"Training options, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; iiet r={args.iters}, "
+          f"{args.n_layers} x {args.d_model}, batch {args.batch_size} x {args.seq_len}; median of {args.rounds} alternating "
+          f"rounds of {args.steps} steps. torch.compile took {compile_s:.1f} s (first step, excluded).")
+    print(f"Command: python -m benchmarks.training_options {' '.join(sys.argv[1:])}\n")
+    print("| variant | step time vs none | peak memory of fwd + bwd (MiB) | vs none |")
+    print("|---|---|---|---|")
+    base_t, base_m = statistics.median(times["none"]), peaks["none"]
+    for variant in VARIANTS:
+        t = statistics.median(times[variant])
+        print(f"| {variant} | {t / base_t:.2f} | {peaks[variant] / 2**20:.1f} | {peaks[variant] / base_m:.2f} |")
+    if device.type == "cuda":
+        print(f"\nabsolute step time of 'none': {base_t * 1e3:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
