@@ -218,7 +218,7 @@ class ODEConfig:
     """residual policy: the relative-increment threshold, one for every layer or one per layer (0: never stop)."""
     router_capacity: float = 0.5
     """router policy, training: the fraction of a batch's tokens that run each iteration after the first."""
-    router_aux_weight: float = 0.1
+    router_aux_weight: float = 1.0
     """router policy: weight of the BCE loss that teaches sigmoid > 0.5 to make the training-time choice causally."""
     kv_mode: str = "exact"
     """iiet KV cache: exact (one slot per iteration; stopped tokens' slots filled from their frozen state) or shared
