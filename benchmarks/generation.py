@@ -26,8 +26,6 @@ to euler at beam 1. Absolute tokens/s and sentences/s are printed only on CUDA (
 from __future__ import annotations
 
 import argparse
-import contextlib
-import platform
 import shlex
 import statistics
 import sys
@@ -36,20 +34,18 @@ from datetime import date
 
 import torch
 
+from benchmarks.common import (
+    SCHEMES,
+    add_device_args,
+    device_and_autocast,
+    machine,
+    sync,
+)
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.generate import beam_search, generate
 from lit_iiet.nn.ode import ODEConfig
 from lit_iiet.nn.seq2seq import Seq2Seq, Seq2SeqConfig
 
-SCHEMES = {
-    "euler": ODEConfig("euler"),
-    "iiet r=2": ODEConfig("iiet", 2),
-    "iiet r=3": ODEConfig("iiet", 3),
-    "iiet r=4": ODEConfig("iiet", 4),
-    "rk2": ODEConfig("rk2"),
-    "rk4": ODEConfig("rk4"),
-    "pcformer": ODEConfig("pcformer", branch_norm=True),
-}
 PAD, BOS, EOS = 0, 1, 2
 
 
@@ -72,27 +68,21 @@ def main() -> int:
     parser.add_argument("--src_len", type=int, default=32, help="part beam")
     parser.add_argument("--tgt_len", type=int, default=32, help="part beam: tokens decoded per sentence")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (CUDA only)")
+    add_device_args(parser)
     args = parser.parse_args()
 
-    device = torch.device(args.device)
-    if args.dtype == "bf16" and device.type != "cuda":
-        parser.error("--dtype bf16 is only measured on CUDA (bf16 autocast on CPU says nothing about GPU speed); use fp32")
+    device, autocast = device_and_autocast(parser, args)
     cuda = device.type == "cuda"
-    autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
     gen = torch.Generator().manual_seed(0)
 
     def timed(fn):
-        if cuda:
-            torch.cuda.synchronize(device)
+        sync(device)
         start = time.perf_counter()
         out = fn()
-        if cuda:
-            torch.cuda.synchronize(device)
+        sync(device)
         return time.perf_counter() - start, out
 
-    where = torch.cuda.get_device_name(device) if cuda else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    where = machine(device)
     print(f"Generation speed, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; random weights; median of "
           f"{args.rounds} alternating rounds. Command: `python -m benchmarks.generation {shlex.join(sys.argv[1:])}`")
     failed = False

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import gc
 import os
-import platform
 import shlex
 import sys
 from datetime import date
@@ -40,20 +39,10 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import SCHEMES, add_device_args, device_and_autocast, machine
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.generate import generate
-from lit_iiet.nn.ode import ODEConfig
 
-SCHEMES = {
-    "euler": ODEConfig("euler"),
-    "iiet r=2": ODEConfig("iiet", 2),
-    "iiet r=3": ODEConfig("iiet", 3),
-    "iiet r=4": ODEConfig("iiet", 4),
-    "rk2": ODEConfig("rk2"),
-    "rk2_gated": ODEConfig("rk2_gated"),
-    "rk4": ODEConfig("rk4"),
-    "pcformer": ODEConfig("pcformer", branch_norm=True),
-}
 DEFAULT_SCHEMES = ["euler", "iiet r=2", "iiet r=3", "iiet r=4", "rk2", "rk4", "pcformer"]
 MiB = 2**20
 
@@ -132,15 +121,11 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES, choices=list(SCHEMES))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (CUDA only)")
+    add_device_args(parser)
     args = parser.parse_args()
 
-    device = torch.device(args.device)
-    if args.dtype == "bf16" and device.type != "cuda":
-        parser.error("--dtype bf16 is only measured on CUDA (bf16 autocast on CPU says nothing about GPU memory); use fp32")
+    device, autocast = device_and_autocast(parser, args)
     cuda = device.type == "cuda"
-    autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
     if cuda:
         method = "torch.cuda.max_memory_allocated - memory_allocated at the start, after reset_peak_memory_stats"
 
@@ -191,7 +176,7 @@ def main() -> int:
         rows[name] = (model.update.total_evals() / cfg.n_layers, train, dec, cache_bytes, state_bytes)
         del model
 
-    where = torch.cuda.get_device_name(device) if cuda else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    where = machine(device)
     base = rows.get("euler")
     print(f"Peak memory per scheme, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; {args.n_layers} layers x "
           f"{args.d_model}, {args.n_heads} heads, vocab {args.vocab_size}; training step on batch {args.batch_size} x "

@@ -14,8 +14,6 @@ time against a vanilla model with as many layers as the scheme has evaluations (
 from __future__ import annotations
 
 import argparse
-import contextlib
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -24,19 +22,14 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import (
+    SCHEMES,
+    add_device_args,
+    device_and_autocast,
+    machine,
+    sync,
+)
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
-from lit_iiet.nn.ode import ODEConfig
-
-SCHEMES = {
-    "euler": ODEConfig("euler"),
-    "iiet r=2": ODEConfig("iiet", 2),
-    "iiet r=3": ODEConfig("iiet", 3),
-    "iiet r=4": ODEConfig("iiet", 4),
-    "rk2": ODEConfig("rk2"),
-    "rk2_gated": ODEConfig("rk2_gated"),
-    "rk4": ODEConfig("rk4"),
-    "pcformer": ODEConfig("pcformer", branch_norm=True),
-}
 
 
 def main() -> None:
@@ -49,15 +42,13 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps timed per scheme and round")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (GPU only)")
+    add_device_args(parser)
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     args = parser.parse_args()
 
-    device = torch.device(args.device)
+    device, autocast = device_and_autocast(parser, args)
     cfg = DecoderConfig(args.vocab_size, args.n_layers, args.d_model, args.n_heads, max_seq_len=args.seq_len)
     batch = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
-    autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
 
     runs = {}
     for name in args.schemes:
@@ -84,24 +75,20 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     for model, optimizer in runs.values():  # warm up allocator, kernels and autotuning
         step(model, optimizer)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, (model, optimizer) in runs.items():
-            sync()
+            sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
                 step(model, optimizer)
-            sync()
+            sync(device)
             times[name].append((time.perf_counter() - start) / args.steps)
 
     base = statistics.median(times["euler"]) if "euler" in times else None
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    where = machine(device)
     print(f"Training step time per scheme, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; "
           f"{args.n_layers} layers x {args.d_model}, batch {args.batch_size} x {args.seq_len} tokens; "
           f"median of {args.rounds} alternating rounds of {args.steps} steps.\n")

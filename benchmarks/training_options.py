@@ -14,7 +14,6 @@ excluded from the step time.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import add_device_args, device_and_autocast, machine, sync
 from benchmarks.memory import check_cpu_method, cpu_peak, cuda_peak
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.ode import ODEConfig
@@ -41,12 +41,9 @@ def main() -> int:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps timed per variant and round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    add_device_args(parser)
     args = parser.parse_args()
-    if args.dtype == "bf16" and not args.device.startswith("cuda"):
-        parser.error("--dtype bf16 is for CUDA: bf16 matmuls on these CPUs are about 200x slower than fp32")
-    device = torch.device(args.device)
+    device, autocast = device_and_autocast(parser, args)
     if device.type == "cpu" and (problem := check_cpu_method()):
         print(problem, file=sys.stderr)
         return 1
@@ -54,7 +51,6 @@ def main() -> int:
     cfg = DecoderConfig(args.vocab_size, args.n_layers, args.d_model, args.n_heads, max_seq_len=args.seq_len)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=g).to(device)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16")
 
     models, optimizers, compile_s = {}, {}, None
     for variant in VARIANTS:
@@ -75,24 +71,20 @@ def main() -> int:
         loss_of(models[variant]).backward()
         optimizers[variant].step()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     for variant in VARIANTS:  # warm-up; for "compile" this is the compilation
         start = time.perf_counter()
         step(variant)
-        sync()
+        sync(device)
         if variant == "compile":
             compile_s = time.perf_counter() - start
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for _ in range(args.rounds):
         for variant in VARIANTS:
-            sync()
+            sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
                 step(variant)
-            sync()
+            sync(device)
             times[variant].append((time.perf_counter() - start) / args.steps)
 
     peaks = {}
@@ -104,7 +96,7 @@ def main() -> int:
 
         peaks[variant] = cuda_peak(forward_backward, device) if device.type == "cuda" else cpu_peak(forward_backward)
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    where = machine(device)
     print(f"Training options, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; iiet r={args.iters}, "
           f"{args.n_layers} x {args.d_model}, batch {args.batch_size} x {args.seq_len}; median of {args.rounds} alternating "
           f"rounds of {args.steps} steps. torch.compile took {compile_s:.1f} s (first step, excluded).")

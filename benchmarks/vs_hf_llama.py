@@ -41,8 +41,6 @@ Absolute tokens/s are printed only on CUDA (DESIGN.md section 6).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import platform
 import shlex
 import statistics
 import sys
@@ -53,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter
 
+from benchmarks.common import add_device_args, device_and_autocast, machine, sync
 from lit_iiet.hf_llama import llama_config_from_decoder, to_llama_state
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.generate import generate
@@ -113,17 +112,13 @@ def main() -> int:
     parser.add_argument("--decode_batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--gemm_n", type=int, default=None, help="size of the square peak matmul (default 2048 CPU, 8192 CUDA)")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (CUDA only)")
+    add_device_args(parser)
     args = parser.parse_args()
 
     import transformers
 
-    device = torch.device(args.device)
-    if args.dtype == "bf16" and device.type != "cuda":
-        parser.error("--dtype bf16 is only measured on CUDA (bf16 autocast on CPU says nothing about GPU speed); use fp32")
+    device, autocast = device_and_autocast(parser, args)
     cuda = device.type == "cuda"
-    autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
     max_len = max(args.seq_len, args.prompt + args.new_tokens)
     cfg = DecoderConfig(args.vocab_size, args.n_layers, args.d_model, args.n_heads, max_seq_len=max_len)
 
@@ -135,10 +130,6 @@ def main() -> int:
     ours, hf = ours.to(device).eval(), hf.to(device).eval()
     hf.generation_config.eos_token_id = None  # exactly new_tokens tokens per row, as ours
     hf.generation_config.pad_token_id = 0
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
 
     # --- the two compute the same function -------------------------------------------------------------------
     gen = torch.Generator().manual_seed(0)
@@ -172,10 +163,10 @@ def main() -> int:
             return 1
 
     def timed(fn, *fn_args) -> float:
-        sync()
+        sync(device)
         start = time.perf_counter()
         fn(*fn_args)
-        sync()
+        sync(device)
         return time.perf_counter() - start
 
     decode_times = {(name, b): [] for b in prompts for name in ("ours", "hf")}
@@ -233,10 +224,7 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in {**decode_times, **train_times}.items()}
     peak = 2 * gemm_n**3 / med["gemm"]
     tokens = args.batch_size * args.seq_len
-    if cuda:
-        where = torch.cuda.get_device_name(device)
-    else:
-        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    where = machine(device)
     print(f"Ours (euler Transformer++) vs Hugging Face LlamaForCausalLM (transformers {transformers.__version__}, sdpa), same weights "
           f"(max |logit diff| {logit_diff:.1g} in fp32), {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; "
           f"{args.n_layers} layers x {args.d_model}, {args.n_heads} heads, vocab {args.vocab_size}; "

@@ -7,7 +7,6 @@ Trainer or a callback; `--help` and `--print_config` show them all.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_iiet.callbacks import TextPredictionWriter
 from lit_iiet.checkpoint import SPECIAL_CKPT_PATHS, load_checkpoint
-from lit_iiet.errors import UserInputError
+from lit_iiet.errors import exit_on_user_error
 
 
 def checkpoint_dir(default_root_dir: str | None) -> str:
@@ -60,7 +59,7 @@ def main(args: list[str] | None = None) -> None:
     # LMDataModule's sampler resumes mid-epoch from Lightning's own counters; this warning does not apply.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ GPUs; no effect on CPU
-    try:
+    with exit_on_user_error():
         IIETCLI(
             LightningModule,
             LightningDataModule,
@@ -70,20 +69,3 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except Exception as e:
-        cause = user_error_in(e)
-        if cause is None:
-            raise
-        print(f"lit_iiet: error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def user_error_in(error: BaseException | None) -> UserInputError | None:
-    """The UserInputError behind an exception: jsonargparse and Lightning wrap errors raised in __init__ or hooks."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, UserInputError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None

@@ -1,9 +1,37 @@
-"""The one exception type for bad user input (config values, data files, checkpoints).
+"""The one exception type for bad user input (config values, data files, checkpoints), and how commands report it.
 
-The CLI turns it into a one-line message instead of a traceback. It lives outside `nn/` so that the pure
+Every command (`python -m lit_iiet`, `lit_iiet.hf_llama`, `lit_iiet.eval_harness`) turns it into a one-line
+message and exit code 2 instead of a traceback. It lives outside `nn/` so that the pure
 PyTorch code can raise it without importing Lightning.
 """
+
+import sys
+from contextlib import contextmanager
 
 
 class UserInputError(ValueError):
     """A value given by the user is not allowed; the message names the value and what is allowed."""
+
+
+def user_error_in(error: BaseException | None) -> UserInputError | None:
+    """The UserInputError behind an exception: jsonargparse and Lightning wrap errors raised in __init__ or hooks."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserInputError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def exit_on_user_error():
+    """Bad input anywhere inside ends the program with one line `lit_iiet: error: ...` and exit code 2."""
+    try:
+        yield
+    except Exception as e:
+        cause = user_error_in(e)
+        if cause is None:
+            raise
+        print(f"lit_iiet: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None

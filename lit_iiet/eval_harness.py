@@ -34,7 +34,6 @@ import difflib
 import inspect
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from lit_iiet.checkpoint import load_checkpoint
-from lit_iiet.cli import user_error_in
 from lit_iiet.data.tokenizer import Tokenizer
-from lit_iiet.errors import UserInputError
+from lit_iiet.errors import UserInputError, exit_on_user_error
 from lit_iiet.models.lm import LanguageModel
 from lit_iiet.nn.decoder import Decoder
 from lit_iiet.nn.generate import generate
@@ -432,14 +430,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m lit_iiet.eval_harness`; bad input ends with one line and exit code 2."""
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():
         evaluate(args)
-    except Exception as e:
-        cause = user_error_in(e)
-        if cause is None:
-            raise
-        print(f"lit_iiet: error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

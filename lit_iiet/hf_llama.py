@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lit_iiet.errors import UserInputError
+from lit_iiet.errors import UserInputError, exit_on_user_error
 from lit_iiet.nn.decoder import DecoderConfig
 from lit_iiet.nn.ode import ODEConfig
 
@@ -232,16 +231,13 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("ckpt", help="a LanguageModel checkpoint (.ckpt)")
     exp.add_argument("out_dir", help="new (or empty) directory for config.json and model.safetensors")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error():
         if args.command == "import":
             iters = args.iters[0] if len(args.iters) == 1 else args.iters
             ckpt = import_llama(args.src, args.out_dir, ODEConfig(args.scheme, iters), args.max_seq_len)
             print(f"wrote {ckpt} and {ckpt.with_name('model.yaml')}")
         else:
             print(f"wrote {export_llama(args.ckpt, args.out_dir)}")
-    except UserInputError as e:
-        print(f"lit_iiet: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

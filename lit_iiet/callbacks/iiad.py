@@ -26,7 +26,6 @@ from lit_iiet.analysis.influence import (
     schedule_from_influence,
 )
 from lit_iiet.errors import UserInputError
-from lit_iiet.models.base import NEW_POLICY_PARAMS
 
 
 def calibration_batches(trainer, n: int, device) -> list[Tensor]:
@@ -93,7 +92,8 @@ class IIAD(Callback):
         self.teacher = LanguageModel.load_from_checkpoint(self.teacher_path, map_location="cpu", weights_only=True)
         if self.teacher.model.update.cfg.scheme != "iiet":
             raise UserInputError(f"IIAD teacher {self.teacher_path!r} has scheme {self.teacher.model.update.cfg.scheme!r}, not 'iiet'")
-        pl_module.check_state_dict(self.teacher.state_dict(), self.teacher_path, allow_missing=NEW_POLICY_PARAMS)
+        # The student starts as the teacher (on resume, the checkpoint's weights replace these afterwards) ...
+        pl_module.load_weights(self.teacher.state_dict(), self.teacher_path)
         self.teacher.eval().requires_grad_(False)
         if trainer.ckpt_path is not None:  # resuming: weights and the pruned schedule come from the checkpoint
             return
@@ -105,7 +105,6 @@ class IIAD(Callback):
         full = stats.schedule
         self.schedule = schedule_from_influence(stats.metric(self.metric), full, self.threshold, self.target_compute)
         self.stats = stats
-        pl_module.load_weights(self.teacher.state_dict(), self.teacher_path)  # the student starts as the teacher ...
         set_schedule(pl_module, self.schedule)  # ... with fewer iterations
         rank_zero_info(
             f"IIAD: {self.metric} per layer {[round(v, 4) for v in stats.metric(self.metric)]}; schedule {full} -> "

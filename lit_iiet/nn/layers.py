@@ -113,14 +113,19 @@ class Attention(nn.Module):
         k, v = self.kv(memory).chunk(2, dim=-1)
         return self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
 
-    def project(self, x: Tensor, cos: Tensor, sin: Tensor, queries: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
-        """Self-attention q, k, v of x (B, T, C) in heads, RoPE applied; queries=False skips q (cache filling)."""
+    def project(
+        self, x: Tensor, cos: Tensor, sin: Tensor, queries: bool = True, keys: bool = True
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Self-attention q, k, v of x (B, T, C) in heads, RoPE applied. queries=False skips q (cache filling),
+        keys=False skips k and v (attending to a shared KV slot): only those rows of the fused weight are used."""
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        if queries:
-            q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-            q = apply_rope(self._heads(q, self.n_heads), cos, sin)
-        else:
-            q, (k, v) = None, F.linear(x, self.qkv.weight[q_size:]).chunk(2, dim=-1)
+        start, end = (0 if queries else q_size), (q_size + 2 * kv_size if keys else q_size)
+        # The common case calls the module itself (hooks such as FSDP's or a LoRA wrapper's see it).
+        out = self.qkv(x) if queries and keys else F.linear(x, self.qkv.weight[start:end])
+        q = apply_rope(self._heads(out[..., :q_size], self.n_heads), cos, sin) if queries else None
+        if not keys:
+            return q, None, None
+        k, v = out[..., end - start - 2 * kv_size :].chunk(2, dim=-1)
         return q, apply_rope(self._heads(k, self.n_kv_heads), cos, sin), self._heads(v, self.n_kv_heads)
 
     def forward(
@@ -145,7 +150,7 @@ class Attention(nn.Module):
         if self.cross:
             q, (k, v), causal = self._heads(self.q(x), self.n_heads), memory_kv, False
         elif memory_kv is not None:
-            q, (k, v) = apply_rope(self._heads(F.linear(x, self.qkv.weight[: self.n_heads * self.head_dim]), self.n_heads), cos, sin), memory_kv
+            (q, _, _), (k, v) = self.project(x, cos, sin, keys=False), memory_kv
         else:
             q, k, v = self.project(x, cos, sin)
             if cache is not None:

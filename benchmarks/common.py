@@ -1,0 +1,49 @@
+"""What every benchmark shares: the schemes by name, the device and dtype options, and the machine line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+
+import torch
+
+from lit_iiet.nn.ode import ODEConfig
+
+SCHEMES = {
+    "euler": ODEConfig("euler"),
+    "iiet r=2": ODEConfig("iiet", 2),
+    "iiet r=3": ODEConfig("iiet", 3),
+    "iiet r=4": ODEConfig("iiet", 4),
+    "rk2": ODEConfig("rk2"),
+    "rk2_gated": ODEConfig("rk2_gated"),
+    "rk4": ODEConfig("rk4"),
+    "pcformer": ODEConfig("pcformer", branch_norm=True),
+}
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (CUDA only)")
+
+
+def device_and_autocast(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The device, and the autocast context of --dtype; bf16 on a CPU is refused (it measures nothing useful)."""
+    device = torch.device(args.device)
+    if args.dtype == "bf16" and device.type != "cuda":
+        parser.error("--dtype bf16 is only measured on CUDA: bf16 matmuls on these CPUs are about 200x slower than fp32")
+    autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
+    return device, autocast
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: torch.device) -> str:
+    """The GPU's name, or the CPU architecture and torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
