@@ -22,6 +22,18 @@ SCHEMES = {
 }
 
 
+def add_shape_args(
+    parser: argparse.ArgumentParser, d_model: int = 128, vocab_size: int = 2048, seq_len: int = 128, batch_size: int = 16
+) -> None:
+    """The model and training-batch shape; defaults are the conf/lm/shakespeare_*.yaml shape."""
+    parser.add_argument("--n_layers", type=int, default=4)
+    parser.add_argument("--d_model", type=int, default=d_model)
+    parser.add_argument("--n_heads", type=int, default=4)
+    parser.add_argument("--vocab_size", type=int, default=vocab_size)
+    parser.add_argument("--seq_len", type=int, default=seq_len, help="training sequence length")
+    parser.add_argument("--batch_size", type=int, default=batch_size, help="training batch")
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (CUDA only)")

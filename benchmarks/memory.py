@@ -39,7 +39,13 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import SCHEMES, add_device_args, device_and_autocast, machine
+from benchmarks.common import (
+    SCHEMES,
+    add_device_args,
+    add_shape_args,
+    device_and_autocast,
+    machine,
+)
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.generate import generate
 
@@ -111,12 +117,7 @@ def check_cpu_method() -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n_layers", type=int, default=4)
-    parser.add_argument("--d_model", type=int, default=256)
-    parser.add_argument("--n_heads", type=int, default=4)
-    parser.add_argument("--vocab_size", type=int, default=2048)
-    parser.add_argument("--seq_len", type=int, default=256, help="training sequence length")
-    parser.add_argument("--batch_size", type=int, default=8, help="training batch")
+    add_shape_args(parser, d_model=256, seq_len=256, batch_size=8)
     parser.add_argument("--decode_batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)

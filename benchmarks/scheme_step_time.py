@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from benchmarks.common import (
     SCHEMES,
     add_device_args,
+    add_shape_args,
     device_and_autocast,
     machine,
     sync,
@@ -34,12 +35,7 @@ from lit_iiet.nn.decoder import Decoder, DecoderConfig
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n_layers", type=int, default=4)
-    parser.add_argument("--d_model", type=int, default=128)
-    parser.add_argument("--n_heads", type=int, default=4)
-    parser.add_argument("--vocab_size", type=int, default=2048)
-    parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=16)
+    add_shape_args(parser)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps timed per scheme and round")
     parser.add_argument("--rounds", type=int, default=7)
     add_device_args(parser)

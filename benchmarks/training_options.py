@@ -22,7 +22,13 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import add_device_args, device_and_autocast, machine, sync
+from benchmarks.common import (
+    add_device_args,
+    add_shape_args,
+    device_and_autocast,
+    machine,
+    sync,
+)
 from benchmarks.memory import check_cpu_method, cpu_peak, cuda_peak
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.ode import ODEConfig
@@ -33,12 +39,7 @@ VARIANTS = ("none", "layer", "iteration", "compile")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=3, help="iiet iterations per layer")
-    parser.add_argument("--n_layers", type=int, default=4)
-    parser.add_argument("--d_model", type=int, default=128)
-    parser.add_argument("--n_heads", type=int, default=4)
-    parser.add_argument("--vocab_size", type=int, default=2048)
-    parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=16)
+    add_shape_args(parser)
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps timed per variant and round")
     parser.add_argument("--rounds", type=int, default=5)
     add_device_args(parser)

@@ -51,7 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter
 
-from benchmarks.common import add_device_args, device_and_autocast, machine, sync
+from benchmarks.common import (
+    add_device_args,
+    add_shape_args,
+    device_and_autocast,
+    machine,
+    sync,
+)
 from lit_iiet.hf_llama import llama_config_from_decoder, to_llama_state
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.generate import generate
@@ -100,12 +106,7 @@ def textbook_flops(cfg: DecoderConfig, d_ff: int, batch: int, seq_len: int) -> i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n_layers", type=int, default=4)
-    parser.add_argument("--d_model", type=int, default=256)
-    parser.add_argument("--n_heads", type=int, default=4)
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--seq_len", type=int, default=256, help="training sequence length")
-    parser.add_argument("--batch_size", type=int, default=8, help="training batch")
+    add_shape_args(parser, d_model=256, vocab_size=4096, seq_len=256, batch_size=8)
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps timed per model and round")
     parser.add_argument("--prompt", type=int, default=16, help="decoding prompt length")
     parser.add_argument("--new_tokens", type=int, default=128, help="tokens decoded per row")
