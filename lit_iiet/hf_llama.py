@@ -112,7 +112,11 @@ def from_llama_state(hf: dict[str, Tensor], cfg: DecoderConfig) -> dict[str, Ten
 def to_llama_state(ours: dict[str, Tensor], cfg: DecoderConfig) -> dict[str, Tensor]:
     """Decoder state dict -> Llama weights; the inverse of `from_llama_state`."""
     head_dim, kv_heads = cfg.d_model // cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
-    out = {"model.embed_tokens.weight": ours["embed.weight"], "model.norm.weight": ours["norm.weight"]}
+    if cfg.embed_scale != 1.0 and cfg.tie_embeddings:
+        raise UserInputError(f"embed_scale={cfg.embed_scale} with tied embeddings has no Llama equivalent (Llama does not scale its embeddings)")
+    # Llama does not scale its embeddings: an untied model's scale folds into the embedding matrix exactly.
+    embed = ours["embed.weight"] * cfg.embed_scale if cfg.embed_scale != 1.0 else ours["embed.weight"]
+    out = {"model.embed_tokens.weight": embed, "model.norm.weight": ours["norm.weight"]}
     if not cfg.tie_embeddings:  # tied models store the matrix once, as transformers does
         out["lm_head.weight"] = ours["lm_head.weight"]
     for i in range(cfg.n_layers):
@@ -193,15 +197,17 @@ def export_llama(ckpt: str | Path, out_dir: str | Path) -> Path:
     if "arch" not in hparams or "ode" not in hparams:
         raise UserInputError(f"checkpoint {str(ckpt)!r} is not a decoder-only LanguageModel checkpoint")
     cfg, ode = DecoderConfig(**hparams["arch"]), ODEConfig(**hparams["ode"])
-    plain = ode.scheme == "euler" or (ode.scheme == "iiet" and set(ode.schedule(cfg.n_layers)) == {1})
+    one_step = ode.iiet_damping == 1.0 and ode.iiet_relaxation == "fixed"  # else iteration 1 is y + b G(y)
+    plain = ode.scheme == "euler" or (ode.scheme == "iiet" and set(ode.schedule(cfg.n_layers)) == {1} and one_step)
     if not plain or ode.branch_norm:
         raise UserInputError(
             f"scheme={ode.scheme!r} iters={ode.iters!r} has no Llama equivalent; only euler (or iiet with 1 iteration "
-            "in every layer, and branch_norm false) can be exported"
+            "in every layer, iiet_damping 1.0, fixed relaxation and branch_norm false) can be exported"
         )
     ours = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    llama_state = to_llama_state(ours, cfg)  # refuses what Llama cannot express before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(to_llama_state(ours, cfg), out_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(llama_state, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(llama_config_from_decoder(cfg), indent=2) + "\n")
     return out_dir
 

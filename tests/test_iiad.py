@@ -59,10 +59,9 @@ def test_measures_on_known_iterates():
     model = Decoder(DecoderConfig(64, n_layers=1, d_model=16, n_heads=2, max_seq_len=16), ODEConfig("iiet", 2))
     idx = torch.randint(0, 64, (2, 9))
     stats = iteration_stats(model, [idx])
-    model.update.recording = {}
-    model(idx[:, :-1])
-    y, z1, z2 = model.update.recording[0]
-    model.update.recording = None
+    with model.update.record() as recorded:
+        model(idx[:, :-1])
+    y, z1, z2 = recorded[0]
     expected = ((z2 - z1).norm(dim=-1) / z1.norm(dim=-1)).mean().item()
     assert stats.refinement[0] == pytest.approx(expected, rel=1e-5)
     assert stats.increments[0][0] == pytest.approx(((z1 - y).norm(dim=-1) / y.norm(dim=-1)).mean().item(), rel=1e-5)

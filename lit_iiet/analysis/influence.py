@@ -1,7 +1,7 @@
 """Iteration influence: how much each layer's extra fixed-point iterations change the model, and what to prune.
 
 Shared by the influence-logging and IIAD callbacks and by notebooks/iteration_influence.ipynb. The IIET paper's
-exact influence metric was not recoverable (see DESIGN.md), so all of these are measured and the threshold rule
+exact influence metric was not recoverable, so all of these are measured and the threshold rule
 works on any of them; `relative refinement` is the default.
 
 For a layer with input y and iterates z_1..z_r (z_1 is the vanilla layer's output), per token:
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_iiet.analysis.convergence import ConvergenceMeter
 from lit_iiet.errors import UserInputError
 
 
@@ -30,6 +31,8 @@ class IterationStats:
     schedule: list[int]
     increments: list[list[float]] = field(default_factory=list)
     """increments[l][k-1]: mean relative increment of iteration k of layer l (k = 1..r_l)."""
+    contraction: list[list[float]] = field(default_factory=list)
+    """contraction[l][k-2]: the contraction estimate rho_k of layer l, k = 2..r_l (see analysis.convergence)."""
     refinement: list[float] = field(default_factory=list)
     """Mean ||z_r - z_1|| / ||z_1|| per layer (0 for layers with one iteration)."""
     cosine_drift: list[float] = field(default_factory=list)
@@ -66,7 +69,7 @@ def lm_loss(model, batches: list[Tensor]) -> float:
 
 @torch.no_grad()
 def iteration_stats(model, batches: list[Tensor]) -> IterationStats:
-    """Record every layer's iterates on the calibration windows and average the per-token measures.
+    """Observe every layer's iterates on the calibration windows and average the per-token measures.
 
     model: a `Decoder` (any object with `.update` of scheme iiet and `forward(idx)`); batches: (B, T + 1) windows.
     """
@@ -76,28 +79,33 @@ def iteration_stats(model, batches: list[Tensor]) -> IterationStats:
     was_training = model.training
     model.eval()
     L = len(update.schedule)
-    inc_sum = [[0.0] * r for r in update.schedule]
-    ref_sum, cos_sum, tokens, loss_sum = [0.0] * L, [0.0] * L, 0, 0.0
-    update.recording = {}
+    meter = ConvergenceMeter()
+    ref_sum, cos_sum, loss_sum = [0.0] * L, [0.0] * L, 0.0
+
+    def drift(layer: int, states: list[Tensor]) -> None:
+        iterates = states[: update.schedule[layer] + 1]  # y, z_1..z_r (an extra "mean" output follows)
+        z1, zr = iterates[1], iterates[-1]
+        ref_sum[layer] += _relative(zr, z1).sum().item()
+        cos_sum[layer] += (1 - F.cosine_similarity(zr.float(), z1.float(), dim=-1)).sum().item()
+
     try:
         for batch in batches:
-            logits = model(batch[:, :-1])
+            increments = meter.observer(update.schedule)
+
+            def observe(layer: int, states: list[Tensor]) -> None:
+                increments(layer, states)
+                drift(layer, states)
+
+            with update.observe(observe):
+                logits = model(batch[:, :-1])
             loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
-            n = batch[:, :-1].numel()
-            tokens += n
-            for layer, states in update.recording.items():
-                iterates = states[: update.schedule[layer] + 1]  # y, z_1..z_r (an extra "mean" output follows)
-                for k in range(1, len(iterates)):
-                    inc_sum[layer][k - 1] += _relative(iterates[k], iterates[k - 1]).sum().item()
-                z1, zr = iterates[1], iterates[-1]
-                ref_sum[layer] += _relative(zr, z1).sum().item()
-                cos_sum[layer] += (1 - F.cosine_similarity(zr.float(), z1.float(), dim=-1)).sum().item()
     finally:
-        update.recording = None
         model.train(was_training)
+    tokens = meter.tokens
     return IterationStats(
         schedule=list(update.schedule),
-        increments=[[v / tokens for v in row] for row in inc_sum],
+        increments=meter.increments(),
+        contraction=meter.contraction(),
         refinement=[v / tokens for v in ref_sum],
         cosine_drift=[v / tokens for v in cos_sum],
         loss=loss_sum / tokens,

@@ -13,6 +13,8 @@ changes; the student's checkpoints carry the pruned schedule, so they load and g
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
@@ -122,30 +124,27 @@ class IIAD(Callback):
         """CE on the data, the temperature-scaled KL to the frozen teacher, and (optionally) hidden-state MSE."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
         record = self.hidden_mse_weight > 0
-        student.model.update.recording = {} if record else None
-        self.teacher.model.update.recording = {} if record else None
-        try:
+        with contextlib.ExitStack() as stack:
+            if record:  # every layer's output, of both models, for the hidden-state MSE
+                s_rec = stack.enter_context(student.model.update.record())
+                t_rec = stack.enter_context(self.teacher.model.update.record())
             s_logits = student.model(inputs).float()
             with torch.no_grad():
                 t_logits = self.teacher.model(inputs).float()
-            T = self.temperature
-            ce = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten())
-            t_logp, s_logp = (t_logits / T).log_softmax(-1), (s_logits / T).log_softmax(-1)
-            kd = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * T**2
-            terms = {"ce": ce, "kd": kd}
-            loss = ce + self.kd_weight * kd
-            aux = student.model.update.aux_loss()  # an adaptive student's router BCE
-            if aux is not None:
-                terms["router_aux"] = aux
-                loss = loss + aux
-            if record:
-                s_rec, t_rec = student.model.update.recording, self.teacher.model.update.recording
-                mse = torch.stack([F.mse_loss(s_rec[l][-1].float(), t_rec[l][-1].float()) for l in s_rec]).mean()
-                terms["hidden_mse"] = mse
-                loss = loss + self.hidden_mse_weight * mse
-        finally:
-            student.model.update.recording = None
-            self.teacher.model.update.recording = None
+        T = self.temperature
+        ce = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten())
+        t_logp, s_logp = (t_logits / T).log_softmax(-1), (s_logits / T).log_softmax(-1)
+        kd = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * T**2
+        terms = {"ce": ce, "kd": kd}
+        loss = ce + self.kd_weight * kd
+        aux = student.model.update.aux_loss()  # an adaptive student's router BCE
+        if aux is not None:
+            terms["router_aux"] = aux
+            loss = loss + aux
+        if record:
+            mse = torch.stack([F.mse_loss(s_rec[l][-1].float(), t_rec[l][-1].float()) for l in s_rec]).mean()
+            terms["hidden_mse"] = mse
+            loss = loss + self.hidden_mse_weight * mse
         terms["loss"] = loss
         return terms
 

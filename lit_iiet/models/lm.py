@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from lit_iiet.analysis.convergence import ConvergenceMeter
 from lit_iiet.errors import UserInputError
 from lit_iiet.models.base import ODEModule, as_config
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
@@ -102,6 +103,8 @@ class LanguageModel(ODEModule):
         # Iterations per token (mean over layers) and, for adaptive policies, agreement with full iteration.
         self.val_evals, self.val_agreement = MeanMetric(), MeanMetric()
         self._val_evals_hist: list[Tensor] = []
+        # Per layer and iteration: relative increments and the contraction estimate (iiet/increment/..., iiet/contraction/...).
+        self.convergence = ConvergenceMeter()
         self.distiller = None  # an IIAD callback, while it distils a teacher into this model
 
     # --- setup ---------------------------------------------------------------------------------------------
@@ -159,10 +162,14 @@ class LanguageModel(ODEModule):
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        logits = self.model(batch[:, :-1])
+        update = self.model.update
+        if update.cfg.scheme == "iiet":  # how every layer's fixed-point iteration converges, reduced on the fly
+            with update.observe(self.convergence.observer(update.schedule)):
+                logits = self.model(batch[:, :-1])
+        else:
+            logits = self.model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         self.val_loss.update(loss, weight=batch.shape[0])
-        update = self.model.update
         if update.cfg.scheme != "iiet":
             return
         per_token = torch.stack(list(update.counts.values())).float().mean(0)  # (B, T), mean over layers
@@ -184,6 +191,7 @@ class LanguageModel(ODEModule):
         update = self.model.update
         if update.cfg.scheme == "iiet" and self.val_evals.update_count:
             self.log("iiet/evals_per_token", self.val_evals.compute())
+            self.log_dict(self.convergence.metrics(), sync_dist=True)
             if update.cfg.adaptive:
                 self.log("iiet/agreement", self.val_agreement.compute())
             if not self.trainer.sanity_checking and self.trainer.is_global_zero:
@@ -194,6 +202,7 @@ class LanguageModel(ODEModule):
             self.log("iiet/evals_per_token", update.total_evals() / self.model.cfg.n_layers)
         self.val_evals.reset()
         self.val_agreement.reset()
+        self.convergence.reset()
         self._val_evals_hist.clear()
         if self.val_sample_prompt is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             text = self.sample(self.val_sample_prompt)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torchmetrics import MeanMetric
 
+from lit_iiet.analysis.convergence import ConvergenceMeter
 from lit_iiet.errors import UserInputError
 from lit_iiet.metrics import bleu_chrf, rouge
 from lit_iiet.models.base import ODEModule, as_config
@@ -111,6 +114,8 @@ class Seq2SeqModel(ODEModule):
         self.save_configs(arch=arch, enc_ode=enc_ode, dec_ode=dec_ode, optim=self.optim, decoding=self.decoding)
         self.loss_metric, self.nll_metric = MeanMetric(), MeanMetric()
         self._outputs: list[tuple[int, str, str]] = []
+        # Convergence of the iterated stacks at validation: iiet/increment/enc<layer>/<k>, iiet/contraction/enc<layer>.
+        self.convergence = {"enc": ConvergenceMeter(), "dec": ConvergenceMeter()}
 
     def setup(self, stage: str) -> None:
         self.check_vocab(self.model.cfg.vocab_size)
@@ -159,8 +164,20 @@ class Seq2SeqModel(ODEModule):
         )
         return [tok.decode(seq) for seq in ids]
 
+    @contextlib.contextmanager
+    def _observe_convergence(self, batch: dict) -> Iterator[None]:
+        """Feed the iterates of every iterated stack (real tokens only) to its convergence meter."""
+        masks = {"enc": batch["src_mask"], "dec": batch["tgt_out"] != self.datamodule.tokenizer.pad_id}
+        with contextlib.ExitStack() as stack:
+            for stack_name, update in (("enc", self.model.enc_update), ("dec", self.model.dec_update)):
+                if update.cfg.scheme == "iiet":
+                    meter = self.convergence[stack_name]
+                    stack.enter_context(update.observe(meter.observer(update.schedule, masks[stack_name])))
+            yield
+
     def _eval_step(self, batch: dict, batch_idx: int, split: str) -> None:
-        loss, nll = self.losses(batch)
+        with self._observe_convergence(batch) if split == "val" else contextlib.nullcontext():
+            loss, nll = self.losses(batch)
         n = (batch["tgt_out"] != self.datamodule.tokenizer.pad_id).sum()
         self.loss_metric.update(loss, weight=n)
         self.nll_metric.update(nll, weight=n)
@@ -196,6 +213,10 @@ class Seq2SeqModel(ODEModule):
             metrics.update({f"{split}/{k}": v for k, v in scores.items() if not k.endswith("signature")})
         self.log_dict(metrics, prog_bar=True)
         self.log("iiet/evals_per_token", self.model.enc_update.total_evals() / self.model.cfg.enc_layers)
+        for stack_name, meter in self.convergence.items():
+            if meter.tokens:
+                self.log_dict(meter.metrics(stack_name), sync_dist=True)
+            meter.reset()
         if "bleu_signature" in scores and self.trainer.is_global_zero:
             for logger in self.loggers:
                 if hasattr(logger.experiment, "add_text"):

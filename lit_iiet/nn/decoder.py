@@ -50,6 +50,10 @@ class DecoderConfig:
     """Dropout on attention weights and on every sub-layer output."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head (Transformer++ leaves them untied)."""
+    embed_scale: float = 1.0
+    """Multiplier of the embedding output, i.e. the scale of the stream entering the first layer. Llama uses 1;
+    Gemma uses sqrt(d_model). Pre-norm layers are scale-invariant in their input, so G's Jacobian grows like
+    1 / ||z||: an embedding of std 0.02 makes the first layer's fixed-point map expansive (docs/DESIGN.md)."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
 
@@ -61,6 +65,8 @@ class DecoderConfig:
             raise UserInputError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size (RoPE)")
         if self.n_heads % (self.n_kv_heads or self.n_heads):
             raise UserInputError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if not self.embed_scale > 0:
+            raise UserInputError(f"embed_scale={self.embed_scale} must be > 0")
 
 
 class Block(nn.Module):
@@ -170,7 +176,10 @@ class Decoder(nn.Module):
         if pos + T > self.cfg.max_seq_len:
             raise UserInputError(f"sequence of {pos + T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
-        x = F.dropout(self.embed(idx), self.cfg.dropout, self.training)
+        x = self.embed(idx)
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
+        x = F.dropout(x, self.cfg.dropout, self.training)
         history = self.update.begin(x)
         mode = self.checkpointing if self.training and torch.is_grad_enabled() else "none"
         shared_kv = self.ode.kv_mode == "shared"

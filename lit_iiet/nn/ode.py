@@ -6,7 +6,7 @@ called as `G(z, e)`, where e numbers the F-evaluations of the layer so that each
 | scheme      | update                                                           | evaluations |
 |-------------|------------------------------------------------------------------|-------------|
 | euler       | y + G(y)                                                         | 1           |
-| iiet        | z0 = y; z_k = y + G(z_{k-1}), k = 1..r; output z_r               | r           |
+| iiet        | z0 = y; z_k = y + G(z_{k-1}), k = 1..r; output z_r (Picard)      | r           |
 | rk2         | F1 = G(y); F2 = G(y + F1); y + (F1 + F2) / 2                     | 2           |
 | rk2_gated   | g = sigmoid(W[F1; F2] + b); y + g F1 + (1 - g) F2                | 2           |
 | rk4         | classic fourth-order Runge-Kutta                                 | 4           |
@@ -15,8 +15,9 @@ called as `G(z, e)`, where e numbers the F-evaluations of the layer so that each
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -69,22 +70,64 @@ def euler(y: Tensor, G: Branch) -> Tensor:
 
 
 def fixed_point(
-    y: Tensor, f: Sublayer, iters: int, damping: float = 1.0, output: str = "last", iterates: list[Tensor] | None = None
+    y: Tensor, f: Sublayer, iters: int, damping: float | Tensor = 1.0, output: str = "last",
+    iterates: list[Tensor] | None = None,
 ) -> Tensor:
     """Picard iteration for the implicit Euler step y_next = y + f(y_next), starting from z0 = y.
 
-    damping b < 1 relaxes each step: z <- (1 - b) z + b (y + f(z)). output="mean" returns y + the mean of the
-    r slopes f(z_0..z_{r-1}) instead of the last iterate; both reduce to explicit Euler at r = 1, b = 1.
+    damping b relaxes each step: z <- (1 - b) z + b (y + f(z)) (a float, or a learned scalar tensor); the fixed
+    point does not depend on b. output="mean" returns y + the mean of the r slopes f(z_0..z_{r-1}) instead of the
+    last iterate; both reduce to explicit Euler at r = 1, b = 1.
     If `iterates` is a list, z_1..z_r are appended to it (influence analysis, hidden-state distillation).
     """
+    plain = isinstance(damping, float) and damping == 1.0
     z, slope_sum = y, None
     for k in range(iters):
         slope = f(z, k)
         slope_sum = slope if slope_sum is None else slope_sum + slope
-        z = y + slope if damping == 1.0 else (1 - damping) * z + damping * (y + slope)
+        z = y + slope if plain else (1 - damping) * z + damping * (y + slope)
         if iterates is not None:
             iterates.append(z)
     return y + slope_sum / iters if output == "mean" else z
+
+
+def anderson(
+    y: Tensor, f: Sublayer, iters: int, memory: int = 3, iterates: list[Tensor] | None = None, reg: float = 1e-4
+) -> Tensor:
+    """Anderson acceleration of the same fixed-point problem z = y + f(z), per token.
+
+    Evaluation k computes g_k = y + f(z_k) and its residual r_k = g_k - z_k. The next iterate mixes the last
+    `memory` evaluations, z_(k+1) = sum_i a_i g_i with sum_i a_i = 1 chosen to minimise ||sum_i a_i r_i|| (type-II
+    Anderson with mixing 1, as deep-equilibrium models use; `reg` is a Tikhonov term relative to the residuals'
+    scale). z_1 = g_0, so r = 1 is the vanilla layer. Each token mixes only its own history, so token t's state
+    never depends on later tokens, and evaluation k still reads every token's input z_k: the KV cache keeps one
+    exact slot per evaluation, as for Picard iteration.
+    """
+    z, gs, rs = y, [], []
+    for k in range(iters):
+        g = y + f(z, k)
+        gs, rs = (gs + [g])[-memory:], (rs + [g - z])[-memory:]
+        z = g if len(gs) == 1 else _anderson_mix(gs, rs, reg)
+        if iterates is not None:
+            iterates.append(z)
+    return z
+
+
+def _anderson_mix(gs: list[Tensor], rs: list[Tensor], reg: float) -> Tensor:
+    """sum_i a_i g_i for the affine weights a (sum 1) that minimise each token's ||sum_i a_i r_i||.
+
+    Written relative to the newest evaluation: a = (gamma, 1 - sum gamma), so the residual is
+    r_m + D gamma with D = [r_i - r_m], and gamma solves (D^T D + lambda I) gamma = -D^T r_m in fp32.
+    """
+    r_last = rs[-1].float()
+    D = torch.stack([r.float() - r_last for r in rs[:-1]], dim=-1)  # (..., C, m - 1)
+    gram = D.transpose(-1, -2) @ D  # (..., m - 1, m - 1)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    lam = reg * gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1) + 1e-20
+    gamma = torch.linalg.solve(gram + lam * eye, -(D.transpose(-1, -2) @ r_last.unsqueeze(-1)))  # (..., m - 1, 1)
+    g_last = gs[-1]
+    dg = torch.stack([g - g_last for g in gs[:-1]], dim=-1)  # (..., C, m - 1)
+    return g_last + (dg @ gamma.to(dg.dtype)).squeeze(-1)
 
 
 def adaptive_fixed_point(
@@ -131,15 +174,24 @@ def adaptive_fixed_point(
 
 
 def iiet(
-    y: Tensor, G: Branch, iters: int, damping: float = 1.0, output: str = "last", unit: str = "layer",
-    iterates: list[Tensor] | None = None,
+    y: Tensor, G: Branch, iters: int, damping: float | Tensor = 1.0, output: str = "last", unit: str = "layer",
+    iterates: list[Tensor] | None = None, solver: str = "picard", memory: int = 3,
 ) -> Tensor:
-    """Iterative implicit Euler. unit="sublayer" iterates each sub-layer's own implicit step in turn."""
+    """Iterative implicit Euler. unit="sublayer" iterates each sub-layer's own implicit step in turn.
+
+    solver="picard" is the plain (optionally damped) fixed-point iteration; "anderson" accelerates it.
+    """
+
+    def solve(h: Tensor, f: Sublayer, states: list[Tensor] | None) -> Tensor:
+        if solver == "anderson":
+            return anderson(h, f, iters, memory, states)
+        return fixed_point(h, f, iters, damping, output, states)
+
     if unit == "layer":
-        return fixed_point(y, G, iters, damping, output, iterates)
+        return solve(y, G, iterates)
     h = y
     for sublayer in G.sublayers:
-        h = fixed_point(h, sublayer, iters, damping, output)
+        h = solve(h, sublayer, None)
     return h
 
 
@@ -190,6 +242,7 @@ def pcformer_corrector(
 FIXED_EVALS = {"euler": 1, "rk2": 2, "rk2_gated": 2, "rk4": 4, "pcformer": 3}
 SCHEMES = ("euler", "iiet", "rk2", "rk2_gated", "rk4", "pcformer")
 POLICIES = ("fixed", "residual", "router")
+SOLVERS = ("picard", "anderson")
 
 
 @dataclass
@@ -203,7 +256,16 @@ class ODEConfig:
     iiet_output: str = "last"
     """iiet only: output the last iterate (plain fixed point) or y + the mean of the iterations' slopes."""
     iiet_damping: float = 1.0
-    """iiet only: relaxation b in z <- (1 - b) z + b (y + G(z)); 1.0 is the plain fixed-point iteration."""
+    """iiet only: relaxation b in z <- (1 - b) z + b (y + G(z)); 1.0 is the plain fixed-point iteration. The fixed
+    point does not depend on b; with b < 1 iteration 1 is the shortened explicit step y + b G(y)."""
+    iiet_relaxation: str = "fixed"
+    """iiet only: fixed (iiet_damping for every layer) or learned (one relaxation b per layer, a parameter that
+    starts at iiet_damping, so r = 1 equals euler at initialisation when iiet_damping is 1)."""
+    iiet_solver: str = "picard"
+    """iiet only: picard (plain fixed-point iteration) or anderson (Anderson acceleration per token over the last
+    anderson_memory evaluations: a better iterate from the same r evaluations of G; iteration 1 is unchanged)."""
+    anderson_memory: int = 3
+    """anderson solver: how many of the latest evaluations are mixed (>= 2)."""
     iiet_unit: str = "layer"
     """iiet only: iterate the whole layer (attention + FFN together) or each sub-layer in turn."""
     branch_norm: bool = False
@@ -239,14 +301,26 @@ class ODEConfig:
             raise UserInputError(f"iiet_unit={self.iiet_unit!r}; choose 'layer' or 'sublayer'")
         if not 0.0 < self.iiet_damping <= 1.0:
             raise UserInputError(f"iiet_damping={self.iiet_damping} must lie in (0, 1]")
+        if self.iiet_relaxation not in ("fixed", "learned"):
+            raise UserInputError(f"iiet_relaxation={self.iiet_relaxation!r}; choose 'fixed' or 'learned'")
+        if self.iiet_solver not in SOLVERS:
+            raise UserInputError(f"iiet_solver={self.iiet_solver!r}; choose one of {', '.join(SOLVERS)}")
+        if not isinstance(self.anderson_memory, int) or self.anderson_memory < 2:
+            raise UserInputError(f"anderson_memory={self.anderson_memory!r} must be an integer >= 2")
+        if self.iiet_solver == "anderson" and (self.iiet_output != "last" or self.iiet_damping != 1.0 or self.iiet_relaxation != "fixed"):
+            raise UserInputError("iiet_solver='anderson' mixes its own iterates: it needs iiet_output 'last', iiet_damping 1.0 and iiet_relaxation 'fixed'")
         if self.iiet_policy not in POLICIES:
             raise UserInputError(f"iiet_policy={self.iiet_policy!r}; choose one of {', '.join(POLICIES)}")
         if self.kv_mode not in ("exact", "shared"):
             raise UserInputError(f"kv_mode={self.kv_mode!r}; choose 'exact' or 'shared'")
         if self.adaptive or self.kv_mode == "shared":
             what = f"iiet_policy={self.iiet_policy!r}" if self.adaptive else "kv_mode='shared'"
-            if self.scheme != "iiet" or self.iiet_unit != "layer" or self.iiet_output != "last" or self.iiet_damping != 1.0:
-                raise UserInputError(f"{what} needs scheme 'iiet' with iiet_unit 'layer', iiet_output 'last' and iiet_damping 1.0")
+            plain = self.iiet_output == "last" and self.iiet_damping == 1.0 and self.iiet_relaxation == "fixed" and self.iiet_solver == "picard"
+            if self.scheme != "iiet" or self.iiet_unit != "layer" or not plain:
+                raise UserInputError(
+                    f"{what} needs scheme 'iiet' with iiet_unit 'layer', iiet_output 'last', iiet_damping 1.0, "
+                    "iiet_relaxation 'fixed' and iiet_solver 'picard'"
+                )
         thresholds = [self.iiet_threshold] if isinstance(self.iiet_threshold, (int, float)) else list(self.iiet_threshold)
         if not thresholds or any(not isinstance(t, (int, float)) or t < 0 for t in thresholds):
             raise UserInputError(f"iiet_threshold={self.iiet_threshold!r}: thresholds must be numbers >= 0")
@@ -281,8 +355,7 @@ class LayerUpdate(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.schedule = cfg.schedule(n_layers)
-        # Set to {} to record, per layer, its input and states: [y, z_1, ..., z_r] for iiet, [y, y_next] otherwise.
-        self.recording: dict[int, list[Tensor]] | None = None
+        self._observer: Callable[[int, list[Tensor]], None] | None = None  # see observe()
         # iiet: each token's iteration count per layer, (B, T), of the last forward pass (metrics, replay).
         self.counts: dict[int, Tensor] = {}
         # Set to {layer: counts (B, T)} to replay recorded per-token decisions instead of taking them.
@@ -296,6 +369,8 @@ class LayerUpdate(nn.Module):
             for router in self.routers:  # start undecided (sigmoid = 0.5); the BCE term calibrates the threshold
                 nn.init.zeros_(router.weight)
                 nn.init.zeros_(router.bias)
+        if cfg.scheme == "iiet" and cfg.iiet_relaxation == "learned":
+            self.relaxation = nn.Parameter(torch.full((n_layers,), float(cfg.iiet_damping)))
         if cfg.scheme == "rk2_gated":
             self.gates = nn.ModuleList(nn.Linear(2 * dim, 1) for _ in range(n_layers))
             for gate in self.gates:  # start at g = 0.5, i.e. plain RK2
@@ -310,6 +385,27 @@ class LayerUpdate(nn.Module):
             self.w_out = nn.Parameter(uniform.clone())
             self.norm_p = nn.ModuleList(RMSNorm(dim) for _ in range(n_layers))
             self.norm_h = nn.ModuleList(RMSNorm(dim) for _ in range(n_layers))
+
+    @contextlib.contextmanager
+    def observe(self, fn: Callable[[int, list[Tensor]], None]) -> Iterator[None]:
+        """While the context is open, every forward pass calls fn(layer, states) right after each layer, with
+        states = [y, z_1, ..., z_r] for iiet (plus the output when it is not z_r) and [y, y_next] otherwise.
+
+        Whoever opens the context owns the observation; fn may reduce the states at once, so that nothing of
+        the whole stack has to be kept (convergence metrics at validation).
+        """
+        previous, self._observer = self._observer, fn
+        try:
+            yield
+        finally:
+            self._observer = previous
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[dict[int, list[Tensor]]]:
+        """observe() into a dict {layer: states}, filled as the forward pass runs."""
+        states: dict[int, list[Tensor]] = {}
+        with self.observe(states.__setitem__):
+            yield states
 
     def evals(self, layer: int) -> int:
         """F-evaluations of one layer (its most, under an adaptive policy)."""
@@ -369,7 +465,7 @@ class LayerUpdate(nn.Module):
         return [x] if self.cfg.scheme == "pcformer" else None
 
     def forward(self, layer: int, y: Tensor, G: Branch, history: list[Tensor] | None = None) -> Tensor:
-        s, states = self.cfg.scheme, [y] if self.recording is not None else None
+        s, states = self.cfg.scheme, [y] if self._observer is not None else None
         if layer == 0:
             self.aux_losses = []
         if s == "euler":
@@ -379,7 +475,8 @@ class LayerUpdate(nn.Module):
             out, self.counts[layer] = adaptive_fixed_point(y, G, self.schedule[layer], self.decider(layer), fill, states)
         elif s == "iiet":
             c = self.cfg
-            out = iiet(y, G, self.schedule[layer], c.iiet_damping, c.iiet_output, c.iiet_unit, states)
+            damping = self.relaxation[layer] if c.iiet_relaxation == "learned" else c.iiet_damping
+            out = iiet(y, G, self.schedule[layer], damping, c.iiet_output, c.iiet_unit, states, c.iiet_solver, c.anderson_memory)
             self.counts[layer] = torch.full(y.shape[:2], self.schedule[layer], dtype=torch.long, device=y.device)
         elif s == "rk2":
             out = rk2(y, G)
@@ -396,5 +493,5 @@ class LayerUpdate(nn.Module):
         if states is not None:
             if len(states) == 1 or states[-1] is not out:  # the output, unless it is already the last iterate
                 states.append(out)
-            self.recording[layer] = states
+            self._observer(layer, states)
         return out

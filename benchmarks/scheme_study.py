@@ -1,0 +1,310 @@
+"""Schemes and IIET options on the shipped Shakespeare corpus, tuned alike and repeated over seeds.
+
+    python -m benchmarks.scheme_study --out runs/scheme_study                      # the README's table
+    python -m benchmarks.scheme_study --out runs/screen --arms iiet "iiet anderson" --lrs 2e-3 --seeds 1337
+
+Every arm is a shipped config (`conf/lm/shakespeare_<scheme>.yaml`) plus a few command-line overrides, so any row
+can be rerun by hand with the command that results.csv records. For each arm:
+1. tuning: one run per learning rate of --lrs with each of --tune_seeds; the lr with the lowest mean final
+   val/loss is the arm's lr (validation chooses);
+2. final: the chosen lr with every seed of --seeds; the table reports the mean and standard deviation over those
+   seeds of val/loss and of test/loss (the test split is only read here, never for choosing).
+Every arm gets the same lr grid and the same seeds. Runs are independent processes and resumable: a finished
+run (result.json written) is skipped, an interrupted one resumes from its last checkpoint, and a run whose
+command changed since (an edited arm or config) is refused rather than mixed in. Writes results.csv (one row
+per run), table.md and study.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of the study: a shipped config and the overrides that make this variant."""
+
+    config: str
+    overrides: tuple[str, ...] = ()
+    what: str = ""
+    flops: float = 1.0
+    """Training FLOPs relative to the euler arm (F-evaluations x steps), for the table."""
+    group: str = "scheme"
+    """scheme (equal parameters and steps), option (an IIET option), flops (vanilla at IIET r = 3's FLOPs) or
+    stream (without the stream scale)."""
+
+
+def lm(scheme: str) -> str:
+    return f"conf/lm/shakespeare_{scheme}.yaml"
+
+
+ARMS: dict[str, Arm] = {
+    "euler": Arm(lm("euler"), what="vanilla Transformer++"),
+    "iiet": Arm(lm("iiet"), what="IIET r = 3, plain Picard iteration", flops=3),
+    "iiet r=2": Arm(lm("iiet_r2"), what="IIET r = 2", flops=2),
+    "iiet anderson": Arm(lm("iiet"), ("--model.ode.iiet_solver", "anderson"), "IIET r = 3, Anderson acceleration", 3, "option"),
+    "iiet relaxation": Arm(lm("iiet"), ("--model.ode.iiet_relaxation", "learned"), "IIET r = 3, learned relaxation per layer", 3, "option"),
+    "iiet mean": Arm(lm("iiet"), ("--model.ode.iiet_output", "mean"), "IIET r = 3, output y + mean slope", 3, "option"),
+    "iiet damping 0.5": Arm(lm("iiet"), ("--model.ode.iiet_damping", "0.5"), "IIET r = 3, damping 0.5", 3, "option"),
+    "iiet sublayer": Arm(lm("iiet"), ("--model.ode.iiet_unit", "sublayer"), "IIET r = 3, attention then FFN solved in turn", 3, "option"),
+    "iiet branch_norm": Arm(lm("iiet"), ("--model.ode.branch_norm", "true"), "IIET r = 3, RMSNorm on G", 3, "option"),
+    "rk2": Arm(lm("rk2"), what="ODE Transformer RK2", flops=2),
+    "rk2_gated": Arm(lm("rk2_gated"), what="ODE Transformer RK2, gated", flops=2),
+    "rk4": Arm(lm("rk4"), what="ODE Transformer RK4", flops=4),
+    "pcformer": Arm(lm("pcformer"), what="PCformer", flops=3),
+    "euler 3x steps": Arm(lm("euler"), ("--trainer.max_steps", "1800"), "vanilla, 1800 steps", 3, "flops"),
+    "euler 12 layers": Arm(lm("euler"), ("--model.arch.n_layers", "12"), "vanilla, 12 layers (3x parameters)", 3, "flops"),
+    "euler stream 1": Arm(lm("euler"), ("--model.arch.embed_scale", "1.0"), "vanilla, embed_scale 1", 1, "stream"),
+    "iiet stream 1": Arm(lm("iiet"), ("--model.arch.embed_scale", "1.0"), "IIET r = 3, embed_scale 1", 3, "stream"),
+}
+DEFAULT_ARMS = ["euler", "iiet", "iiet r=2", "rk2", "rk4", "pcformer", "euler 3x steps", "euler 12 layers",
+                "euler stream 1", "iiet stream 1"]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
+
+
+@dataclass
+class Run:
+    arm: str
+    lr: float
+    seed: int
+    out: Path
+    extra: tuple[str, ...] = ()
+    """--override arguments, applied to every arm of the study."""
+    args: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        a = ARMS[self.arm]
+        self.args = ["--config", a.config, *a.overrides, *self.extra, "--model.optim.lr", repr(self.lr),
+                     "--seed_everything", str(self.seed)]
+
+    @property
+    def dir(self) -> Path:
+        return self.out / "runs" / slug(self.arm) / f"lr{self.lr:g}_seed{self.seed}"
+
+    def fingerprint(self) -> str:
+        """The command and the config file's text: a finished run is reused only if both are unchanged."""
+        text = (ROOT / ARMS[self.arm].config).read_text()
+        return hashlib.sha256(json.dumps([self.args, text]).encode()).hexdigest()[:16]
+
+    def result(self, required: bool = False) -> dict | None:
+        path = self.dir / "result.json"
+        if not path.exists():
+            if required:
+                raise SystemExit(f"scheme_study: run {self.dir} has not finished; run the study without --report_only")
+            return None
+        result = json.loads(path.read_text())
+        if result["fingerprint"] != self.fingerprint():
+            raise SystemExit(
+                f"scheme_study: {path} was made by another command or config ({result['command']}); "
+                f"move it away or use another --out"
+            )
+        return result
+
+    def command(self, threads: int) -> list[str]:
+        spec = {"arm": self.arm, "lr": self.lr, "seed": self.seed, "out": str(self.out), "extra": list(self.extra)}
+        return [sys.executable, "-m", "benchmarks.scheme_study", "--run_one", json.dumps(spec), "--threads", str(threads)]
+
+
+def run_one(spec: dict, threads: int) -> None:
+    """fit, then test the last checkpoint, in this process; write result.json last (it marks the run finished)."""
+    import torch
+
+    from lit_iiet.analysis.logs import read_scalars
+    from lit_iiet.cli import main
+
+    torch.set_num_threads(threads)
+    run = Run(spec["arm"], spec["lr"], spec["seed"], Path(spec["out"]), tuple(spec["extra"]))
+    common = ["--trainer.default_root_dir", str(run.dir), "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false", "--model.val_sample_prompt", "null"]
+    last = run.dir / "checkpoints" / "last.ckpt"
+    start = time.perf_counter()
+    main(["fit", *run.args, *common] + (["--ckpt_path", str(last)] if last.exists() else []))
+    fit_seconds = time.perf_counter() - start
+    main(["test", *run.args, *common, "--ckpt_path", str(last)])
+    scalars = read_scalars(run.dir / "lightning_logs")
+    val = scalars["val/loss"]
+    convergence = {k: v[-1][1] for k, v in scalars.items() if k.startswith(("iiet/increment/", "iiet/contraction/"))}
+    result = {
+        "arm": run.arm, "lr": run.lr, "seed": run.seed, "threads": threads,
+        "command": "python -m lit_iiet fit " + " ".join(run.args),
+        "fingerprint": run.fingerprint(),
+        "val_loss": val[-1][1], "val_curve": val, "test_loss": scalars["test/loss"][-1][1],
+        "evals_per_token": scalars["iiet/evals_per_token"][-1][1], "fit_seconds": fit_seconds,
+        "convergence": convergence, "date": date.today().isoformat(),
+    }
+    tmp = run.dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(run.dir / "result.json")
+
+
+def execute(runs: list[Run], jobs: int, threads: int) -> None:
+    """Run what is not finished yet, `jobs` processes at a time; a failed run stops the study with its log."""
+    todo = [r for r in runs if r.result() is None]
+    print(f"scheme_study: {len(runs) - len(todo)} of {len(runs)} runs finished before; running {len(todo)}", flush=True)
+    active: list[tuple[Run, subprocess.Popen, float]] = []
+    while todo or active:
+        while todo and len(active) < jobs:
+            run = todo.pop(0)
+            run.dir.mkdir(parents=True, exist_ok=True)
+            log = open(run.dir / "log.txt", "a")
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+            active.append((run, subprocess.Popen(run.command(threads), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), time.time()))
+        time.sleep(2)
+        for item in list(active):
+            run, proc, started = item
+            if proc.poll() is None:
+                continue
+            active.remove(item)
+            if proc.returncode != 0:
+                for _, other, _ in active:
+                    other.terminate()
+                raise SystemExit(f"scheme_study: run {run.dir} failed (exit {proc.returncode}); see {run.dir / 'log.txt'}")
+            r = run.result()
+            print(f"  {run.arm:18s} lr {run.lr:g} seed {run.seed}: val {r['val_loss']:.4f} test {r['test_loss']:.4f} "
+                  f"({time.time() - started:.0f} s)", flush=True)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def fmt(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return f"{m:.3f}" if math.isnan(s) else f"{m:.3f} ± {s:.3f}"
+
+
+class Study:
+    """The runs of a study and their results: each arm's tuning runs, its chosen lr, its final runs."""
+
+    def __init__(self, arms: list[str], lrs: list[float], tune_seeds: list[int], seeds: list[int], out: Path, extra: tuple[str, ...]):
+        self.arms, self.lrs, self.tune_seeds, self.seeds, self.out, self.extra = arms, lrs, tune_seeds, seeds, out, extra
+
+    def run(self, arm: str, lr: float, seed: int) -> Run:
+        return Run(arm, lr, seed, self.out, self.extra)
+
+    def tuning(self) -> list[Run]:
+        return [self.run(a, lr, s) for a in self.arms for lr in self.lrs for s in self.tune_seeds]
+
+    def tuned(self, arm: str) -> dict[float, list[float]]:
+        """Final val/loss of each lr of the grid, over the tuning seeds."""
+        return {lr: [self.run(arm, lr, s).result(required=True)["val_loss"] for s in self.tune_seeds] for lr in self.lrs}
+
+    def chosen_lr(self, arm: str) -> float:
+        tuned = self.tuned(arm)
+        return min(self.lrs, key=lambda lr: statistics.mean(tuned[lr]))
+
+    def final(self, arm: str) -> list[Run]:
+        return [self.run(arm, self.chosen_lr(arm), s) for s in self.seeds]
+
+
+def report(study: Study) -> None:
+    out, seeds = study.out, study.seeds
+    runs = {r.dir: r for r in study.tuning() + [r for a in study.arms for r in study.final(a)]}
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["arm", "lr", "seed", "val_loss", "test_loss", "evals_per_token", "fit_seconds", "threads", "command"])
+        for run in runs.values():
+            r = run.result(required=True)
+            writer.writerow([r["arm"], r["lr"], r["seed"], f"{r['val_loss']:.5f}", f"{r['test_loss']:.5f}",
+                             f"{r['evals_per_token']:.3f}", f"{r['fit_seconds']:.1f}", r["threads"], r["command"]])
+    test = {a: [r.result()["test_loss"] for r in study.final(a)] for a in study.arms}
+    val = {a: [r.result()["val_loss"] for r in study.final(a)] for a in study.arms}
+    extra = f" Every run adds `{' '.join(study.extra)}`." if study.extra else ""
+    lines = [
+        f"Each arm at its chosen lr, seeds {', '.join(map(str, seeds))}: mean ± std over seeds.{extra} "
+        "\"vs euler\" is the test/loss difference to euler paired by seed (same data order and initial draw).",
+        "",
+        "| arm | what | train FLOPs vs euler | lr (chosen on val) | val/loss | test/loss | test vs euler |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm in study.arms:
+        gap = fmt([t - b for t, b in zip(test[arm], test["euler"])]) if "euler" in test and arm != "euler" else ""
+        lines.append(f"| {arm} | {ARMS[arm].what} | {ARMS[arm].flops:g} | {study.chosen_lr(arm):g} | "
+                     f"{fmt(val[arm])} | {fmt(test[arm])} | {gap} |")
+    lines += ["", f"Tuning: final val/loss per peak learning rate (seeds {', '.join(map(str, study.tune_seeds))}); "
+              "the chosen lr in bold.", "",
+              "| arm | " + " | ".join(f"lr {lr:g}" for lr in study.lrs) + " |", "|---|" + "---|" * len(study.lrs)]
+    for arm in study.arms:
+        cells = [f"**{fmt(v)}**" if lr == study.chosen_lr(arm) else fmt(v) for lr, v in study.tuned(arm).items()]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(study, test)
+
+
+def plot(study: Study, test: dict[str, list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (tune, final) = plt.subplots(1, 2, figsize=(13, 0.9 + 0.35 * max(8, len(study.arms))))
+    for arm in study.arms:
+        tuned = study.tuned(arm)
+        tune.plot(study.lrs, [statistics.mean(tuned[lr]) for lr in study.lrs], "o-", label=arm)
+    tune.set_xscale("log")
+    tune.set_xlabel("peak learning rate")
+    tune.set_ylabel("final val/loss (tuning seeds)")
+    tune.set_title("learning-rate grid")
+    tune.legend(fontsize=7)
+    stats = [mean_std(test[a]) for a in study.arms]
+    final.barh(range(len(study.arms)), [m for m, _ in stats], xerr=[0 if math.isnan(s) else s for _, s in stats])
+    final.set_yticks(range(len(study.arms)), study.arms, fontsize=8)
+    final.invert_yaxis()
+    final.set_xlim(min(m for m, _ in stats) - 0.1, max(m for m, _ in stats) + 0.05)
+    final.set_xlabel(f"test/loss at the chosen lr, mean ± std over seeds {', '.join(map(str, study.seeds))}")
+    final.set_title("final")
+    fig.tight_layout()
+    fig.savefig(study.out / "study.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/scheme_study", help="study folder (runs, results.csv, table.md, study.png)")
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help=f"arms to run, of: {', '.join(ARMS)}")
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3], help="the learning-rate grid of every arm")
+    parser.add_argument("--tune_seeds", nargs="+", type=int, default=[1337], help="seeds that choose the lr (on val/loss)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1337, 7, 42], help="seeds of the final rows, at the chosen lr")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
+    parser.add_argument("--override", action="append", metavar="--KEY=VALUE",
+                        help="a fit option added to every run, e.g. --override=--model.arch.embed_scale=16 (repeatable)")
+    parser.add_argument("--report_only", action="store_true", help="write the table from finished runs, run nothing")
+    parser.add_argument("--run_one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.run_one:
+        return run_one(json.loads(args.run_one), threads)
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arm {unknown[0]!r}; choose from: {', '.join(ARMS)}")
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs} must be >= 1")
+    study = Study(args.arms, args.lrs, args.tune_seeds, args.seeds, Path(args.out), tuple(args.override or ()))
+    if not args.report_only:
+        execute(study.tuning(), args.jobs, threads)
+        # The final runs need each arm's chosen lr, known once its tuning runs have finished.
+        execute([r for a in args.arms for r in study.final(a)], args.jobs, threads)
+    report(study)
+
+
+if __name__ == "__main__":
+    main()
