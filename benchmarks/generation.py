@@ -20,7 +20,7 @@ every sentence decodes exactly tgt_len tokens + the forced eos (tgt_len + 1 deco
 call includes encoding the sources, as in `Seq2SeqModule.translate`. Rounds alternate every (scheme, beam); the
 table gives output tokens/s (= sentences * tgt_len / s) as a ratio to beam 1 of the same scheme, the same for
 hypothesis tokens/s (output tokens/s * beam: the work that beam search batches), and sentences/s as a ratio
-to euler at beam 1. Absolute tokens/s and sentences/s are printed only on CUDA (DESIGN.md section 6).
+to euler at beam 1. Absolute tokens/s and sentences/s are printed only on CUDA (docs/DESIGN.md, section 6).
 """
 
 from __future__ import annotations

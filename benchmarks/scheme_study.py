@@ -69,11 +69,14 @@ ARMS: dict[str, Arm] = {
     "pcformer": Arm(lm("pcformer"), what="PCformer", flops=3),
     "euler 3x steps": Arm(lm("euler"), ("--trainer.max_steps", "1800"), "vanilla, 1800 steps", 3, "flops"),
     "euler 12 layers": Arm(lm("euler"), ("--model.arch.n_layers", "12"), "vanilla, 12 layers (3x parameters)", 3, "flops"),
-    "euler stream 1": Arm(lm("euler"), ("--model.arch.embed_scale", "1.0"), "vanilla, embed_scale 1", 1, "stream"),
-    "iiet stream 1": Arm(lm("iiet"), ("--model.arch.embed_scale", "1.0"), "IIET r = 3, embed_scale 1", 3, "stream"),
 }
+# The scale of the stream entering the stack (DecoderConfig.embed_scale), for both models: the screen that chose
+# the shipped value, and the rows without it (embed_scale 1, Llama's).
+for scale in ("1.0", "4.0", "11.3", "16.0", "32.0"):
+    ARMS[f"euler stream {scale}"] = Arm(lm("euler"), (f"--model.arch.embed_scale={scale}",), f"vanilla, embed_scale {scale}", 1, "stream")
+    ARMS[f"iiet stream {scale}"] = Arm(lm("iiet"), (f"--model.arch.embed_scale={scale}",), f"IIET r = 3, embed_scale {scale}", 3, "stream")
 DEFAULT_ARMS = ["euler", "iiet", "iiet r=2", "rk2", "rk4", "pcformer", "euler 3x steps", "euler 12 layers",
-                "euler stream 1", "iiet stream 1"]
+                "euler stream 1.0", "iiet stream 1.0"]
 
 
 def slug(text: str) -> str:
@@ -215,6 +218,13 @@ class Study:
         return [self.run(arm, self.chosen_lr(arm), s) for s in self.seeds]
 
 
+def contraction(runs: list[Run]) -> str:
+    """Each layer's contraction estimate at the last validation, mean over the runs ("" for non-IIET arms)."""
+    per_run = [r.result()["convergence"] for r in runs]
+    layers = sorted(int(k.rsplit("/", 1)[1]) for k in per_run[0] if k.startswith("iiet/contraction/"))
+    return " / ".join(f"{statistics.mean(c[f'iiet/contraction/{l}'] for c in per_run):.2f}" for l in layers)
+
+
 def report(study: Study) -> None:
     out, seeds = study.out, study.seeds
     runs = {r.dir: r for r in study.tuning() + [r for a in study.arms for r in study.final(a)]}
@@ -232,14 +242,15 @@ def report(study: Study) -> None:
         f"Each arm at its chosen lr, seeds {', '.join(map(str, seeds))}: mean ± std over seeds.{extra} "
         "\"vs euler\" is the test/loss difference to euler paired by seed (same data order and initial draw).",
         "",
-        "| arm | what | train FLOPs vs euler | lr (chosen on val) | val/loss | test/loss | test vs euler |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | what | train FLOPs vs euler | lr (chosen on val) | val/loss | test/loss | test vs euler | contraction per layer |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for arm in study.arms:
         gap = fmt([t - b for t, b in zip(test[arm], test["euler"])]) if "euler" in test and arm != "euler" else ""
         lines.append(f"| {arm} | {ARMS[arm].what} | {ARMS[arm].flops:g} | {study.chosen_lr(arm):g} | "
-                     f"{fmt(val[arm])} | {fmt(test[arm])} | {gap} |")
-    lines += ["", f"Tuning: final val/loss per peak learning rate (seeds {', '.join(map(str, study.tune_seeds))}); "
+                     f"{fmt(val[arm])} | {fmt(test[arm])} | {gap} | {contraction(study.final(arm))} |")
+    lines += ["", "Contraction: `iiet/contraction/<layer>` at the last validation (mean over seeds); at or above 1 that "
+              "layer's iteration does not converge.", "", f"Tuning: final val/loss per peak learning rate (seeds {', '.join(map(str, study.tune_seeds))}); "
               "the chosen lr in bold.", "",
               "| arm | " + " | ".join(f"lr {lr:g}" for lr in study.lrs) + " |", "|---|" + "---|" * len(study.lrs)]
     for arm in study.arms:

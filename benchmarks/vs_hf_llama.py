@@ -35,7 +35,7 @@ Achieved FLOP/s = counted FLOPs / median step time; it is compared with the mach
 the same run, as a third member of every round: a `--gemm_n`-square matmul in the run's dtype (fp32 on CPU,
 about 170 GFLOP/s on our 2-core machines; bf16 or fp32 on CUDA). On CUDA with bf16 the table adds MFU against
 the card's dense bf16 peak from its data sheet, when the device name is known (H100 SXM, H200, ...).
-Absolute tokens/s are printed only on CUDA (DESIGN.md section 6).
+Absolute tokens/s are printed only on CUDA (docs/DESIGN.md, section 6).
 """
 
 from __future__ import annotations

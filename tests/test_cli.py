@@ -98,6 +98,11 @@ def test_fit_writes_checkpoints_and_tensorboard_logs(trained_run):
     assert val[-1] < val[0] < 7.0  # learning, from about ln(512) = 6.2
     assert abs(scalars["val/ppl"][-1][1] - torch.tensor(val[-1]).exp().item()) < 1e-3 * scalars["val/ppl"][-1][1]
     assert scalars["iiet/evals_per_token"][-1][1] == 3.0
+    # Convergence of every layer's fixed-point iteration (TINY: 2 layers, r = 3), at each validation.
+    for layer in (0, 1):
+        increments = [scalars[f"iiet/increment/{layer}/{k}"] for k in (1, 2, 3)]
+        assert all([s for s, _ in inc] == [2, 5] and all(v > 0 for _, v in inc) for inc in increments)
+        assert 0 < scalars[f"iiet/contraction/{layer}"][-1][1] < 10
     samples = read_texts(trained_run, "val/sample")
     assert samples and all("ROMEO:" in s for s in samples)
 

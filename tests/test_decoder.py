@@ -16,6 +16,8 @@ CASES = {
     "iiet_schedule": ODEConfig("iiet", [1, 3, 2]),
     "iiet_sublayer": ODEConfig("iiet", 2, iiet_unit="sublayer"),
     "iiet_mean_damped": ODEConfig("iiet", 3, iiet_output="mean", iiet_damping=0.7),
+    "iiet_anderson": ODEConfig("iiet", [3, 4, 2], iiet_solver="anderson"),
+    "iiet_relaxation": ODEConfig("iiet", 3, iiet_relaxation="learned", iiet_damping=0.7),
     "rk2": ODEConfig("rk2"),
     "rk2_gated": ODEConfig("rk2_gated"),
     "rk4": ODEConfig("rk4"),

@@ -85,6 +85,29 @@ def test_export_round_trip(tmp_path, tie):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_export_folds_the_embedding_scale_into_the_llama_embedding(tmp_path):
+    """Llama does not scale its embeddings: an untied model with embed_scale s exports exactly as s W; a tied one
+    cannot, and is refused before anything is written."""
+    save_llama(tmp_path / "hf")
+    ckpt = import_llama(tmp_path / "hf", tmp_path / "ours", ODEConfig("euler"))
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"]["arch"]["embed_scale"] = 8.0
+    torch.save(checkpoint, tmp_path / "scaled.ckpt")
+    export_llama(tmp_path / "scaled.ckpt", tmp_path / "exported")
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ours = LanguageModel.load_from_checkpoint(tmp_path / "scaled.ckpt", map_location="cpu").eval()
+    assert ours.model.cfg.embed_scale == 8.0
+    x = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(reloaded, x), ours.model(x), atol=1e-4, rtol=0)
+    checkpoint["hyper_parameters"]["arch"]["tie_embeddings"] = True
+    del checkpoint["state_dict"]["model.lm_head.weight"]
+    torch.save(checkpoint, tmp_path / "tied.ckpt")
+    with pytest.raises(UserInputError, match="embed_scale=8.0 with tied embeddings has no Llama equivalent"):
+        export_llama(tmp_path / "tied.ckpt", tmp_path / "tied_out")
+    assert not (tmp_path / "tied_out").exists()
+
+
 def test_export_refuses_schemes_without_a_llama_equivalent_and_existing_output(tmp_path):
     save_llama(tmp_path / "hf")
     ckpt = import_llama(tmp_path / "hf", tmp_path / "iiet", ODEConfig("iiet", 2))

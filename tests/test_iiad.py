@@ -11,6 +11,7 @@ from lit_iiet.analysis.influence import (
     relative_compute,
     schedule_from_influence,
 )
+from lit_iiet.analysis.convergence import solver_residuals
 from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.callbacks import IIAD, TwoStage
 from lit_iiet.callbacks.influence import heatmap_image
@@ -66,6 +67,20 @@ def test_measures_on_known_iterates():
     assert stats.refinement[0] == pytest.approx(expected, rel=1e-5)
     assert stats.increments[0][0] == pytest.approx(((z1 - y).norm(dim=-1) / y.norm(dim=-1)).mean().item(), rel=1e-5)
 
+
+
+def test_picard_residual_after_n_evaluations_is_the_next_increment():
+    """||Phi(z_n) - z_n|| = ||z_(n+1) - z_n||: the solver comparison and the logged increments agree for Picard,
+    and Anderson's residual differs (it is another iterate) while n = 1 is the same vanilla step for both."""
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(64, n_layers=2, d_model=16, n_heads=2, max_seq_len=16, embed_scale=8.0), ODEConfig("iiet", 3))
+    batches = [torch.randint(0, 64, (2, 11))]
+    increments = iteration_stats(model, batches).increments
+    residuals = solver_residuals(model, batches, max_evals=3)
+    for layer in (0, 1):
+        assert residuals["picard"][layer][:2] == pytest.approx(increments[layer][1:], rel=1e-4)
+        assert residuals["anderson"][layer][0] == pytest.approx(residuals["picard"][layer][0], rel=1e-6)
+        assert residuals["anderson"][layer][2] != pytest.approx(residuals["picard"][layer][2], rel=1e-3)
 
 def test_relative_compute_equals_counted_evaluations(monkeypatch):
     calls = []

@@ -13,6 +13,7 @@ def test_iteration_influence_notebook_runs(tmp_path, monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 3  # heatmap, influence bars, Pareto curve
+    assert len(images) >= 5  # heatmap, convergence over training, solvers, influence bars, Pareto curve
     text = "".join(o.get("text", "") for o in outputs)
+    assert "last validation, contraction per layer: [" in text and "residual after 3 evaluations: Picard" in text
     assert "threshold 0.00: schedule [3, 3, 3, 3]" in text and "threshold 1.00: schedule [1, 1, 1, 1]" in text

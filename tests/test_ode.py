@@ -6,11 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from lit_iiet.analysis.convergence import ConvergenceMeter
 from lit_iiet.errors import UserInputError
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.ode import (
     Branch,
+    LayerUpdate,
     ODEConfig,
+    anderson,
     euler,
     fixed_point,
     iiet,
@@ -114,6 +117,79 @@ def test_damped_iteration_has_the_same_fixed_point():
     assert torch.allclose(iiet(y, G, iters=1, damping=0.5), y + 0.5 * G(y, 0), atol=1e-15)
 
 
+def test_learned_relaxation_keeps_the_fixed_point_and_learns():
+    """A relaxation parameter b (any value in (0, 1]) leaves the implicit Euler solution unchanged; it gets a gradient."""
+    A, h = linear_system(3), 0.1
+    y = torch.randn(2, DIM, dtype=torch.float64)
+    implicit = torch.linalg.solve(torch.eye(DIM, dtype=torch.float64) - h * A, y.T).T
+    b = torch.tensor(0.6, requires_grad=True)
+    assert torch.allclose(fixed_point(y, linear_branch(A, h), 200, damping=b), implicit, atol=1e-12)
+    fixed_point(y, linear_branch(A, h), 3, damping=b).sum().backward()
+    assert b.grad is not None and b.grad != 0
+
+
+def test_anderson_solves_a_linear_implicit_step_where_picard_diverges():
+    """On a linear G, Anderson with memory >= d + 1 is GMRES in disguise: d + 1 evaluations give (I - hA)^-1 y
+    exactly, here with h = 0.5 where hA has spectral radius 2 and the plain fixed-point iteration blows up."""
+    A, h = linear_system(2), 0.5
+    assert torch.linalg.eigvals(h * A).abs().max() > 1.5
+    y = torch.randn(3, DIM, dtype=torch.float64)
+    G = linear_branch(A, h)
+    implicit = torch.linalg.solve(torch.eye(DIM, dtype=torch.float64) - h * A, y.T).T
+    assert torch.allclose(anderson(y, G, DIM + 2, memory=DIM + 1, reg=0.0), implicit, atol=1e-9)
+    assert torch.allclose(anderson(y, G, DIM + 2, memory=DIM + 1), implicit, atol=1e-3)  # the default Tikhonov term
+    assert (fixed_point(y, G, DIM + 2) - implicit).norm() > 10 * implicit.norm()
+    # One evaluation is the explicit Euler step, as for Picard.
+    assert torch.equal(anderson(y, G, 1), euler(y, G))
+
+
+def test_anderson_reaches_a_residual_in_fewer_evaluations_than_picard():
+    """A contraction with Lipschitz constant 0.9 (nonlinear): Picard needs far more evaluations for the same residual."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(DIM, DIM, generator=g, dtype=torch.float64)
+    W = 0.9 * W / torch.linalg.matrix_norm(W, ord=2)
+
+    def G(z, e):
+        return torch.tanh(z @ W.T)
+
+    y = torch.randn(5, DIM, generator=g, dtype=torch.float64)
+    residual = lambda z: ((z - y - G(z, 0)).norm() / z.norm()).item()  # noqa: E731
+    solvers = {"picard": lambda r: fixed_point(y, G, r), "anderson m=3": lambda r: anderson(y, G, r, memory=3),
+               "anderson m=5": lambda r: anderson(y, G, r, memory=5)}
+    needed = {name: next(r for r in range(1, 200) if residual(solve(r)) < 1e-6) for name, solve in solvers.items()}
+    assert needed["anderson m=3"] < needed["picard"] and needed["anderson m=5"] * 2 < needed["picard"], needed
+
+
+def test_anderson_mixes_each_token_on_its_own():
+    """Rows of z are tokens: changing one token must not move another's iterate (the solver stays causal)."""
+    W = torch.randn(DIM, DIM, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.4
+
+    def G(z, e):
+        return torch.tanh(z @ W.T)
+
+    y = torch.randn(1, 6, DIM, dtype=torch.float64)
+    other = y.clone()
+    other[0, 4:] += 1.0
+    a, b = anderson(y, G, 4), anderson(other, G, 4)
+    assert torch.allclose(a[0, :4], b[0, :4], atol=1e-15) and not torch.allclose(a[0, 4:], b[0, 4:])
+
+
+def test_convergence_meter_on_a_scalar_linear_map():
+    """G(z) = a z gives z_k = (1 + a + ... + a^k) y: increment k is |a|^k / |1 + ... + a^(k-1)| and each
+    contraction estimate is |a|. A masked token (another a) must not count."""
+    a = torch.tensor([-0.5, 0.9]).view(1, 2, 1)  # token 0 and a padding token
+    update = LayerUpdate(ODEConfig("iiet", 3), 1, DIM)
+    meter = ConvergenceMeter()
+    with update.observe(meter.observer(update.schedule, mask=torch.tensor([[True, False]]))):
+        update(0, torch.randn(1, 2, DIM, dtype=torch.float64), Branch([lambda z, e: a * z]))
+    partial = [1.0, 0.5, 0.75]  # 1, 1 + a, 1 + a + a^2 for a = -0.5
+    assert meter.tokens == 1
+    assert meter.increments() == [pytest.approx([0.5**k / partial[k - 1] for k in (1, 2, 3)])]
+    assert meter.contraction() == [pytest.approx([0.5, 0.5])]
+    metrics = meter.metrics()
+    assert metrics["iiet/contraction/0"] == pytest.approx(0.5) and metrics["iiet/increment/0/3"] == pytest.approx(0.125 / 0.75)
+
+
 def test_mean_output_with_two_iterations_is_heun():
     """output="mean" averages the slopes G(z_0), G(z_1); with r = 2 that is exactly RK2 (Heun)."""
     A = linear_system(4)
@@ -181,12 +257,13 @@ def tiny_decoder(scheme: str, iters=1, **ode) -> Decoder:
     return Decoder(cfg, ODEConfig(scheme=scheme, iters=iters, **ode)).eval()
 
 
-@pytest.mark.parametrize("ode", [{}, {"iiet_output": "mean"}])
+@pytest.mark.parametrize("ode", [{}, {"iiet_output": "mean"}, {"iiet_solver": "anderson"}, {"iiet_relaxation": "learned"}])
 def test_iiet_r1_equals_euler_on_the_same_weights(ode):
-    """Iteration 1 of the implicit Euler solve is the vanilla layer: same weights, identical logits."""
+    """Iteration 1 of the implicit Euler solve is the vanilla layer: same weights, identical logits (a learned
+    relaxation starts at b = 1)."""
     vanilla = tiny_decoder("euler")
     model = tiny_decoder("iiet", 1, **ode)
-    model.load_state_dict(vanilla.state_dict())
+    model.load_state_dict(vanilla.state_dict(), strict=not ode.get("iiet_relaxation"))
     idx = torch.randint(0, 64, (2, 16))
     assert torch.equal(model(idx), vanilla(idx))
     # More iterations change the output (so the comparison above can fail).
@@ -212,6 +289,11 @@ def test_iiet_sublayer_unit_r1_equals_euler():
         ({"scheme": "iiet", "iiet_damping": 0.0}, "iiet_damping=0.0"),
         ({"scheme": "iiet", "iiet_output": "first"}, "iiet_output='first'"),
         ({"scheme": "iiet", "iiet_unit": "head"}, "iiet_unit='head'"),
+        ({"scheme": "iiet", "iiet_solver": "newton"}, "iiet_solver='newton'"),
+        ({"scheme": "iiet", "anderson_memory": 1}, "anderson_memory=1"),
+        ({"scheme": "iiet", "iiet_solver": "anderson", "iiet_output": "mean"}, "iiet_solver='anderson' mixes its own"),
+        ({"scheme": "iiet", "iiet_relaxation": "adaptive"}, "iiet_relaxation='adaptive'"),
+        ({"scheme": "iiet", "iiet_policy": "residual", "iiet_solver": "anderson"}, "iiet_solver 'picard'"),
     ],
 )
 def test_bad_ode_config(kwargs, message):
@@ -222,3 +304,19 @@ def test_bad_ode_config(kwargs, message):
 def test_schedule_length_must_match_layers():
     with pytest.raises(UserInputError, match=r"schedule \[1, 2\] has 2 entries; the stack has 3 layers"):
         tiny_decoder("iiet", [1, 2])
+
+
+def test_embed_scale_multiplies_the_stream_entering_the_stack():
+    """embed_scale s on weights W is the same function as scale 1 on weights s W (untied head)."""
+    cfg = DecoderConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, max_seq_len=32)
+    torch.manual_seed(0)
+    scaled = Decoder(DecoderConfig(**{**cfg.__dict__, "embed_scale": 16.0}), ODEConfig("iiet", 3)).eval()
+    plain = Decoder(cfg, ODEConfig("iiet", 3)).eval()
+    state = scaled.state_dict()
+    plain.load_state_dict({**state, "embed.weight": 16.0 * state["embed.weight"]})
+    idx = torch.randint(0, 64, (2, 12))
+    assert torch.allclose(scaled(idx), plain(idx), atol=1e-12)
+    plain.load_state_dict(state)  # the same weights without the scale: another function
+    assert not torch.allclose(scaled(idx), plain(idx), atol=1e-3)
+    with pytest.raises(UserInputError, match="embed_scale=0.0 must be > 0"):
+        DecoderConfig(embed_scale=0.0)

@@ -1,1 +1,1 @@
-"""Reading and measuring trained models: TensorBoard scalars (and, later, iteration influence)."""
+"""Reading and measuring trained models: TensorBoard scalars, iteration influence, fixed-point convergence."""

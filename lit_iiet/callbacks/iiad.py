@@ -7,7 +7,7 @@ teacher's weights with that schedule, and continue training it on
     loss = CE(student, data) + kd_weight * T^2 * KL(teacher_T || student_T) [+ hidden_mse_weight * mean_l MSE(h_l)]
 
 with T the temperature and h_l the layer outputs. The paper's exact metric and loss were not recoverable; these
-are the documented defaults (reference/iiet_and_baselines.md section 2.2). The teacher is frozen and never
+are the documented defaults. The teacher is frozen and never
 changes; the student's checkpoints carry the pruned schedule, so they load and generate like any other.
 """
 

@@ -53,7 +53,7 @@ class DecoderConfig:
     embed_scale: float = 1.0
     """Multiplier of the embedding output, i.e. the scale of the stream entering the first layer. Llama uses 1;
     Gemma uses sqrt(d_model). Pre-norm layers are scale-invariant in their input, so G's Jacobian grows like
-    1 / ||z||: an embedding of std 0.02 makes the first layer's fixed-point map expansive (docs/DESIGN.md)."""
+    1 / ||z||: an embedding of std 0.02 makes the first layer's fixed-point map expansive (docs/DESIGN.md, section 4)."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
 

@@ -47,7 +47,7 @@ class KVCache(nn.Module):
     Buffers are preallocated to `max_len`; `forward` writes the new keys/values at `pos` and returns the
     prefix [0, pos + T) to attend over. Because each F-evaluation of a layer gets its own slot, the attention
     of evaluation e reads keys computed from every token's input to evaluation e, exactly as in the
-    full-sequence forward (DESIGN.md section 3, the KV cache rule).
+    full-sequence forward (docs/DESIGN.md, section 3: the KV-cache rule).
     """
 
     def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, device=None, dtype=None) -> None:
