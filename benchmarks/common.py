@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
+import time
+from pathlib import Path
 
 import torch
 
@@ -59,3 +61,27 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def fit_and_test(args: list[str], run_dir: Path) -> dict:
+    """`python -m lit_iiet fit ARGS`, then `test` of its last checkpoint, in this process and into run_dir.
+
+    An interrupted fit resumes from its last checkpoint. Returns the val/loss curve [(step, loss)], the final
+    val/loss and test/loss, the last validation's `iiet/` scalars and the fit's wall time in seconds.
+    """
+    from lit_iiet.analysis.logs import read_scalars
+    from lit_iiet.cli import main
+
+    common = ["--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false", "--model.val_sample_prompt", "null"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    start = time.perf_counter()
+    main(["fit", *args, *common] + (["--ckpt_path", str(last)] if last.exists() else []))
+    fit_seconds = time.perf_counter() - start
+    main(["test", *args, *common, "--ckpt_path", str(last)])
+    scalars = read_scalars(run_dir / "lightning_logs")
+    val = scalars["val/loss"]
+    return {
+        "val_curve": val, "val_loss": val[-1][1], "test_loss": scalars["test/loss"][-1][1],
+        "iiet": {k: v[-1][1] for k, v in scalars.items() if k.startswith("iiet/")}, "fit_seconds": fit_seconds,
+    }

@@ -22,6 +22,30 @@ from lit_iiet.models import LanguageModel
 from lit_iiet.nn.generate import generate
 
 
+def decode_speeds(models: dict, batch: int, prompt_len: int, tokens: int, rounds: int, device: str) -> dict[str, float]:
+    """Median cached greedy tokens/s of each model, as a ratio to the first; rounds alternate the models."""
+    vocab = min(m.cfg.vocab_size for m in models.values())
+    prompt = torch.randint(4, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run(model) -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate(model, prompt, tokens, temperature=0.0)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return batch * tokens / (time.perf_counter() - start)
+
+    for model in models.values():
+        run(model)  # warm-up
+    speeds: dict[str, list[float]] = {label: [] for label in models}
+    for _ in range(rounds):
+        for label, model in models.items():
+            speeds[label].append(run(model))
+    base = statistics.median(next(iter(speeds.values())))
+    return {label: statistics.median(values) / base for label, values in speeds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="label=checkpoint.ckpt; the first is the baseline")
@@ -36,26 +60,7 @@ def main() -> None:
     for item in args.models:
         label, _, path = item.partition("=")
         models[label] = LanguageModel.load_from_checkpoint(path, map_location=args.device).model.eval()
-    vocab = min(m.cfg.vocab_size for m in models.values())
-    prompt = torch.randint(4, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(args.device)
-
-    def run(model) -> float:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        generate(model, prompt, args.tokens, temperature=0.0)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return args.batch * args.tokens / (time.perf_counter() - start)
-
-    for model in models.values():
-        run(model)  # warm-up
-    speeds: dict[str, list[float]] = {label: [] for label in models}
-    for _ in range(args.rounds):
-        for label, model in models.items():
-            speeds[label].append(run(model))
-
-    base = statistics.median(next(iter(speeds.values())))
+    ratios = decode_speeds(models, args.batch, args.prompt, args.tokens, args.rounds, args.device)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()}, {torch.get_num_threads()} threads"
     print(f"Cached greedy decoding, {date.today()}, {where}, torch {torch.__version__}; batch {args.batch}, "
           f"{args.prompt}-token prompt + {args.tokens} new tokens; median of {args.rounds} alternating rounds.\n")
@@ -63,7 +68,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for label, model in models.items():
         evals = model.update.total_evals() / model.cfg.n_layers
-        print(f"| {label} | {model.update.schedule} | {evals:.2f} | {statistics.median(speeds[label]) / base:.2f} |")
+        print(f"| {label} | {model.update.schedule} | {evals:.2f} | {ratios[label]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -4,15 +4,15 @@
     python -m benchmarks.scheme_study --out runs/screen --arms iiet "iiet anderson" --lrs 2e-3 --seeds 1337
 
 Every arm is a shipped config (`conf/lm/shakespeare_<scheme>.yaml`) plus a few command-line overrides, so any row
-can be rerun by hand with the command that results.csv records. For each arm:
+can be rerun by hand with the command that the CSV records. For each arm:
 1. tuning: one run per learning rate of --lrs with each of --tune_seeds; the lr with the lowest mean final
    val/loss is the arm's lr (validation chooses);
 2. final: the chosen lr with every seed of --seeds; the table reports the mean and standard deviation over those
    seeds of val/loss and of test/loss (the test split is only read here, never for choosing).
 Every arm gets the same lr grid and the same seeds. Runs are independent processes and resumable: a finished
 run (result.json written) is skipped, an interrupted one resumes from its last checkpoint, and a run whose
-command changed since (an edited arm or config) is refused rather than mixed in. Writes results.csv (one row
-per run), table.md and study.png under --out.
+command changed since (an edited arm or config) is refused rather than mixed in. Writes NAME.csv (one row per
+run), NAME.md (the tables) and NAME.png under --out, NAME being --name.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+
+from benchmarks.common import fit_and_test
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,28 +132,17 @@ def run_one(spec: dict, threads: int) -> None:
     """fit, then test the last checkpoint, in this process; write result.json last (it marks the run finished)."""
     import torch
 
-    from lit_iiet.analysis.logs import read_scalars
-    from lit_iiet.cli import main
-
     torch.set_num_threads(threads)
     run = Run(spec["arm"], spec["lr"], spec["seed"], Path(spec["out"]), tuple(spec["extra"]))
-    common = ["--trainer.default_root_dir", str(run.dir), "--trainer.enable_progress_bar", "false",
-              "--trainer.enable_model_summary", "false", "--model.val_sample_prompt", "null"]
-    last = run.dir / "checkpoints" / "last.ckpt"
-    start = time.perf_counter()
-    main(["fit", *run.args, *common] + (["--ckpt_path", str(last)] if last.exists() else []))
-    fit_seconds = time.perf_counter() - start
-    main(["test", *run.args, *common, "--ckpt_path", str(last)])
-    scalars = read_scalars(run.dir / "lightning_logs")
-    val = scalars["val/loss"]
-    convergence = {k: v[-1][1] for k, v in scalars.items() if k.startswith(("iiet/increment/", "iiet/contraction/"))}
+    outcome = fit_and_test(run.args, run.dir)
     result = {
         "arm": run.arm, "lr": run.lr, "seed": run.seed, "threads": threads,
         "command": "python -m lit_iiet fit " + " ".join(run.args),
         "fingerprint": run.fingerprint(),
-        "val_loss": val[-1][1], "val_curve": val, "test_loss": scalars["test/loss"][-1][1],
-        "evals_per_token": scalars["iiet/evals_per_token"][-1][1], "fit_seconds": fit_seconds,
-        "convergence": convergence, "date": date.today().isoformat(),
+        "val_loss": outcome["val_loss"], "val_curve": outcome["val_curve"], "test_loss": outcome["test_loss"],
+        "evals_per_token": outcome["iiet"]["iiet/evals_per_token"], "fit_seconds": outcome["fit_seconds"],
+        "convergence": {k: v for k, v in outcome["iiet"].items() if k.startswith(("iiet/increment/", "iiet/contraction/"))},
+        "date": date.today().isoformat(),
     }
     tmp = run.dir / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
@@ -197,8 +188,10 @@ def fmt(values: list[float]) -> str:
 class Study:
     """The runs of a study and their results: each arm's tuning runs, its chosen lr, its final runs."""
 
-    def __init__(self, arms: list[str], lrs: list[float], tune_seeds: list[int], seeds: list[int], out: Path, extra: tuple[str, ...]):
+    def __init__(self, arms: list[str], lrs: list[float], tune_seeds: list[int], seeds: list[int], out: Path,
+                 extra: tuple[str, ...] = (), name: str = "study"):
         self.arms, self.lrs, self.tune_seeds, self.seeds, self.out, self.extra = arms, lrs, tune_seeds, seeds, out, extra
+        self.name = name
 
     def run(self, arm: str, lr: float, seed: int) -> Run:
         return Run(arm, lr, seed, self.out, self.extra)
@@ -228,7 +221,7 @@ def contraction(runs: list[Run]) -> str:
 def report(study: Study) -> None:
     out, seeds = study.out, study.seeds
     runs = {r.dir: r for r in study.tuning() + [r for a in study.arms for r in study.final(a)]}
-    with open(out / "results.csv", "w", newline="") as f:
+    with open(out / f"{study.name}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["arm", "lr", "seed", "val_loss", "test_loss", "evals_per_token", "fit_seconds", "threads", "command"])
         for run in runs.values():
@@ -256,7 +249,7 @@ def report(study: Study) -> None:
     for arm in study.arms:
         cells = [f"**{fmt(v)}**" if lr == study.chosen_lr(arm) else fmt(v) for lr, v in study.tuned(arm).items()]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / f"{study.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(study, test)
 
@@ -284,12 +277,13 @@ def plot(study: Study, test: dict[str, list[float]]) -> None:
     final.set_xlabel(f"test/loss at the chosen lr, mean ± std over seeds {', '.join(map(str, study.seeds))}")
     final.set_title("final")
     fig.tight_layout()
-    fig.savefig(study.out / "study.png", dpi=110)
+    fig.savefig(study.out / f"{study.name}.png", dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/scheme_study", help="study folder (runs, results.csv, table.md, study.png)")
+    parser.add_argument("--out", default="runs/scheme_study", help="study folder: runs/, and the report files")
+    parser.add_argument("--name", default="study", help="report files: NAME.csv, NAME.md, NAME.png under --out")
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help=f"arms to run, of: {', '.join(ARMS)}")
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3], help="the learning-rate grid of every arm")
     parser.add_argument("--tune_seeds", nargs="+", type=int, default=[1337], help="seeds that choose the lr (on val/loss)")
@@ -309,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown arm {unknown[0]!r}; choose from: {', '.join(ARMS)}")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs} must be >= 1")
-    study = Study(args.arms, args.lrs, args.tune_seeds, args.seeds, Path(args.out), tuple(args.override or ()))
+    study = Study(args.arms, args.lrs, args.tune_seeds, args.seeds, Path(args.out), tuple(args.override or ()), args.name)
     if not args.report_only:
         execute(study.tuning(), args.jobs, threads)
         # The final runs need each arm's chosen lr, known once its tuning runs have finished.

@@ -188,6 +188,10 @@ BAD_INPUTS = {
     "truncated checkpoint": (["--ckpt_path", "{truncated}"], "is truncated or not a torch checkpoint"),
     "missing checkpoint": (["--ckpt_path", "runs/none.ckpt"], "checkpoint 'runs/none.ckpt' does not exist"),
     "other architecture": (["--model.init_from", "{other}"], "does not fit this model's architecture: shape of model.embed.weight"),
+    "other embedding scale": (["--model.init_from", "{last}", "--model.arch.embed_scale", "1"],
+                              "was trained with embed_scale=5.65685, this model has embed_scale=1; set --model.arch.embed_scale 5.65685"),
+    "bad embedding scale": (["--model.arch.embed_scale", "-1"], "embed_scale=-1.0 must be a number > 0 or 'sqrt_d_model'"),
+    "anderson with mean": (["--model.ode.iiet_solver", "anderson", "--model.ode.iiet_output", "mean"], "iiet_solver='anderson' mixes its own"),
 }
 
 
@@ -196,6 +200,7 @@ def test_bad_input_gets_a_short_error_and_nothing_is_overwritten(case, trained_r
     files = write_bad_files(tmp_path)
     last = trained_run / "checkpoints" / "last.ckpt"
     files["truncated"].write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    files["last"] = last
     files["other"] = trained_run / "other.ckpt"
     if not files["other"].exists():  # a checkpoint of a wider model
         main(["fit", *TINY, "--model.arch.d_model", "64", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",

@@ -318,5 +318,6 @@ def test_embed_scale_multiplies_the_stream_entering_the_stack():
     assert torch.allclose(scaled(idx), plain(idx), atol=1e-12)
     plain.load_state_dict(state)  # the same weights without the scale: another function
     assert not torch.allclose(scaled(idx), plain(idx), atol=1e-3)
-    with pytest.raises(UserInputError, match="embed_scale=0.0 must be > 0"):
+    with pytest.raises(UserInputError, match="embed_scale=0.0 must be a number > 0 or 'sqrt_d_model'"):
         DecoderConfig(embed_scale=0.0)
+    assert DecoderConfig(d_model=256, embed_scale="sqrt_d_model").embed_scale == 16.0

@@ -96,6 +96,7 @@ class IIAD(Callback):
             raise UserInputError(f"IIAD teacher {self.teacher_path!r} has scheme {self.teacher.model.update.cfg.scheme!r}, not 'iiet'")
         # The student starts as the teacher (on resume, the checkpoint's weights replace these afterwards) ...
         pl_module.load_weights(self.teacher.state_dict(), self.teacher_path)
+        pl_module.check_embed_scale(self.teacher.hparams["arch"], self.teacher_path)
         self.teacher.eval().requires_grad_(False)
         if trainer.ckpt_path is not None:  # resuming: weights and the pruned schedule come from the checkpoint
             return

@@ -61,7 +61,22 @@ class ODEModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from:
-            self.load_weights(load_checkpoint(self.init_from)["state_dict"], self.init_from)
+            checkpoint = load_checkpoint(self.init_from)
+            self.load_weights(checkpoint["state_dict"], self.init_from)  # another shape is the clearer error
+            self.check_embed_scale(checkpoint.get("hyper_parameters", {}).get("arch"), self.init_from)
+
+    def check_embed_scale(self, arch: dict | None, source: str) -> None:
+        """The embedding scale is no weight: weights trained under another one would silently compute another
+        function. Checkpoints from before the option existed were trained with 1."""
+        own = getattr(self.model.cfg, "embed_scale", None)
+        if own is None or arch is None:
+            return
+        theirs = float(arch.get("embed_scale", 1.0))
+        if abs(theirs - own) > 1e-6 * max(1.0, own):
+            raise UserInputError(
+                f"checkpoint {source!r} was trained with embed_scale={theirs:g}, this model has embed_scale={own:g}; "
+                f"set --model.arch.embed_scale {theirs:g} to continue from it"
+            )
 
     def load_weights(self, state: dict[str, Tensor], source: str) -> None:
         """Initialise from another model's weights; parameters only an adaptive policy has keep their init."""

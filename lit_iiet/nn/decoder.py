@@ -50,10 +50,11 @@ class DecoderConfig:
     """Dropout on attention weights and on every sub-layer output."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head (Transformer++ leaves them untied)."""
-    embed_scale: float = 1.0
-    """Multiplier of the embedding output, i.e. the scale of the stream entering the first layer. Llama uses 1;
-    Gemma uses sqrt(d_model). Pre-norm layers are scale-invariant in their input, so G's Jacobian grows like
-    1 / ||z||: an embedding of std 0.02 makes the first layer's fixed-point map expansive (docs/DESIGN.md, section 4)."""
+    embed_scale: float | str = 1.0
+    """Multiplier of the embedding output, i.e. the scale of the stream entering the first layer: a number, or
+    sqrt_d_model (Gemma's choice; Llama's is 1). Pre-norm layers are scale-invariant in their input, so G's
+    Jacobian grows like 1 / ||z||: an embedding of std 0.02 makes the first layer's fixed-point map expansive
+    (docs/DESIGN.md, section 4)."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
 
@@ -65,8 +66,10 @@ class DecoderConfig:
             raise UserInputError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size (RoPE)")
         if self.n_heads % (self.n_kv_heads or self.n_heads):
             raise UserInputError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
-        if not self.embed_scale > 0:
-            raise UserInputError(f"embed_scale={self.embed_scale} must be > 0")
+        if self.embed_scale == "sqrt_d_model":
+            self.embed_scale = math.sqrt(self.d_model)  # checkpoints store the number
+        if isinstance(self.embed_scale, str) or not self.embed_scale > 0:
+            raise UserInputError(f"embed_scale={self.embed_scale!r} must be a number > 0 or 'sqrt_d_model'")
 
 
 class Block(nn.Module):
