@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/scheme_study", help="study folder: runs/, and the report files")
     parser.add_argument("--name", default="study", help="report files: NAME.csv, NAME.md, NAME.png under --out")
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help=f"arms to run, of: {', '.join(ARMS)}")
-    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3], help="the learning-rate grid of every arm")
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3, 8e-3], help="the learning-rate grid of every arm")
     parser.add_argument("--tune_seeds", nargs="+", type=int, default=[1337], help="seeds that choose the lr (on val/loss)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1337, 7, 42], help="seeds of the final rows, at the chosen lr")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
