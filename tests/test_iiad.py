@@ -22,7 +22,9 @@ from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.generate import generate
 from lit_iiet.nn.ode import Branch, ODEConfig
 
-THREE_LAYERS = ["--model.arch.n_layers", "3", "--model.ode.iters", "3"]
+# embed_scale 1 (Llama's): under the shipped sqrt(d_model) stream scale a model trained for a few steps has a small G
+# next to its stream, so its iterations barely change the logits, and the distillation tests would see nothing.
+THREE_LAYERS = ["--model.arch.n_layers", "3", "--model.ode.iters", "3", "--model.arch.embed_scale", "1"]
 
 
 @pytest.fixture(scope="module")
