@@ -92,7 +92,8 @@ def fixed_point(
 
 
 def anderson(
-    y: Tensor, f: Sublayer, iters: int, memory: int = 3, iterates: list[Tensor] | None = None, reg: float = 1e-4
+    y: Tensor, f: Sublayer, iters: int, memory: int = 3, iterates: list[Tensor] | None = None, reg: float = 1e-4,
+    max_step: float = 1.0,
 ) -> Tensor:
     """Anderson acceleration of the same fixed-point problem z = y + f(z), per token.
 
@@ -102,32 +103,42 @@ def anderson(
     scale). z_1 = g_0, so r = 1 is the vanilla layer. Each token mixes only its own history, so token t's state
     never depends on later tokens, and evaluation k still reads every token's input z_k: the KV cache keeps one
     exact slot per evaluation, as for Picard iteration.
+
+    Safeguard: the mixing moves a token at most `max_step` times its last residual ||r_k|| away from g_k (a trust
+    region: never further than another Picard step would go). Without it, nearly collinear residuals early in
+    training give weights in the hundreds and training diverges (docs/RESULTS.md); inf disables it.
     """
     z, gs, rs = y, [], []
     for k in range(iters):
         g = y + f(z, k)
         gs, rs = (gs + [g])[-memory:], (rs + [g - z])[-memory:]
-        z = g if len(gs) == 1 else _anderson_mix(gs, rs, reg)
+        z = g if len(gs) == 1 else g + _anderson_step(gs, rs, reg, max_step)
         if iterates is not None:
             iterates.append(z)
     return z
 
 
-def _anderson_mix(gs: list[Tensor], rs: list[Tensor], reg: float) -> Tensor:
-    """sum_i a_i g_i for the affine weights a (sum 1) that minimise each token's ||sum_i a_i r_i||.
+def _anderson_step(gs: list[Tensor], rs: list[Tensor], reg: float, max_step: float) -> Tensor:
+    """sum_i a_i g_i - g_m for the affine weights a (sum 1) that minimise each token's ||sum_i a_i r_i||, capped.
 
-    Written relative to the newest evaluation: a = (gamma, 1 - sum gamma), so the residual is
-    r_m + D gamma with D = [r_i - r_m], and gamma solves (D^T D + lambda I) gamma = -D^T r_m in fp32.
+    Written relative to the newest evaluation m: a = (gamma, 1 - sum gamma), so the residual is r_m + D gamma with
+    D = [r_i - r_m], and gamma solves (D^T D + lambda I) gamma = -D^T r_m, in fp32 at least.
     """
-    r_last = rs[-1].float()
-    D = torch.stack([r.float() - r_last for r in rs[:-1]], dim=-1)  # (..., C, m - 1)
+    def wide(t: Tensor) -> Tensor:  # at least fp32 (bf16 / fp16 under autocast are too coarse for the solve)
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+    r_last = wide(rs[-1])
+    D = torch.stack([wide(r) - r_last for r in rs[:-1]], dim=-1)  # (..., C, m - 1)
     gram = D.transpose(-1, -2) @ D  # (..., m - 1, m - 1)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     lam = reg * gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1) + 1e-20
     gamma = torch.linalg.solve(gram + lam * eye, -(D.transpose(-1, -2) @ r_last.unsqueeze(-1)))  # (..., m - 1, 1)
-    g_last = gs[-1]
-    dg = torch.stack([g - g_last for g in gs[:-1]], dim=-1)  # (..., C, m - 1)
-    return g_last + (dg @ gamma.to(dg.dtype)).squeeze(-1)
+    dg = torch.stack([wide(g - gs[-1]) for g in gs[:-1]], dim=-1)  # (..., C, m - 1)
+    step = (dg @ gamma).squeeze(-1)
+    if max_step != float("inf"):
+        limit = max_step * r_last.norm(dim=-1, keepdim=True)
+        step = step * (limit / step.norm(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1.0)
+    return step.to(gs[-1].dtype)
 
 
 def adaptive_fixed_point(
