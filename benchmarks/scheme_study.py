@@ -1,6 +1,6 @@
 """Schemes and IIET options on the shipped Shakespeare corpus, tuned alike and repeated over seeds.
 
-    python -m benchmarks.scheme_study --out runs/scheme_study                      # the README's table
+    python -m benchmarks.scheme_study --out runs/scheme_study                      # docs/RESULTS.md's core table
     python -m benchmarks.scheme_study --out runs/screen --arms iiet "iiet anderson" --lrs 2e-3 --seeds 1337
 
 Every arm is a shipped config (`conf/lm/shakespeare_<scheme>.yaml`) plus a few command-line overrides, so any row
@@ -305,9 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--jobs {args.jobs} must be >= 1")
     study = Study(args.arms, args.lrs, args.tune_seeds, args.seeds, Path(args.out), tuple(args.override or ()), args.name)
     if not args.report_only:
-        execute(study.tuning(), args.jobs, threads)
-        # The final runs need each arm's chosen lr, known once its tuning runs have finished.
-        execute([r for a in args.arms for r in study.final(a)], args.jobs, threads)
+        if len(args.lrs) == 1:  # nothing to choose: tuning and final runs share one queue
+            runs = study.tuning() + [r for a in args.arms for r in study.final(a)]
+            execute(list({r.dir: r for r in runs}.values()), args.jobs, threads)
+        else:  # the final runs need each arm's chosen lr, known once its tuning runs have finished
+            execute(study.tuning(), args.jobs, threads)
+            execute([r for a in args.arms for r in study.final(a)], args.jobs, threads)
     report(study)
 
 
