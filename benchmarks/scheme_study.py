@@ -204,6 +204,8 @@ class Study:
         return {lr: [self.run(arm, lr, s).result(required=True)["val_loss"] for s in self.tune_seeds] for lr in self.lrs}
 
     def chosen_lr(self, arm: str) -> float:
+        if len(self.lrs) == 1:
+            return self.lrs[0]
         tuned = self.tuned(arm)
         return min(self.lrs, key=lambda lr: statistics.mean(tuned[lr]))
 
