@@ -52,7 +52,7 @@ class DecoderConfig:
     """Share the input embedding with the output head (Transformer++ leaves them untied)."""
     embed_scale: float | str = 1.0
     """Multiplier of the embedding output, i.e. the scale of the stream entering the first layer: a number, or
-    sqrt_d_model (Gemma's choice; Llama's is 1). Pre-norm layers are scale-invariant in their input, so G's
+    sqrt_d_model (Gemma's choice; Llama's is 1). Pre-norm layers read their input through RMSNorm, so G's
     Jacobian grows like 1 / ||z||: an embedding of std 0.02 makes the first layer's fixed-point map expansive
     (docs/DESIGN.md, section 4)."""
     norm_eps: float = 1e-6
