@@ -163,6 +163,10 @@ def test_vanilla_checkpoint_loads_into_iiet(tmp_path):
     main(["fit", *TINY, "--model.init_from", str(ckpt), "--trainer.max_steps", "2",
           "--trainer.default_root_dir", str(tmp_path / "iiet")])
     assert torch.load(tmp_path / "iiet/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]["ode"]["iters"] == 3
+    # A learned relaxation is not in the vanilla weights: it starts at iiet_damping (1.0), as from scratch.
+    main(["fit", *TINY, "--model.init_from", str(ckpt), "--model.ode.iiet_relaxation", "learned", "--trainer.max_steps", "1",
+          "--trainer.default_root_dir", str(tmp_path / "relaxed")])
+    assert "model.update.relaxation" in torch.load(tmp_path / "relaxed/checkpoints/last.ckpt", weights_only=True)["state_dict"]
 
 
 def snapshot(directory: Path) -> dict[str, str]:

@@ -13,8 +13,9 @@ from torch import Tensor
 from lit_iiet.checkpoint import load_checkpoint
 from lit_iiet.errors import UserInputError
 
-# Parameters that a model trained without an adaptive iteration policy lacks (init_from, IIAD teachers).
-NEW_POLICY_PARAMS = ("model.update.routers.",)
+# Parameters that start from their own init when init_from / an IIAD teacher lacks them: the routers of an adaptive
+# policy, and a learned relaxation (it starts at iiet_damping, so plain-iteration weights keep their meaning).
+OPTIONAL_PARAMS = ("model.update.routers.", "model.update.relaxation")
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -79,8 +80,8 @@ class ODEModule(L.LightningModule):
             )
 
     def load_weights(self, state: dict[str, Tensor], source: str) -> None:
-        """Initialise from another model's weights; parameters only an adaptive policy has keep their init."""
-        self.check_state_dict(state, source, allow_missing=NEW_POLICY_PARAMS)
+        """Initialise from another model's weights; the OPTIONAL_PARAMS it lacks keep their init."""
+        self.check_state_dict(state, source, allow_missing=OPTIONAL_PARAMS)
         self.load_state_dict(state, strict=False)
 
     def check_state_dict(self, state: dict[str, Tensor], source: str, allow_missing: tuple[str, ...] = ()) -> None:
