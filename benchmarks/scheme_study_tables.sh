@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reruns every table of docs/RESULTS.md section 1 (the scheme study) into one folder. Runs are shared between
-# tables and resumable, so an interrupted script picks up where it stopped. About 12 CPU-hours on 2 cores.
+# tables and resumable, so an interrupted script picks up where it stopped. About 5 hours on 2 cores. It runs every
+# arm with three seeds; docs/RESULTS.md says where it reports fewer (Anderson, the equal-FLOPs arms).
 #
 #     bash benchmarks/scheme_study_tables.sh [OUT]        # OUT defaults to runs/scheme_study
 set -euo pipefail
