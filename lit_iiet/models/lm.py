@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -163,10 +164,9 @@ class LanguageModel(ODEModule):
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         update = self.model.update
-        if update.cfg.scheme == "iiet":  # how every layer's fixed-point iteration converges, reduced on the fly
-            with update.observe(self.convergence.observer(update.schedule)):
-                logits = self.model(batch[:, :-1])
-        else:
+        # How every layer's fixed-point iteration converges, reduced on the fly.
+        observing = update.observe(self.convergence.observer(update.schedule)) if update.cfg.scheme == "iiet" else contextlib.nullcontext()
+        with observing:
             logits = self.model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         self.val_loss.update(loss, weight=batch.shape[0])
