@@ -1,4 +1,4 @@
-"""Tests of the language-modelling data: tokenizer, LMDataModule sources, packing, streaming, caching, sampler.
+"""Tests of the language-modelling data: tokenizer, LMDataModule sources, packing, caching, sampler.
 
 Everything is real: SentencePiece models are trained on small text, data files are written under tmp_path and
 every cache goes to a temporary directory (never the home directory).
@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 
-from lit_iiet.data.lm import LMDataModule, PackedStream, ResumableSampler, encode_document
+from lit_iiet.data.lm import LMDataModule, ResumableSampler, encode_document
 from lit_iiet.data.tokenizer import Tokenizer
 from lit_iiet.errors import UserInputError
 
@@ -254,7 +254,7 @@ def test_directory_of_txt_files(tmp_path, tok):
     (root / "sub" / "c.txt").write_text(DOCS[2], encoding="utf-8")
     (root / "notes.md").write_text("ignored, not a text suffix")
     dm = local_dm(tmp_path, tok, train=str(root))
-    assert [p.name for p in dm.files["train"]] == ["a.txt", "b.txt", "c.txt"]
+    assert [p.name for p in dm.corpus.files["train"]] == ["a.txt", "b.txt", "c.txt"]
     assert split_documents(dm) == DOCS
     assert dm.tokens["train"].tolist().count(EOS) == 3
 
@@ -335,42 +335,12 @@ def test_token_cache_follows_a_replaced_tokenizer_file(tmp_path):
     assert len(second.tokens["train"]) < len(first.tokens["train"])
 
 
-# --- streaming ------------------------------------------------------------------------------------------------
+# --- documents ------------------------------------------------------------------------------------------------
 
 
 def numbered_docs(n: int) -> list[str]:
     """n distinct documents, each naming its own number several times."""
     return [f"Document {i}: " + f"word{i} " * (3 + i % 5) + "\n" for i in range(n)]
-
-
-def test_streaming_datamodule_windows(tmp_path, tok):
-    """streaming=True packs the training documents on the fly into the same windows as the in-memory path."""
-    path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"text": d}) for d in numbered_docs(30)))
-    streaming = local_dm(tmp_path, tok, train=str(path), streaming=True, seq_len=16, batch_size=3)
-    assert "train" not in streaming.tokens
-    batches = list(streaming.train_dataloader())
-    assert batches and all(b.shape == (3, 17) for b in batches[:-1])
-    assert 1 <= len(batches[-1]) <= 3 and batches[-1].shape[1] == 17
-    windows = [w for b in batches for w in b]
-    in_memory = local_dm(tmp_path, tok, train=str(path), seq_len=16).tokens["train"].tolist()
-    assert unpack(windows) == in_memory[: 16 * len(windows) + 1]
-
-
-def test_streaming_shards_documents_over_ranks(tok):
-    """Rank r of 2 packs exactly documents r, r+2, ...: the two ranks see disjoint documents."""
-    docs = numbered_docs(41)
-    streams = [PackedStream(lambda: iter(docs), tok, seq_len=12, rank=r, world_size=2) for r in (0, 1)]
-    seen = []
-    for rank, stream in enumerate(streams):
-        windows = list(stream)
-        assert windows and all(w.shape == (13,) for w in windows)
-        tokens = unpack(windows)
-        expected = [i for d in docs[rank::2] for i in encode_document(tok, d)]
-        assert tokens == expected[: len(tokens)] and len(expected) - len(tokens) < 13
-        seen.append({int(n) for n in re.findall(r"Document (\d+):", tok.decode(tokens))})
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
-    assert seen[0] <= set(range(0, 41, 2)) and seen[1] <= set(range(1, 41, 2))
 
 
 # --- `datasets` sources ---------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import gzip
 import json
 import os
@@ -11,7 +12,7 @@ from typing import Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lit_iiet.data.tokenizer import TOKENIZER_VERSION, Tokenizer, default_cache_dir, fingerprint
 from lit_iiet.errors import UserInputError
@@ -99,10 +100,99 @@ def encode_document(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
-class PackedDataset(Dataset):
-    """Non-overlapping windows of seq_len + 1 tokens from one long token stream (inputs and shifted targets)."""
+class TextCorpus:
+    """Where each split's text comes from: local files, or a local `datasets` source. One place for the data
+    module and for `lit_iiet.data.prepare`, which tokenizes the same sources into shards."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
+    def __init__(
+        self,
+        train: str | list[str] | None,
+        val: str | list[str] | None,
+        test: str | list[str] | None,
+        text_field: str = "text",
+        hf_dataset: str | None = None,
+        hf_name: str | None = None,
+        hf_splits: dict[str, str] | None = None,
+    ) -> None:
+        self.text_field, self.hf_dataset, self.hf_name = text_field, hf_dataset, hf_name
+        self.hf_splits = {"train": "train", "val": "validation", "test": "test", **(hf_splits or {})}
+        self.files: dict[str, list[Path]] = {}
+        if hf_dataset is None:
+            self.files = {split: expand_files(spec, split) for split, spec in zip(SPLITS, (train, val, test))}
+
+    def has_split(self, split: str) -> bool:
+        return self.hf_dataset is not None or bool(self.files.get(split))
+
+    def hf_split(self, split: str, streaming: bool = False):
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never reach for the hub at run time
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import datasets
+
+        source, name = self.hf_dataset, self.hf_name
+        try:
+            if Path(source).is_dir() and (Path(source) / "dataset_dict.json").exists():
+                ds = datasets.load_from_disk(source)[self.hf_splits[split]]
+                return ds.to_iterable_dataset() if streaming else ds
+            return datasets.load_dataset(source, name, split=self.hf_splits[split], streaming=streaming)
+        except (FileNotFoundError, ConnectionError, ValueError, KeyError) as e:
+            raise UserInputError(
+                f"dataset {source!r} (split {self.hf_splits[split]!r}) is not available locally: {e}. "
+                "Save it once with `datasets.load_dataset(...).save_to_disk(DIR)` on a connected machine and set "
+                "data.hf_dataset=DIR, or point data.train/val/test at local files."
+            ) from None
+
+    def _rows(self, rows, split: str) -> Iterator[str]:
+        for row in rows:
+            if not isinstance(row.get(self.text_field), str):
+                raise UserInputError(
+                    f"dataset {self.hf_dataset!r} (split {self.hf_splits[split]!r}): no string column "
+                    f"{self.text_field!r} (columns: {', '.join(row)}; set data.text_field)"
+                )
+            yield row[self.text_field]
+
+    def documents(self, split: str, streaming: bool = False) -> Iterator[str]:
+        if self.hf_dataset is not None:
+            yield from self._rows(self.hf_split(split, streaming), split)
+            return
+        for path in self.files[split]:
+            yield from read_documents(path, self.text_field)
+
+    def training_lines(self) -> Iterator[str]:
+        """Non-empty lines of the training text, to train a tokenizer on."""
+        for text in self.documents("train", streaming=True):
+            for line in text.splitlines():
+                if line.strip():
+                    yield line
+
+    def source_id(self) -> tuple:
+        if self.hf_dataset is not None:
+            return (self.hf_dataset, self.hf_name, sorted(self.hf_splits.items()), self.text_field)
+        files = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for fs in self.files.values() for f in fs)
+        return files + (self.text_field,)
+
+    # --- units of work for `lit_iiet.data.prepare` ----------------------------------------------------------
+
+    def pieces(self, split: str, rows_per_piece: int = 100_000) -> list[tuple]:
+        """A split cut into independently readable pieces, in corpus order: one per file, or contiguous row ranges
+        of a `datasets` split. They do not depend on the number of worker processes, so neither do the shards."""
+        if self.hf_dataset is None:
+            return [("file", str(path)) for path in self.files[split]]
+        n = -(-len(self.hf_split(split)) // rows_per_piece)
+        return [("rows", i, n) for i in range(n)]
+
+    def piece_documents(self, split: str, piece: tuple) -> Iterator[str]:
+        if piece[0] == "file":
+            yield from read_documents(Path(piece[1]), self.text_field)
+        else:
+            _, index, count = piece
+            yield from self._rows(self.hf_split(split).shard(count, index, contiguous=True), split)
+
+
+class PackedDataset(Dataset):
+    """Non-overlapping windows of seq_len + 1 tokens from one long token stream (inputs and shifted targets).
+    The stream is a tensor held in memory or a `TokenShards` read from disk; both slice to a tensor."""
+
+    def __init__(self, tokens, seq_len: int) -> None:
         if len(tokens) < seq_len + 1:
             raise UserInputError(f"split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
         self.tokens, self.seq_len = tokens, seq_len
@@ -118,19 +208,49 @@ class PackedDataset(Dataset):
 class ResumableSampler(DistributedSampler):
     """Shuffles with (seed, epoch) and can start mid-epoch, so a resumed run sees the batches an uninterrupted
     run would have seen. It is a DistributedSampler (one replica without DDP), so Lightning keeps it under DDP
-    and calls set_epoch on it."""
+    and calls set_epoch on it; rank r takes positions r, r + world, ... of the epoch's order.
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int, skip: int = 0) -> None:
+    Up to `block` items the order is DistributedSampler's own permutation. Larger datasets (token shards of a
+    whole corpus) are shuffled in blocks: the blocks' order and each block's items are permuted, generated
+    lazily, so memory is O(block + n / block) instead of one index per item, and a resume jumps straight to its
+    block."""
+
+    BLOCK = 1 << 16  # items per shuffle block: 134M tokens of 2048-token windows, 512 KB of indices
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int, skip: int = 0,
+                 block: int = BLOCK) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.skip = skip  # samples of this rank already consumed in the current epoch
+        self.block = block
+
+    def _order(self, start: int) -> Iterator[int]:
+        """The epoch's order from global position `start` to the end (total_size: what the ranks share)."""
+        n, end = len(self.dataset), self.total_size
+        if not self.shuffle:
+            yield from range(start, end)
+            return
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        if n <= self.block:
+            yield from torch.randperm(n, generator=g)[start:end].tolist()
+            return
+        position = 0
+        for b in torch.randperm(-(-n // self.block), generator=g).tolist():
+            first, size = b * self.block, min(self.block, n - b * self.block)
+            if position + size > start:
+                g.manual_seed((self.seed + self.epoch) * 1_000_003 + b)  # each block's own stream: jump to any
+                for i in (torch.randperm(size, generator=g) + first)[max(0, start - position) : end - position].tolist():
+                    yield i
+            position += size
+            if position >= end:
+                return
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())[self.skip :]
-        self.skip = 0  # only the resumed epoch starts late
-        return iter(indices)
+        start, self.skip = self.skip * self.num_replicas, 0  # only the resumed epoch starts late
+        return itertools.islice(self._order(start), self.rank, None, self.num_replicas)
 
     @classmethod
-    def for_training(cls, trainer, dataset: Dataset, shuffle: bool, batch_size: int) -> "ResumableSampler":
+    def for_training(cls, trainer, dataset: Dataset, shuffle: bool, batch_size: int, **kwargs) -> "ResumableSampler":
         """The training sampler of this rank, seeded by seed_everything, starting where a resumed run stopped."""
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         # On resume Lightning has restored its loop counters before asking for the loader: skip what the
@@ -140,7 +260,7 @@ class ResumableSampler(DistributedSampler):
         progress = trainer.fit_loop.epoch_loop.batch_progress if trainer else None
         done = 0 if progress is None or progress.is_last_batch else progress.current.processed
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return cls(dataset, world, rank, shuffle, seed, skip=done * batch_size)
+        return cls(dataset, world, rank, shuffle, seed, skip=done * batch_size, **kwargs)
 
     def __len__(self) -> int:
         # The whole epoch, also while skipping: Lightning counts the batches restored from a checkpoint towards
@@ -148,29 +268,51 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples
 
 
-class PackedStream(IterableDataset):
-    """Streams documents, tokenizes them on the fly and yields packed windows; sharded over ranks and workers."""
+class PackedLMData(L.LightningDataModule):
+    """Loaders over packed windows of a token stream per split, shared by LMDataModule (text, tokenized and
+    cached in memory) and ShardedLMDataModule (shards written by `lit_iiet.data.prepare`). Subclasses set
+    `self.tokenizer` and implement `has_split` and `token_stream`; hparams hold seq_len, batch_size,
+    num_workers, shuffle and prompts."""
 
-    def __init__(self, documents, tokenizer: Tokenizer, seq_len: int, rank: int = 0, world_size: int = 1) -> None:
-        self.documents, self.tokenizer, self.seq_len = documents, tokenizer, seq_len
-        self.rank, self.world_size = rank, world_size
+    tokenizer: Tokenizer | None = None
+    shuffle_block = ResumableSampler.BLOCK
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        info = get_worker_info()
-        n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        shards, shard = self.world_size * n_workers, self.rank * n_workers + worker
-        buffer: list[int] = []
-        for n, text in enumerate(self.documents()):
-            if n % shards != shard:
-                continue
-            buffer += encode_document(self.tokenizer, text)
-            while len(buffer) >= self.seq_len + 1:
-                yield torch.tensor(buffer[: self.seq_len + 1])
-                buffer = buffer[self.seq_len :]
+    def has_split(self, split: str) -> bool:
+        raise NotImplementedError
+
+    def token_stream(self, split: str):
+        raise NotImplementedError
+
+    def _loader(self, split: str) -> DataLoader:
+        if not self.has_split(split):
+            raise UserInputError(f"no {split} data configured (set data.{split})")
+        h = self.hparams
+        kwargs = dict(batch_size=h.batch_size, num_workers=h.num_workers, persistent_workers=h.num_workers > 0)
+        dataset = PackedDataset(self.token_stream(split), h.seq_len)
+        if split != "train":
+            return DataLoader(dataset, shuffle=False, **kwargs)
+        sampler = ResumableSampler.for_training(self.trainer, dataset, h.shuffle, h.batch_size, block=self.shuffle_block)
+        return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        prompts = self.hparams.prompts or [""]
+        return DataLoader(prompts, batch_size=1, collate_fn=lambda batch: batch)
 
 
-class LMDataModule(L.LightningDataModule):
-    """Text for language modelling, from local files or a local `datasets` source, with a SentencePiece tokenizer."""
+class LMDataModule(PackedLMData):
+    """Text for language modelling, from local files or a local `datasets` source, with a SentencePiece tokenizer.
+
+    Every split is tokenized once into memory (and cached on disk): right for corpora up to a few hundred million
+    tokens. For larger ones, write shards with `python -m lit_iiet.data.prepare` and use ShardedLMDataModule."""
 
     def __init__(
         self,
@@ -181,7 +323,6 @@ class LMDataModule(L.LightningDataModule):
         hf_dataset: str | None = None,
         hf_name: str | None = None,
         hf_splits: dict[str, str] | None = None,
-        streaming: bool = False,
         tokenizer: str | None = None,
         vocab_size: int = 2048,
         tokenizer_max_lines: int = 2_000_000,
@@ -203,7 +344,6 @@ class LMDataModule(L.LightningDataModule):
                 dataset name / loading script already in the local `datasets` cache (nothing is downloaded).
             hf_name: The dataset configuration name (e.g. "wikitext-103-raw-v1").
             hf_splits: Our split -> the dataset's split, default {"train": "train", "val": "validation", "test": "test"}.
-            streaming: Read the training documents lazily (for corpora that do not fit in memory).
             tokenizer: A SentencePiece model file to use; None trains a BPE model on the training text (cached).
             vocab_size: Vocabulary size of the tokenizer trained when tokenizer is None.
             tokenizer_max_lines: Lines sampled from the training text to train the tokenizer.
@@ -220,79 +360,32 @@ class LMDataModule(L.LightningDataModule):
             raise UserInputError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
         if vocab_size < 260:
             raise UserInputError(f"vocab_size={vocab_size}: at least 260 are needed (256 byte tokens + 4 specials)")
-        self.files = {}
-        if hf_dataset is None:
-            self.files = {split: expand_files(spec, split) for split, spec in zip(SPLITS, (train, val, test))}
-            if not self.files["train"] and tokenizer is None:
-                raise UserInputError("data.train is empty: give training text, or a tokenizer model with data.tokenizer")
-        self.hf_splits = {"train": "train", "val": "validation", "test": "test", **(hf_splits or {})}
+        self.corpus = TextCorpus(train, val, test, text_field, hf_dataset, hf_name, hf_splits)
+        if not self.corpus.has_split("train") and tokenizer is None:
+            raise UserInputError("data.train is empty: give training text, or a tokenizer model with data.tokenizer")
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.tokenizer: Tokenizer | None = None
         self.tokens: dict[str, torch.Tensor] = {}
 
-    # --- sources ------------------------------------------------------------------------------------------
-
-    def _hf_split(self, split: str, streaming: bool):
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never reach for the hub at run time
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import datasets
-
-        source, name = self.hparams.hf_dataset, self.hparams.hf_name
-        try:
-            if Path(source).is_dir() and (Path(source) / "dataset_dict.json").exists():
-                ds = datasets.load_from_disk(source)[self.hf_splits[split]]
-                return ds.to_iterable_dataset() if streaming else ds
-            return datasets.load_dataset(source, name, split=self.hf_splits[split], streaming=streaming)
-        except (FileNotFoundError, ConnectionError, ValueError, KeyError) as e:
-            raise UserInputError(
-                f"dataset {source!r} (split {self.hf_splits[split]!r}) is not available locally: {e}. "
-                "Save it once with `datasets.load_dataset(...).save_to_disk(DIR)` on a connected machine and set "
-                "data.hf_dataset=DIR, or point data.train/val/test at local files."
-            ) from None
-
-    def documents(self, split: str, streaming: bool = False) -> Iterator[str]:
-        if self.hparams.hf_dataset is not None:
-            field = self.hparams.text_field
-            for row in self._hf_split(split, streaming):
-                if not isinstance(row.get(field), str):
-                    raise UserInputError(
-                        f"dataset {self.hparams.hf_dataset!r} (split {self.hf_splits[split]!r}): no string column "
-                        f"{field!r} (columns: {', '.join(row)}; set data.text_field)"
-                    )
-                yield row[field]
-            return
-        for path in self.files[split]:
-            yield from read_documents(path, self.hparams.text_field)
-
     def has_split(self, split: str) -> bool:
-        return self.hparams.hf_dataset is not None or bool(self.files.get(split))
+        return self.corpus.has_split(split)
 
-    def _source_id(self) -> tuple:
-        field = self.hparams.text_field  # which column / JSON field is the text
-        if self.hparams.hf_dataset is not None:
-            return (self.hparams.hf_dataset, self.hparams.hf_name, sorted(self.hf_splits.items()), field)
-        files = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for fs in self.files.values() for f in fs)
-        return files + (field,)
+    def token_stream(self, split: str) -> torch.Tensor:
+        return self.tokens[split]
 
     # --- tokenizer and token cache -----------------------------------------------------------------------
 
     def tokenizer_path(self) -> Path:
         if self.hparams.tokenizer is not None:
             return Path(self.hparams.tokenizer)
-        key = fingerprint(TOKENIZER_VERSION, self._source_id(), self.hparams.vocab_size, self.hparams.tokenizer_max_lines)
+        key = fingerprint(TOKENIZER_VERSION, self.corpus.source_id(), self.hparams.vocab_size, self.hparams.tokenizer_max_lines)
         return self.cache_dir / "tokenizers" / f"bpe{self.hparams.vocab_size}-{key}.model"
 
     def token_path(self, split: str) -> Path:
         tokenizer = self.tokenizer_path()
         stamp = (tokenizer.stat().st_size, tokenizer.stat().st_mtime_ns) if tokenizer.exists() else None
-        key = fingerprint(self._source_id(), str(tokenizer.resolve()), stamp, split)
+        key = fingerprint(self.corpus.source_id(), str(tokenizer.resolve()), stamp, split)
         return self.cache_dir / "tokens" / f"{split}-{key}.pt"
-
-    def _training_lines(self) -> Iterator[str]:
-        for text in self.documents("train", streaming=True):
-            for line in text.splitlines():
-                if line.strip():
-                    yield line
 
     def prepare_data(self) -> None:
         """Train the tokenizer and tokenize the in-memory splits once (rank 0); later runs read the cache."""
@@ -300,15 +393,15 @@ class LMDataModule(L.LightningDataModule):
         if not path.exists():
             if self.hparams.tokenizer is not None:
                 raise UserInputError(f"tokenizer model {str(path)!r} does not exist")
-            Tokenizer.train(self._training_lines(), path, self.hparams.vocab_size, self.hparams.tokenizer_max_lines)
+            Tokenizer.train(self.corpus.training_lines(), path, self.hparams.vocab_size, self.hparams.tokenizer_max_lines)
         tokenizer = Tokenizer(path)
         for split in SPLITS:
-            if (split == "train" and self.hparams.streaming) or not self.has_split(split):
+            if not self.has_split(split):
                 continue
             out = self.token_path(split)
             if out.exists():
                 continue
-            ids = [i for text in self.documents(split) for i in encode_document(tokenizer, text)]
+            ids = [i for text in self.corpus.documents(split) for i in encode_document(tokenizer, text)]
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(f".tmp{os.getpid()}")
             torch.save(torch.tensor(ids, dtype=torch.int32), tmp)
@@ -317,39 +410,9 @@ class LMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.tokenizer = Tokenizer(self.tokenizer_path())
         for split in SPLITS:
-            if split in self.tokens or not self.has_split(split) or (split == "train" and self.hparams.streaming):
+            if split in self.tokens or not self.has_split(split):
                 continue
             path = self.token_path(split)
             if not path.exists():  # setup() without prepare_data(), e.g. from a notebook
                 self.prepare_data()
             self.tokens[split] = torch.load(path, weights_only=True)
-
-    # --- loaders -------------------------------------------------------------------------------------------
-
-    def _loader(self, split: str) -> DataLoader:
-        if not self.has_split(split):
-            raise UserInputError(f"no {split} data configured (set data.{split})")
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        kwargs = dict(batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
-                      persistent_workers=self.hparams.num_workers > 0)
-        if split == "train" and self.hparams.streaming:
-            dataset = PackedStream(lambda: self.documents("train", streaming=True), self.tokenizer, self.hparams.seq_len, rank, world)
-            return DataLoader(dataset, **kwargs)
-        dataset = PackedDataset(self.tokens[split], self.hparams.seq_len)
-        if split != "train":
-            return DataLoader(dataset, shuffle=False, **kwargs)
-        sampler = ResumableSampler.for_training(self.trainer, dataset, self.hparams.shuffle, self.hparams.batch_size)
-        return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        prompts = self.hparams.prompts or [""]
-        return DataLoader(prompts, batch_size=1, collate_fn=lambda batch: batch)
