@@ -401,10 +401,11 @@ class LMDataModule(PackedLMData):
             out = self.token_path(split)
             if out.exists():
                 continue
-            ids = [i for text in self.corpus.documents(split) for i in encode_document(tokenizer, text)]
+            # int32 per document, not one Python list of ints (28 bytes per token)
+            ids = [torch.tensor(encode_document(tokenizer, text), dtype=torch.int32) for text in self.corpus.documents(split)]
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(f".tmp{os.getpid()}")
-            torch.save(torch.tensor(ids, dtype=torch.int32), tmp)
+            torch.save(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32), tmp)
             tmp.replace(out)
 
     def setup(self, stage: str | None = None) -> None:
