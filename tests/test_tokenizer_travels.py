@@ -6,8 +6,8 @@ encoding of the whole text, also for a Llama-style model with a dummy prefix."""
 
 import contextlib
 import gzip
-import io
 import hashlib
+import io
 import re
 import shutil
 from types import SimpleNamespace
@@ -75,7 +75,9 @@ def trained_elsewhere(tmp_path) -> Tokenizer:
 
 
 def test_every_checkpoint_carries_the_tokenizer_of_the_run(run):
-    for path in (run.root / "checkpoints").glob("*.ckpt"):
+    paths = sorted((run.root / "checkpoints").glob("*.ckpt"))
+    assert len(paths) == 2  # best and last
+    for path in paths:
         proto = torch.load(path, weights_only=True)[TOKENIZER_KEY]
         assert isinstance(proto, bytes) and proto == run.tokenizer.model_proto
     assert run.tokenizer.vocab_size == 512
