@@ -7,9 +7,9 @@
 `import` reads a local directory (config.json + model.safetensors, or sharded with model.safetensors.index.json)
 and writes `model.ckpt` (loadable by `LanguageModel.load_from_checkpoint` and by `--model.init_from`) and
 `model.yaml` (the matching `model:` section). The checkpoint carries the SentencePiece tokenizer given with
---tokenizer, or else the directory's own `tokenizer.model` if it has one. Any scheme works: a Llama layer is G's attention + SwiGLU, so with
-euler, or iiet at r = 1, the imported model reproduces the original logits; more iterations or RK stages start
-from the pretrained branch. Scheme parameters that Llama lacks (rk2 gates, PCformer weights) keep their init.
+--tokenizer, or else the directory's own `tokenizer.model` if it has one. Any scheme works: a Llama layer is G's
+attention + SwiGLU, so with euler, or iiet at r = 1, the imported model reproduces the original logits; more
+iterations or RK stages start from the pretrained branch. Scheme parameters that Llama lacks (rk2 gates, PCformer weights) keep their init.
 `export` writes an euler model (or iiet with one iteration everywhere, the same function) back to that format,
 with the checkpoint's tokenizer as `tokenizer.model`.
 
