@@ -4,8 +4,9 @@
     python -m lit_iiet.average_checkpoints a.ckpt b.ckpt c.ckpt --output avg.ckpt
 
 Keep more than the best and last checkpoint while training, e.g. --checkpoint.save_top_k -1
---checkpoint.every_n_train_steps 1000. The output carries the newest input's hyperparameters and step, no
-optimizer state, and loads with `--ckpt_path` for validate / test or with `load_from_checkpoint`.
+--checkpoint.every_n_train_steps 1000. The output carries the newest input's hyperparameters and step, the
+run's tokenizer (inputs carrying different ones are refused), no optimizer state, and loads with `--ckpt_path`
+for validate / test or with `load_from_checkpoint`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lit_iiet.checkpoint import load_checkpoint
+from lit_iiet.checkpoint import TOKENIZER_KEY, load_checkpoint, stored_tokenizer
 from lit_iiet.errors import UserInputError
 
 
@@ -32,8 +33,14 @@ def average(paths: list[Path]) -> dict:
     for k in keys:
         tensors = [c["state_dict"][k] for c in checkpoints]
         state[k] = torch.stack([t.double() for t in tensors]).mean(0).to(tensors[0].dtype) if tensors[0].is_floating_point() else tensors[0]
+    tokenizers = [(path, proto) for path, ckpt in zip(paths, checkpoints) if (proto := stored_tokenizer(ckpt, path)) is not None]
+    for path, proto in tokenizers[1:]:
+        if proto != tokenizers[0][1]:
+            raise UserInputError(f"checkpoints {str(tokenizers[0][0])!r} and {str(path)!r} carry different tokenizers; average one run's checkpoints")
     out = {key: value for key, value in newest.items() if key not in ("optimizer_states", "lr_schedulers", "loops", "callbacks")}
     out["state_dict"] = state
+    if tokenizers:  # the run's tokenizer, also when the newest checkpoint predates tokenizers in checkpoints
+        out[TOKENIZER_KEY] = tokenizers[0][1]
     out["averaged_from"] = [str(p) for p in paths]
     return out
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_iiet.callbacks import TextPredictionWriter
-from lit_iiet.checkpoint import SPECIAL_CKPT_PATHS, load_checkpoint
+from lit_iiet.checkpoint import SPECIAL_CKPT_PATHS, checkpoint_tokenizer, load_checkpoint
 from lit_iiet.errors import exit_on_user_error
 
 
@@ -49,8 +49,29 @@ class IIETCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS:
-            load_checkpoint(ckpt_path)
+            self._use_checkpoint_tokenizer(subcommand, ckpt_path, load_checkpoint(ckpt_path))
+        elif ckpt_path == "last":
+            self._use_checkpoint_tokenizer(subcommand, ckpt_path)
         super()._parse_ckpt_path()
+
+    def _use_checkpoint_tokenizer(self, subcommand: str, ckpt_path: str, checkpoint: dict | None = None) -> None:
+        """Set data.tokenizer, before the data module is built, to the tokenizer the checkpoint carries (restored
+        to a file under the cache dir); a given data.tokenizer must be that same model. `last` is found as
+        Lightning finds it: the newest last*.ckpt of the run's checkpoint folder."""
+        data = self.config[subcommand].get("data")
+        init_args = data.get("init_args") if data is not None else None
+        if init_args is None or "tokenizer" not in init_args:
+            return  # a data module without a tokenizer option
+        if checkpoint is None:
+            folder = Path(checkpoint_dir(self.config[subcommand]["trainer"].get("default_root_dir")))
+            found = list(folder.glob("last*.ckpt"))
+            if not found:
+                return  # Lightning warns and starts afresh
+            ckpt_path = str(max(found, key=lambda p: p.stat().st_mtime))
+            checkpoint = load_checkpoint(ckpt_path)
+        tokenizer = checkpoint_tokenizer(checkpoint, ckpt_path, init_args["tokenizer"], "data.tokenizer", init_args.get("cache_dir"))
+        if tokenizer is not None:
+            init_args["tokenizer"] = str(tokenizer.path)
 
 
 def main(args: list[str] | None = None) -> None:

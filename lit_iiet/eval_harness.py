@@ -1,26 +1,26 @@
 """Score decoder-only lit_iiet checkpoints with EleutherAI's lm-evaluation-harness (lm-eval 0.4.13).
 
 Importing this module registers the lm-eval model "lit_iiet" (class `LitIIETLM`). Its model_args are
-`checkpoint=<.ckpt>,tokenizer=<SentencePiece .model>[,batch_size=N,device=D,max_gen_toks=N]`. The tokenizer
-is the run's `data.tokenizer`, or else the BPE model that LMDataModule trained and cached under
-`$LIT_IIET_CACHE/tokenizers/` (default `~/.cache/lit_iiet/tokenizers/`).
+`checkpoint=<.ckpt>[,tokenizer=<SentencePiece .model>,batch_size=N,device=D,max_gen_toks=N]`. The tokenizer is
+the one the checkpoint carries; a given tokenizer must be that same model. Checkpoints from before tokenizers
+travelled with them need tokenizer=: the run's `data.tokenizer`, or else the BPE model that LMDataModule trained
+and cached under `$LIT_IIET_CACHE/tokenizers/` (default `~/.cache/lit_iiet/tokenizers/`).
 
 Command line (lm-eval's built-in tasks plus the YAML tasks found under --include_path):
 
     python -m lit_iiet.eval_harness --checkpoint runs/shakespeare_iiet/checkpoints/last.ckpt \\
-        --tokenizer ~/.cache/lit_iiet/tokenizers/bpe2048-<key>.model \\
         --include_path tests/assets/lm_eval_task --tasks shakespeare_cloze shakespeare_next_line
 
 In Python, `LitIIETLM(model=..., tokenizer=...)` wraps an already loaded `LanguageModel` or `Decoder`. Pass it to
-`lm_eval.simple_evaluate(model=...)`. Alternatively, pass `model="lit_iiet", model_args="checkpoint=...,tokenizer=..."`
-once this module has been imported.
+`lm_eval.simple_evaluate(model=...)`. Alternatively, pass `model="lit_iiet", model_args="checkpoint=..."` once
+this module has been imported.
 
 lm-eval's own `lm-eval` / `lm_eval` command: lm-eval 0.4.13 finds models only in its in-process registry. It
 reads no entry points, and its `--include_path` loads task YAMLs, not model code. So `lm-eval --model lit_iiet`
 only works after this module has been imported in the same process, for example:
 
     python -c "import lit_iiet.eval_harness; from lm_eval.__main__ import cli_evaluate; cli_evaluate()" \\
-        run --model lit_iiet --model_args checkpoint=...,tokenizer=... --device cpu --tasks ...
+        run --model lit_iiet --model_args checkpoint=... --device cpu --tasks ...
 
 Scoring follows lm-eval's HF adapter: a document starts after <eos> (our models train on documents each
 followed by <eos>; there is no <bos>). A context longer than max_seq_len is cut from the left. Rolling
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from lit_iiet.checkpoint import load_checkpoint
+from lit_iiet.checkpoint import checkpoint_tokenizer, load_checkpoint
 from lit_iiet.data.tokenizer import Tokenizer
 from lit_iiet.errors import UserInputError, exit_on_user_error
 from lit_iiet.models.lm import LanguageModel
@@ -105,7 +105,9 @@ class LitIIETLM(TemplateLM):
         """
         Args:
             checkpoint: A LanguageModel checkpoint (.ckpt); its hyperparameters rebuild the model.
-            tokenizer: The run's SentencePiece .model file, or a loaded Tokenizer.
+            tokenizer: The run's SentencePiece .model file, or a loaded Tokenizer; default: the one the checkpoint
+                carries (a given one must be that same model). Needed with a loaded model, and with checkpoints
+                from before tokenizers travelled with them.
             model: Instead of checkpoint: a loaded LanguageModel or Decoder (moved to device, set to eval mode).
             batch_size: Sequences per forward pass (an integer; lm-eval's "auto" is not supported).
             device: torch device; default cuda when available, else cpu.
@@ -118,14 +120,17 @@ class LitIIETLM(TemplateLM):
             raise UserInputError(f"unknown model_args {', '.join(sorted(unknown))} for lit_iiet; allowed: {allowed}")
         if (checkpoint is None) == (model is None):
             raise UserInputError("give exactly one of checkpoint=<path to a .ckpt> and a loaded model")
-        if tokenizer is None:
-            raise UserInputError("give tokenizer=<path to the run's SentencePiece .model file>")
         self._batch_size = _positive_int(batch_size, "batch_size")
         self._max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
         self._device = _device(device)
-        self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)  # checked first: cheap
         self.checkpoint = str(checkpoint) if checkpoint is not None else None
-        decoder = load_decoder(checkpoint) if checkpoint is not None else model
+        state = load_checkpoint(checkpoint) if checkpoint is not None else {}  # one-line errors for a bad file
+        tokenizer = checkpoint_tokenizer(state, self.checkpoint, tokenizer, "tokenizer")
+        if tokenizer is None:
+            what = "a loaded model" if checkpoint is None else f"checkpoint {self.checkpoint!r}, which carries none (saved by an older version),"
+            raise UserInputError(f"give tokenizer=<path to the run's SentencePiece .model file> with {what}")
+        self.tokenizer = tokenizer
+        decoder = decoder_from_checkpoint(state, self.checkpoint) if checkpoint is not None else model
         if isinstance(decoder, LanguageModel):
             decoder = decoder.model
         self.model: Decoder = decoder.to(self._device).eval()
@@ -172,8 +177,8 @@ class LitIIETLM(TemplateLM):
         }
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        # Line by line, exactly as training text is encoded (lit_iiet.data.lm.encode_document); no <bos>/<eos>.
-        return [i for line in self.tokenizer.encode_batch(string.splitlines(keepends=True)) for i in line]
+        # Exactly as training text is encoded, without <bos>/<eos>.
+        return self.tokenizer.encode_document(string, eos=False)
 
     def tok_decode(self, ids: list[int]) -> str:
         # A model may have more embedding rows than the tokenizer has pieces; such ids have no text.
@@ -317,7 +322,11 @@ class LitIIETLM(TemplateLM):
 
 def load_decoder(checkpoint: str | Path) -> Decoder:
     """The Decoder of a LanguageModel checkpoint, rebuilt from its stored hyperparameters (read once)."""
-    state = load_checkpoint(checkpoint)  # one-line errors for a missing, truncated or foreign file
+    return decoder_from_checkpoint(load_checkpoint(checkpoint), str(checkpoint))
+
+
+def decoder_from_checkpoint(state: dict, checkpoint: str) -> Decoder:
+    """The Decoder of a loaded LanguageModel checkpoint (`load_checkpoint`); `checkpoint` names it in errors."""
     hparams = state.get("hyper_parameters", {})
     class_path = hparams.get("_class_path", "LanguageModel")
     if "arch" not in hparams or not class_path.endswith("LanguageModel"):
@@ -364,7 +373,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Score a lit_iiet LanguageModel checkpoint on lm-evaluation-harness tasks.",
     )
     parser.add_argument("--checkpoint", required=True, help="LanguageModel checkpoint (.ckpt)")
-    parser.add_argument("--tokenizer", required=True, help="the run's SentencePiece .model file")
+    parser.add_argument("--tokenizer", help="the run's SentencePiece .model file (default: the one the checkpoint "
+                        "carries; needed for checkpoints of older versions)")
     parser.add_argument("--tasks", required=True, nargs="+",
                         help="task, group or tag names, or task YAML files (space- or comma-separated)")
     parser.add_argument("--include_path", help="directory of extra task YAML files")
@@ -407,7 +417,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             raise UserInputError(f"unknown task {name!r}{hint}")
     results = simple_evaluate(
         model=lm,
-        model_args={"checkpoint": args.checkpoint, "tokenizer": args.tokenizer},  # recorded in the results only
+        model_args={"checkpoint": args.checkpoint, "tokenizer": str(lm.tokenizer.path)},  # recorded in the results only
         tasks=tasks,
         num_fewshot=args.num_fewshot,
         batch_size=lm.batch_size,

@@ -6,15 +6,17 @@
 
 `import` reads a local directory (config.json + model.safetensors, or sharded with model.safetensors.index.json)
 and writes `model.ckpt` (loadable by `LanguageModel.load_from_checkpoint` and by `--model.init_from`) and
-`model.yaml` (the matching `model:` section). Any scheme works: a Llama layer is G's attention + SwiGLU, so with
-euler, or iiet at r = 1, the imported model reproduces the original logits; more iterations or RK stages start
-from the pretrained branch. Scheme parameters that Llama lacks (rk2 gates, PCformer weights) keep their init.
-`export` writes an euler model (or iiet with one iteration everywhere, the same function) back to that format.
+`model.yaml` (the matching `model:` section). The checkpoint carries the SentencePiece tokenizer given with
+--tokenizer, or else the directory's own `tokenizer.model` if it has one. Any scheme works: a Llama layer is G's
+attention + SwiGLU, so with euler, or iiet at r = 1, the imported model reproduces the original logits; more
+iterations or RK stages start from the pretrained branch. Scheme parameters that Llama lacks (rk2 gates, PCformer weights) keep their init.
+`export` writes an euler model (or iiet with one iteration everywhere, the same function) back to that format,
+with the checkpoint's tokenizer as `tokenizer.model`.
 
 Weight layout: our attention fuses q, k, v into one `qkv` projection and SwiGLU fuses gate and up into `w13`;
 both use the same RoPE convention as Llama (rotate the two halves of each head), so weights map without any
-permutation. The tokenizer is not converted: give a SentencePiece `tokenizer.model` (Llama 1/2, Mistral) to
-`--data.tokenizer`; tiktoken-style `tokenizer.json` files (Llama 3) are not supported by our data modules.
+permutation. Tokenizers are SentencePiece `tokenizer.model` files (Llama 1/2, Mistral); up-training gives it to
+`--data.tokenizer`. Tiktoken-style `tokenizer.json` files (Llama 3) are not supported by our data modules.
 """
 
 from __future__ import annotations
@@ -154,14 +156,22 @@ def read_llama_dir(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     return json.loads((path / "config.json").read_text()), state
 
 
-def import_llama(src: str | Path, out_dir: str | Path, ode: ODEConfig, max_seq_len: int | None = None) -> Path:
-    """Write out_dir/model.ckpt (a LanguageModel checkpoint) and out_dir/model.yaml; returns the checkpoint path."""
+def import_llama(
+    src: str | Path, out_dir: str | Path, ode: ODEConfig, max_seq_len: int | None = None, tokenizer: str | Path | None = None
+) -> Path:
+    """Write out_dir/model.ckpt (a LanguageModel checkpoint) and out_dir/model.yaml; returns the checkpoint path.
+    The checkpoint carries `tokenizer`, default src/tokenizer.model if that exists."""
     import lightning
 
+    from lit_iiet.checkpoint import TOKENIZER_KEY
+    from lit_iiet.data.tokenizer import Tokenizer
     from lit_iiet.models.lm import LanguageModel
 
     out_dir = Path(out_dir)
     _refuse_to_overwrite(out_dir)
+    if tokenizer is None and (Path(src) / "tokenizer.model").is_file():
+        tokenizer = Path(src) / "tokenizer.model"
+    tokenizer = Tokenizer(tokenizer) if tokenizer is not None else None  # a bad file fails before anything is written
     config, hf_state = read_llama_dir(src)
     cfg = decoder_config_from_llama(config, max_seq_len)
     try:
@@ -173,11 +183,11 @@ def import_llama(src: str | Path, out_dir: str | Path, ode: ODEConfig, max_seq_l
     module.load_state_dict(state, strict=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "model.ckpt"
-    torch.save(
-        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-         "pytorch-lightning_version": lightning.__version__},
-        ckpt,
-    )
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                  "pytorch-lightning_version": lightning.__version__}
+    if tokenizer is not None:
+        checkpoint[TOKENIZER_KEY] = tokenizer.model_proto
+    torch.save(checkpoint, ckpt)
     section = {"model": {"class_path": "lit_iiet.models.LanguageModel",
                          "init_args": {"arch": asdict(cfg), "ode": asdict(ode), "init_from": str(ckpt)}}}
     (out_dir / "model.yaml").write_text(_yaml(section))
@@ -185,10 +195,11 @@ def import_llama(src: str | Path, out_dir: str | Path, ode: ODEConfig, max_seq_l
 
 
 def export_llama(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """Write an euler (or all-r = 1 iiet) LanguageModel checkpoint as a Llama directory; returns out_dir."""
+    """Write an euler (or all-r = 1 iiet) LanguageModel checkpoint as a Llama directory, with the tokenizer it
+    carries as tokenizer.model; returns out_dir."""
     from safetensors.torch import save_file
 
-    from lit_iiet.checkpoint import load_checkpoint
+    from lit_iiet.checkpoint import load_checkpoint, stored_tokenizer
 
     out_dir = Path(out_dir)
     _refuse_to_overwrite(out_dir)
@@ -206,9 +217,12 @@ def export_llama(ckpt: str | Path, out_dir: str | Path) -> Path:
         )
     ours = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     llama_state = to_llama_state(ours, cfg)  # refuses what Llama cannot express before anything is written
+    tokenizer = stored_tokenizer(checkpoint, ckpt)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(llama_state, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(llama_config_from_decoder(cfg), indent=2) + "\n")
+    if tokenizer is not None:  # checkpoints of older versions carry none
+        (out_dir / "tokenizer.model").write_bytes(tokenizer)
     return out_dir
 
 
@@ -233,14 +247,15 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("--scheme", default="euler", help="layer-update scheme of the imported model")
     imp.add_argument("--iters", type=int, nargs="+", default=[1], help="iiet iterations: one int or one per layer")
     imp.add_argument("--max_seq_len", type=int, default=None, help="context length (default: max_position_embeddings)")
+    imp.add_argument("--tokenizer", default=None, help="SentencePiece model the checkpoint carries (default: src/tokenizer.model if present)")
     exp = sub.add_parser("export", help="euler lit_iiet checkpoint -> Hugging Face Llama directory")
     exp.add_argument("ckpt", help="a LanguageModel checkpoint (.ckpt)")
-    exp.add_argument("out_dir", help="new (or empty) directory for config.json and model.safetensors")
+    exp.add_argument("out_dir", help="new (or empty) directory for config.json, model.safetensors and tokenizer.model")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         if args.command == "import":
             iters = args.iters[0] if len(args.iters) == 1 else args.iters
-            ckpt = import_llama(args.src, args.out_dir, ODEConfig(args.scheme, iters), args.max_seq_len)
+            ckpt = import_llama(args.src, args.out_dir, ODEConfig(args.scheme, iters), args.max_seq_len, args.tokenizer)
             print(f"wrote {ckpt} and {ckpt.with_name('model.yaml')}")
         else:
             print(f"wrote {export_llama(args.ckpt, args.out_dir)}")

@@ -18,6 +18,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model, model_registry
 from lm_eval.tasks import TaskManager
 
+from lit_iiet.checkpoint import TOKENIZER_KEY
 from lit_iiet.data import LMDataModule, Tokenizer
 from lit_iiet.data.lm import encode_document
 from lit_iiet.errors import UserInputError
@@ -265,15 +266,21 @@ def test_command_line_runs_and_refuses_to_overwrite(run, tmp_path, capsys):
 
 
 def test_bad_input_is_one_line(run, tmp_path, capsys):
-    """A tokenizer larger than the model's vocabulary, and an unknown task, end with exit code 2 and one line."""
+    """A tokenizer larger than the model's vocabulary or other than the checkpoint's, and an unknown task, end with
+    exit code 2 and one line."""
     with gzip.open(ROOT / "data/shakespeare/valid.txt.gz", "rt", encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines()[:800] if line.strip()]
     big = Tokenizer.train(iter(lines), tmp_path / "big.model", vocab_size=400)
-    base = ["--checkpoint", str(run.checkpoint), "--include_path", TASKS, "--no_builtin_tasks"]
+    # A checkpoint of an older version carries no tokenizer: only the vocabulary size can be checked.
+    old = tmp_path / "old.ckpt"
+    torch.save({k: v for k, v in torch.load(run.checkpoint, weights_only=True).items() if k != TOKENIZER_KEY}, old)
+    base = ["--include_path", TASKS, "--no_builtin_tasks"]
     for extra, message in [
-        (["--tokenizer", str(big.path), "--tasks", "shakespeare_cloze"],
+        (["--checkpoint", str(old), "--tokenizer", str(big.path), "--tasks", "shakespeare_cloze"],
          f"tokenizer {str(big.path)!r} has 400 tokens, more than the model's vocab_size=320"),
-        (["--tokenizer", str(run.tokenizer.path), "--tasks", "shakespeare_clozee"],
+        (["--checkpoint", str(run.checkpoint), "--tokenizer", str(big.path), "--tasks", "shakespeare_cloze"],
+         f"tokenizer {str(big.path)!r} is not the tokenizer stored in checkpoint {str(run.checkpoint)!r}"),
+        (["--checkpoint", str(run.checkpoint), "--tasks", "shakespeare_clozee"],
          "unknown task 'shakespeare_clozee' (did you mean shakespeare_cloze"),
     ]:
         with pytest.raises(SystemExit) as exit_info:

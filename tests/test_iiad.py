@@ -15,6 +15,7 @@ from lit_iiet.analysis.convergence import solver_residuals
 from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.callbacks import IIAD, TwoStage
 from lit_iiet.callbacks.influence import heatmap_image
+from lit_iiet.checkpoint import TOKENIZER_KEY
 from lit_iiet.cli import main
 from lit_iiet.errors import UserInputError
 from lit_iiet.models import LanguageModel
@@ -133,6 +134,7 @@ def test_iiad_prunes_distils_and_never_touches_the_teacher(teacher, tmp_path):
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     schedule = ckpt["hyper_parameters"]["ode"]["iters"]
     assert sorted(schedule) == [1, 1, 3]
+    assert ckpt[TOKENIZER_KEY] == torch.load(teacher, weights_only=True)[TOKENIZER_KEY]  # the data's tokenizer travels on
     assert any(not torch.equal(before[k], ckpt["state_dict"][k]) for k in before)  # the student trained
     scalars = read_scalars(run)
     for tag in ("train/ce", "train/kd", "train/hidden_mse", "train/loss", "iiet/influence/0", "iiet/influence/2"):

@@ -13,8 +13,9 @@ from conftest import ROOT
 from rouge_score import rouge_scorer
 
 from lit_iiet.analysis.logs import read_scalars
+from lit_iiet.checkpoint import TOKENIZER_KEY
 from lit_iiet.cli import main
-from lit_iiet.data import SummarizationDataModule, TranslationDataModule
+from lit_iiet.data import SummarizationDataModule, Tokenizer, TranslationDataModule
 from lit_iiet.errors import UserInputError
 from lit_iiet.metrics import bleu_chrf, rouge
 from lit_iiet.models.seq2seq import inverse_sqrt, label_smoothed_nll
@@ -342,5 +343,8 @@ def test_translation_fit_test_and_average(tmp_path, capsys):
     avg = torch.load(out_file, weights_only=True)["state_dict"]
     key = "model.embed.weight"
     torch.testing.assert_close(avg[key], (a[key] + b[key]) / 2)
+    # Every checkpoint, and the average, carries the run's joint tokenizer.
+    protos = {torch.load(p, weights_only=True)[TOKENIZER_KEY] for p in [*ckpts, out_file]}
+    assert len(protos) == 1 and Tokenizer.from_model_proto(protos.pop(), tmp_path).vocab_size == 600
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "exists" in again.stderr

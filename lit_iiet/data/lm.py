@@ -94,10 +94,8 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
 
 
 def encode_document(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of one document followed by <eos>; encoded line by line (BPE never merges across newlines)."""
-    ids = [i for line in tokenizer.encode_batch(text.splitlines(keepends=True)) for i in line]
-    ids.append(tokenizer.eos_id)
-    return ids
+    """Token ids of one document followed by <eos>: `Tokenizer.encode_document`, the ids of the whole text."""
+    return tokenizer.encode_document(text)
 
 
 class TextCorpus:

@@ -1,7 +1,9 @@
-"""SentencePiece BPE tokenizer: trained once on the training text and cached, or loaded from a given model."""
+"""SentencePiece BPE tokenizer: trained once on the training text and cached, loaded from a given model, or
+restored from the serialized model that every checkpoint carries."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -56,6 +58,58 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
+
+    def encode_document(self, text: str, eos: bool = True) -> list[int]:
+        """The ids `encode(text)` gives for a whole (multi-line) document, followed by <eos> unless eos=False.
+
+        Where lines are independent (see `lines_are_independent`) the lines are encoded as one batch, which
+        SentencePiece spreads over all cores and gives exactly the same ids; otherwise (e.g. a Llama / Mistral
+        model, whose dummy prefix would put a "▁" before every line) the document is encoded in one piece.
+        """
+        if self.lines_are_independent:
+            lines = self.sp.encode(text.split("\n"))
+            ids = [i for line in lines[:-1] for i in (*line, self._newline_id)] + lines[-1]
+        else:
+            ids = self.sp.encode(text)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    @functools.cached_property
+    def lines_are_independent(self) -> bool:
+        """Whether encoding a text line by line gives the ids of encoding it whole: no dummy prefix (which
+        would start every line with "▁"), no whitespace clean-up (which would strip every line's ends), and
+        "\n" a user-defined piece (BPE never merges across it). Models from `Tokenizer.train` are such."""
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto.FromString(self.model_proto)
+        # piece_to_id gives <unk> for a piece the model lacks, and <unk> is no user-defined piece.
+        newline = proto.pieces[self.sp.piece_to_id("\n")]
+        user_defined = newline.piece == "\n" and newline.type == pb.ModelProto.SentencePiece.USER_DEFINED
+        return user_defined and not proto.normalizer_spec.add_dummy_prefix and not proto.normalizer_spec.remove_extra_whitespaces
+
+    @functools.cached_property
+    def _newline_id(self) -> int:
+        return self.sp.piece_to_id("\n")
+
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model: what checkpoints store, and what tells two tokenizers apart."""
+        return self.sp.serialized_model_proto()
+
+    @staticmethod
+    def from_model_proto(proto: bytes, cache_dir: str | Path | None = None) -> "Tokenizer":
+        """The tokenizer of a serialized model, written once to a file named by its content under
+        `<cache_dir>/tokenizers/` (default: `default_cache_dir()`), so data modules can read it by path and their
+        token caches, keyed on that path, stay valid."""
+        digest = hashlib.sha256(proto).hexdigest()[:16]
+        path = Path(cache_dir or default_cache_dir()) / "tokenizers" / f"sp-{digest}.model"
+        if not path.is_file() or path.read_bytes() != proto:  # a damaged copy is replaced
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(proto)
+            tmp.replace(path)
+        return Tokenizer(path)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])

@@ -10,7 +10,7 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch import Tensor
 
-from lit_iiet.checkpoint import load_checkpoint
+from lit_iiet.checkpoint import TOKENIZER_KEY, load_checkpoint
 from lit_iiet.errors import UserInputError
 
 # Parameters that start from their own init when init_from / an IIAD teacher lacks them: the routers of an adaptive
@@ -99,6 +99,13 @@ class ODEModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_state_dict(checkpoint["state_dict"], "given")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The tokenizer travels with the weights, so a copied checkpoint scores, predicts and resumes with the
+        # ids it was trained on (`checkpoint_tokenizer` reads it back). The data module owns it.
+        tokenizer = getattr(self.datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            checkpoint[TOKENIZER_KEY] = tokenizer.model_proto
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on weight matrices only; not on norms, biases, or scheme coefficients (`*.update.*`)."""
