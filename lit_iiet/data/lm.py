@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lit_iiet.data.tokenizer import TOKENIZER_VERSION, Tokenizer, default_cache_dir, fingerprint
+from lit_iiet.data.tokenizer import ENCODING_VERSION, TOKENIZER_VERSION, Tokenizer, default_cache_dir, fingerprint
 from lit_iiet.errors import UserInputError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
@@ -382,7 +382,7 @@ class LMDataModule(PackedLMData):
     def token_path(self, split: str) -> Path:
         tokenizer = self.tokenizer_path()
         stamp = (tokenizer.stat().st_size, tokenizer.stat().st_mtime_ns) if tokenizer.exists() else None
-        key = fingerprint(self.corpus.source_id(), str(tokenizer.resolve()), stamp, split)
+        key = fingerprint(self.corpus.source_id(), str(tokenizer.resolve()), stamp, split, ENCODING_VERSION)
         return self.cache_dir / "tokens" / f"{split}-{key}.pt"
 
     def prepare_data(self) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from lit_iiet.data.lm import SPLITS, TextCorpus, encode_document
 from lit_iiet.data.shards import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, file_sha256, token_dtype
-from lit_iiet.data.tokenizer import Tokenizer
+from lit_iiet.data.tokenizer import ENCODING_VERSION, Tokenizer
 from lit_iiet.errors import UserInputError, exit_on_user_error
 
 NPY_HEADER = 128  # bytes; a fixed-size .npy header is written once the number of tokens is known
@@ -41,7 +41,7 @@ def npy_header(dtype: np.dtype, n: int) -> bytes:
 def tokenize_piece(job: tuple) -> dict:
     """Tokenize one piece into its `.npy` file (written under a temporary name, then renamed)."""
     corpus, tokenizer_file, split, index, piece, out, dtype = job
-    tokenizer = Tokenizer(tokenizer_file)
+    tokenizer = Tokenizer(tokenizer_file, num_threads=1)  # the processes are the parallelism
     path = Path(out) / split / f"{index:05d}.npy"
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tokens = documents = 0
@@ -143,7 +143,7 @@ def prepare(
         "format": FORMAT, "version": VERSION, "dtype": dtype.name,
         "tokenizer_sha256": file_sha256(tokenizer_file), "vocab_size": vocab,
         "splits": {}, "source": repr(corpus.source_id()),
-        "tokenize_seconds": round(seconds, 3), "workers": workers,
+        "encoding_version": ENCODING_VERSION, "tokenize_seconds": round(seconds, 3), "workers": workers,
     }
     for split in splits:
         files = [part for job, part in zip(jobs, parts) if job[2] == split]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lit_iiet.data.lm import SPLITS, PackedLMData, ResumableSampler
-from lit_iiet.data.tokenizer import Tokenizer
+from lit_iiet.data.tokenizer import ENCODING_VERSION, Tokenizer
 from lit_iiet.errors import UserInputError
 
 FORMAT, VERSION = "lit_iiet.token_shards", 1
@@ -55,6 +55,11 @@ def read_manifest(folder: str | Path) -> dict:
         raise UserInputError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise UserInputError(f"{path} is not a {FORMAT} manifest of version {VERSION}")
+    if manifest.get("encoding_version") != ENCODING_VERSION:
+        raise UserInputError(
+            f"shards in {str(folder)!r} were encoded by an older lit_iiet (encoding {manifest.get('encoding_version')}, "
+            f"now {ENCODING_VERSION}); prepare them again"
+        )
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for split, info in manifest["splits"].items():
         for part in info["files"]:
@@ -142,15 +147,13 @@ class ShardedLMDataModule(PackedLMData):
         self.folder = Path(path)
         self.manifest = read_manifest(self.folder)
         self.shuffle_block = shuffle_block
-        if tokenizer is not None:
-            if not Path(tokenizer).is_file():
-                raise UserInputError(f"tokenizer model {tokenizer!r} does not exist")
-            if file_sha256(Path(tokenizer)) != self.manifest["tokenizer_sha256"]:
-                raise UserInputError(
-                    f"tokenizer {tokenizer!r} is not the one the shards in {path!r} were made with "
-                    f"({path}/{TOKENIZER_FILE}); prepare the shards with it, or leave data.tokenizer unset"
-                )
         self.tokenizer = Tokenizer(self.folder / TOKENIZER_FILE)
+        # Compared as models, not files: a checkpoint's tokenizer comes back re-serialized (the CLI sets it here).
+        if tokenizer is not None and Tokenizer(tokenizer).model_proto != self.tokenizer.model_proto:
+            raise UserInputError(
+                f"tokenizer {tokenizer!r} is not the one the shards in {path!r} were made with "
+                f"({path}/{TOKENIZER_FILE}); prepare the shards with it, or leave data.tokenizer unset"
+            )
 
     def has_split(self, split: str) -> bool:
         return self.manifest["splits"].get(split, {}).get("tokens", 0) > 0

@@ -16,6 +16,9 @@ from lit_iiet.errors import UserInputError
 
 # Bump when the training options below change, so that cached tokenizers are retrained.
 TOKENIZER_VERSION = 1
+# Bump when the ids `Tokenizer.encode_document` gives change, so that cached token ids are made again
+# (2: whole-document encoding for models with a dummy prefix, which line-by-line encoding got wrong).
+ENCODING_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -25,12 +28,13 @@ def default_cache_dir() -> Path:
 class Tokenizer:
     """Text <-> ids. Ids 0..3 are <pad>, <unk>, <bos>, <eos>; bytes fall back to byte tokens, so any UTF-8 round-trips."""
 
-    def __init__(self, model_file: str | Path) -> None:
+    def __init__(self, model_file: str | Path, num_threads: int = -1) -> None:
+        """num_threads: threads a batch encode may use (-1: all cores; 1 where processes already run in parallel)."""
         path = Path(model_file)
         if not path.is_file():
             raise UserInputError(f"tokenizer model {str(path)!r} does not exist")
         self.path = path
-        self.sp = spm.SentencePieceProcessor()
+        self.sp = spm.SentencePieceProcessor(num_threads=num_threads)
         try:
             self.sp.load(str(path))
         except (OSError, RuntimeError) as e:
