@@ -234,3 +234,15 @@ def test_token_budget_test_outputs_stay_in_input_order(files, tmp_path):
     assert outputs["tokens"]["src"] == [r["fr"] for r in rows] and outputs["tokens"]["ref"] == [r["en"] for r in rows]
     assert outputs["tokens"] == outputs["pairs"]
     assert len(set(outputs["tokens"]["hyp"])) > 8, "the hypotheses differ, so a mix-up would show"
+
+
+def test_padding_benchmark_counts_pads_and_matches_pairs_per_batch():
+    from benchmarks.seq2seq_padding import padded_fraction, padding_fractions, wmt_like_lengths
+
+    src, tgt = np.array([2, 4, 5]), np.array([3, 3, 7])
+    assert padded_fraction(src, tgt, [np.array([0, 1]), np.array([2])]) == pytest.approx(1 - 24 / 26)  # 2 x (4 + 3) + 12
+    src, tgt = wmt_like_lengths(4000)
+    assert 28 < src.mean() < 34 and src.max() <= 251 and tgt.max() <= 251
+    r = padding_fractions(src, tgt, batch_size=32)
+    assert 32 <= r["pairs_per_batch"] < 33
+    assert r["bucketed"] < r["random"] / 4
