@@ -87,9 +87,12 @@ def main() -> None:
     parser.add_argument("--wmt_pairs", type=int, default=200_000, help="synthetic WMT-like pairs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    sets = {"Bible fr-en train": (bible_lengths(), 32), "synthetic WMT'14-like": (wmt_like_lengths(args.wmt_pairs, args.seed), 128)}
-    print(f"Padding of one training epoch's batches, {date.today()}; token_batches timed on {machine(torch.device('cpu'))}.\n")
-    print("| pairs | n | mean src / tgt rows | batch_size | padding, random | max_tokens | pairs / batch | padding, bucketed | bucketing time |")
+    sets = {"Bible fr-en train": (bible_lengths(), 32),
+            "synthetic WMT'14-like": (wmt_like_lengths(args.wmt_pairs, args.seed), 128)}
+    print(f"Padding of one training epoch's batches, {date.today()}; token_batches timed on "
+          f"{machine(torch.device('cpu'))}.\n")
+    print("| pairs | n | mean src / tgt rows | batch_size | padding, random | max_tokens | pairs / batch "
+          "| padding, bucketed | bucketing time |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, ((src, tgt), batch_size) in sets.items():
         r = padding_fractions(src, tgt, batch_size, args.seed)
