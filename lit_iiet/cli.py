@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import set_docstring_parse_options
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -42,6 +42,17 @@ class IIETCLI(LightningCLI):
         )
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.add_lightning_class_args(TextPredictionWriter, "prediction_writer")
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        # trainer.val_check_interval given as an int counts optimizer steps, like max_steps and the checkpoints'
+        # every_n_train_steps, whatever accumulate_grad_batches; Lightning counts it in batches, so it gets
+        # interval x accumulation. (Exact while each epoch holds whole accumulation windows: Lightning also steps
+        # at an epoch's end.) Only the Trainer sees the product; the saved config.yaml keeps the value as given.
+        trainer = self._get(self.config_init, "trainer", default={})
+        interval, accumulate = trainer.get("val_check_interval"), trainer.get("accumulate_grad_batches") or 1
+        if isinstance(interval, int) and not isinstance(interval, bool) and isinstance(accumulate, int) and accumulate > 1:
+            kwargs.setdefault("val_check_interval", interval * accumulate)
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here; check the file first so that a missing or

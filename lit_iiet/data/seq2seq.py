@@ -6,9 +6,10 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
@@ -58,6 +59,79 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int):
         return i, self.src[self.src_off[i] : self.src_off[i + 1]].long(), self.tgt[self.tgt_off[i] : self.tgt_off[i + 1]].long()
 
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Padded row lengths of every pair in a batch: the source (with eos), the target + 1 (bos / eos)."""
+        return self.src_off.diff().numpy(), self.tgt_off.diff().numpy() + 1
+
+
+def token_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: int, seed: int | None = None) -> list[np.ndarray]:
+    """Pair indices cut into batches of similar lengths whose padded tensors hold at most max_tokens each.
+
+    The pairs are ordered by source length, then by target length (fewer pads than ordering by the longer side:
+    6% -> 3% on the Bible pairs), ties in a random order drawn from `seed` (index order when seed is None), and
+    cut greedily: a batch takes the next pair while rows x longest source and rows x longest target both stay
+    <= max_tokens. A single pair longer than max_tokens gets a batch alone. fairseq's batch_by_size follows the
+    same idea.
+
+    Args:
+        src_lens: Source row length of each pair.
+        tgt_lens: Target row length of each pair (target + 1 for bos / eos).
+        max_tokens: Budget of each padded tensor (source and target), rows x longest row.
+        seed: Seed of the tie-break among pairs of equal lengths; None keeps index order.
+    """
+    src, tgt = np.asarray(src_lens, dtype=np.int64), np.asarray(tgt_lens, dtype=np.int64)
+    tie = np.arange(len(src)) if seed is None else np.random.default_rng(seed).permutation(len(src))
+    order = np.lexsort((tie, tgt, src))  # the last key sorts first
+    batches, start, longest = [], 0, 0
+    for pos, row in enumerate(np.maximum(src, tgt)[order].tolist()):  # rows x max(S, T) <= budget <=> both fit
+        if pos > start and (pos - start + 1) * max(longest, row) > max_tokens:
+            batches.append(order[start:pos])
+            start, longest = pos, 0
+        longest = max(longest, row)
+    if len(order):
+        batches.append(order[start:])
+    return batches
+
+
+def split_to_divide(batches: list[np.ndarray], parts: int) -> list[np.ndarray]:
+    """Split batches with the most rows in halves (which still fit the budget) until `parts` divides their number,
+    so that every rank gets as many batches and none is dropped."""
+    batches = list(batches)
+    while len(batches) % parts:
+        k = max(range(len(batches)), key=lambda b: len(batches[b]))
+        if len(batches[k]) < 2:
+            break  # fewer pairs than ranks; the sampler drops the remainder
+        half = len(batches[k]) // 2
+        batches[k : k + 1] = [batches[k][:half], batches[k][half:]]
+    return batches
+
+
+class BatchOrderSampler(ResumableSampler):
+    """ResumableSampler over whole batches, drawing its order at the first batch rather than when the loader's
+    iterator is made: with DataLoader(batch_size=None) Lightning makes the iterator of a resumed epoch before it
+    calls set_epoch (a torch BatchSampler defers the draw the same way for single items)."""
+
+    def __iter__(self) -> Iterator[int]:
+        yield from super().__iter__()
+
+
+class BatchedPairs(Dataset):
+    """Item i is batch i of a list of pair-index batches, collated.
+
+    A DataLoader(batch_size=None) yields these whole batches, and a sampler over them deals whole batches: the
+    training ResumableSampler shuffles their order per epoch, gives each DDP rank its own batches and skips
+    those a resumed run already trained, exactly as it does for single pairs.
+    """
+
+    def __init__(self, pairs: PairDataset, batches: list[np.ndarray], collate: Callable) -> None:
+        self.pairs, self.batches, self.collate = pairs, batches, collate
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.collate([self.pairs[j] for j in self.batches[i].tolist()])
+
 
 def pack(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = torch.tensor([0] + [len(s) for s in sequences]).cumsum(0)
@@ -85,6 +159,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         max_tgt_len: int = 256,
         long_source: str = "truncate",
         batch_size: int = 32,
+        max_tokens: int | None = None,
         num_workers: int = 0,
         shuffle: bool = True,
         cache_dir: str | None = None,
@@ -106,9 +181,13 @@ class Seq2SeqDataModule(L.LightningDataModule):
             max_src_len: Longest source in tokens (with eos); longer ones are handled by long_source.
             max_tgt_len: Longest target in tokens (with bos or eos); longer targets are truncated.
             long_source: "truncate" (counted in a warning) or "reject" (an error naming the first such pair).
-            batch_size: Pairs per batch and per device.
+            batch_size: Pairs per batch and per device (unused when max_tokens is set).
+            max_tokens: Batches by token budget instead of batch_size: pairs of similar length batched together so
+                that rows x longest source and rows x longest target (with bos / eos) stay <= max_tokens per
+                device. Training shuffles the order of these batches each epoch; val / test take them in a
+                fixed shuffled order. None: batch_size pairs drawn at random.
             num_workers: DataLoader worker processes.
-            shuffle: Shuffle the training pairs each epoch (seeded).
+            shuffle: Shuffle the training pairs (with max_tokens: the batches) each epoch (seeded).
             cache_dir: Where tokenizers and token ids are cached; default $LIT_IIET_CACHE or ~/.cache/lit_iiet.
         """
         super().__init__()
@@ -120,6 +199,10 @@ class Seq2SeqDataModule(L.LightningDataModule):
             raise UserInputError(f"max_src_len={max_src_len}, max_tgt_len={max_tgt_len} must be >= 2 and batch_size={batch_size} >= 1")
         if vocab_size < 260:
             raise UserInputError(f"vocab_size={vocab_size}: at least 260 are needed (256 byte tokens + 4 specials)")
+        # Sources hold at most max_src_len tokens, target rows max_tgt_len (<bos> + max_tgt_len - 1 tokens).
+        if max_tokens is not None and max_tokens < max(max_src_len, max_tgt_len):
+            raise UserInputError(f"max_tokens={max_tokens} is smaller than the longest allowed pair (max_src_len={max_src_len}, "
+                                 f"max_tgt_len={max_tgt_len}); set it to at least {max(max_src_len, max_tgt_len)}")
         self.specs = {"train": train, "val": val, "test": test}
         if hf_dataset is None:
             for split, spec in self.specs.items():
@@ -302,12 +385,35 @@ class Seq2SeqDataModule(L.LightningDataModule):
         if not self.has_split(split):
             raise UserInputError(f"no {split} data configured (set data.{split})")
         dataset = self.datasets[split]
+        if self.hparams.max_tokens is not None:
+            return self._token_loader(split, dataset)
         kwargs = dict(batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers, collate_fn=self.collate,
                       persistent_workers=self.hparams.num_workers > 0)
         if split != "train":
             return DataLoader(dataset, shuffle=False, **kwargs)
         sampler = ResumableSampler.for_training(self.trainer, dataset, self.hparams.shuffle, self.hparams.batch_size)
         return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
+
+    def _token_loader(self, split: str, dataset: PairDataset) -> DataLoader:
+        """Length-bucketed batches of at most max_tokens per padded tensor, every pair once per epoch."""
+        h = self.hparams
+        kwargs = dict(batch_size=None, num_workers=h.num_workers, persistent_workers=h.num_workers > 0)
+        if split != "train":
+            # Fewest pads for the loss and beam search. The batches come in a fixed shuffled order so that
+            # model.val_decode_batches decodes a spread of lengths, not only the shortest pairs; the model keys its
+            # outputs by batch["index"], so test outputs stay in input order.
+            batches = token_batches(*dataset.lengths(), h.max_tokens)
+            batches = [batches[k] for k in np.random.default_rng(0).permutation(len(batches))]
+            return DataLoader(BatchedPairs(dataset, batches, self.collate), shuffle=False, **kwargs)
+        # The batches are fixed for the run (the same on every rank and after a resume: same seed, same world
+        # size); each item of the dataset is a whole batch, so the training sampler shuffles batches per
+        # (seed, epoch), deals disjoint batches to the ranks and skips those a resumed run already trained.
+        world = self.trainer.world_size if self.trainer else 1
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's, as the sampler's
+        batches = split_to_divide(token_batches(*dataset.lengths(), h.max_tokens, seed), world)
+        plan = BatchedPairs(dataset, batches, self.collate)
+        sampler = BatchOrderSampler.for_training(self.trainer, plan, h.shuffle, batch_size=1)
+        return DataLoader(plan, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
