@@ -14,7 +14,8 @@ from test_data import _SaveAndStop, _Stop, trainer_test
 from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.cli import main
 from lit_iiet.data import TranslationDataModule
-from lit_iiet.data.seq2seq import BatchedPairs, BatchOrderSampler, split_to_divide, token_batches
+from lit_iiet.data.lm import ResumableSampler
+from lit_iiet.data.seq2seq import BatchedPairs, split_to_divide, token_batches
 from lit_iiet.errors import UserInputError
 
 BUDGET = 320
@@ -112,7 +113,7 @@ def test_two_ranks_get_disjoint_batches_covering_the_epoch(files, budget):
     assert len(batches) % 2 == 0
     ranks = []
     for rank in (0, 1):
-        sampler = BatchOrderSampler(BatchedPairs(ds, batches, dm.collate), num_replicas=2, rank=rank, shuffle=True, seed=5)
+        sampler = ResumableSampler(BatchedPairs(ds, batches, dm.collate), num_replicas=2, rank=rank, shuffle=True, seed=5)
         sampler.set_epoch(1)
         ranks.append([i for k in sampler for i in batches[k].tolist()])
     assert len(ranks[0]) + len(ranks[1]) == 150 and sorted(ranks[0] + ranks[1]) == list(range(150))

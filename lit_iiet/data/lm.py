@@ -244,8 +244,10 @@ class ResumableSampler(DistributedSampler):
                 return
 
     def __iter__(self) -> Iterator[int]:
+        # A generator: nothing is drawn before the first item, so the order is that of the epoch set_epoch gave
+        # even where the iterator is made first (Lightning does so for a resumed DataLoader(batch_size=None)).
         start, self.skip = self.skip * self.num_replicas, 0  # only the resumed epoch starts late
-        return itertools.islice(self._order(start), self.rank, None, self.num_replicas)
+        yield from itertools.islice(self._order(start), self.rank, None, self.num_replicas)
 
     @classmethod
     def for_training(cls, trainer, dataset: Dataset, shuffle: bool, batch_size: int, **kwargs) -> "ResumableSampler":

@@ -106,15 +106,6 @@ def split_to_divide(batches: list[np.ndarray], parts: int) -> list[np.ndarray]:
     return batches
 
 
-class BatchOrderSampler(ResumableSampler):
-    """ResumableSampler over whole batches, drawing its order at the first batch rather than when the loader's
-    iterator is made: with DataLoader(batch_size=None) Lightning makes the iterator of a resumed epoch before it
-    calls set_epoch (a torch BatchSampler defers the draw the same way for single items)."""
-
-    def __iter__(self) -> Iterator[int]:
-        yield from super().__iter__()
-
-
 class BatchedPairs(Dataset):
     """Item i is batch i of a list of pair-index batches, collated.
 
@@ -412,7 +403,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's, as the sampler's
         batches = split_to_divide(token_batches(*dataset.lengths(), h.max_tokens, seed), world)
         plan = BatchedPairs(dataset, batches, self.collate)
-        sampler = BatchOrderSampler.for_training(self.trainer, plan, h.shuffle, batch_size=1)
+        sampler = ResumableSampler.for_training(self.trainer, plan, h.shuffle, batch_size=1)
         return DataLoader(plan, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
