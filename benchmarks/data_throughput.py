@@ -3,9 +3,10 @@
     python -m benchmarks.data_throughput --workdir /tmp/data_bench --gb 2 [--litdata]
 
 One run, on a generated local corpus (the shipped Shakespeare, Bible and aclsum texts cut into documents and
-written in shuffled order into 64 MB JSONL files until --gb GB; the first half of the files is the "half" corpus):
-- prepare throughput (tokens/s) of `python -m lit_iiet.data.prepare` with 1 and 2 worker processes on the half
-  corpus, then with 2 workers on the whole corpus;
+written in shuffled order into 64 MB JSONL files until --gb GB):
+- prepare throughput (tokens/s) of `python -m lit_iiet.data.prepare` with 1 and 2 worker processes on a sample
+  of --sample_files files, and with 2 workers on the whole corpus; the first half of the whole corpus's shard
+  files (prepare cuts pieces per file, so they are what it writes for those files) is the "half" corpus;
 - loader throughput in tokens/s of one process (ShardedLMDataModule's training loader, num_workers 0, the
   340M configs' seq_len 2048 x batch 8), against what a 340M IIET r = 3 model consumes at 45% MFU on one H100
   (from Decoder.flops: a training step ~ 3 forward passes; 989 TFLOP/s dense bf16 peak);
@@ -22,7 +23,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
+import shutil
 import resource
 import subprocess
 import sys
@@ -185,6 +188,7 @@ def main() -> None:
     parser.add_argument("--file_mb", type=int, default=64, help="size of each corpus file")
     parser.add_argument("--vocab_size", type=int, default=32000, help="BPE tokenizer trained on the shipped text")
     parser.add_argument("--batches", type=int, default=2000, help="loader batches timed per probe")
+    parser.add_argument("--sample_files", type=int, default=4, help="files of the 1-worker / 2-worker prepare comparison")
     parser.add_argument("--litdata", action="store_true", help="also probe litdata over the same tokens")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,36 +207,51 @@ def main() -> None:
         lines = (line for d in shipped_documents() for line in d.splitlines() if line.strip())
         Tokenizer.train(lines, tokenizer, args.vocab_size)
     runs = {}
-    for name, subset, workers in (("half-1", half, 1), ("half-2", half, 2), ("all-2", files, 2)):
+    sample = files[: args.sample_files]
+    for name, subset, workers in ((f"sample-1", sample, 1), (f"sample-2", sample, 2), ("all-2", files, 2)):
         out = work / f"shards-{name}"
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         runs[name] = prepare_shards(subset, out, tokenizer, workers)
+    # The first half of the files as a shard folder of its own: the same files prepare writes for them (pieces
+    # are cut per file), under a manifest naming only those.
+    half_dir = work / "shards-half"
+    if half_dir.exists():
+        shutil.rmtree(half_dir)
+    (half_dir / "train").mkdir(parents=True)
+    manifest = json.loads((work / "shards-all-2" / "manifest.json").read_text())
+    parts = manifest["splits"]["train"]["files"][: len(half)]
+    for part in parts:
+        os.link(work / "shards-all-2" / part["path"], half_dir / part["path"])
+    shutil.copy(work / "shards-all-2" / "tokenizer.model", half_dir / "tokenizer.model")
+    manifest["splits"]["train"] = {"tokens": sum(p["tokens"] for p in parts), "documents": sum(p["documents"] for p in parts),
+                                   "files": parts}
+    (half_dir / "manifest.json").write_text(json.dumps(manifest))
     gb_of = {name: run["text_bytes"] / 2**30 for name, run in runs.items()}
-    loads = {"half": probe("shards", work / "shards-half-2", args.batches), "all": probe("shards", work / "shards-all-2", args.batches)}
+    gb_of["half"], gb_of["all"] = sum(f.stat().st_size for f in half) / 2**30, gb_of["all-2"]
+    loads = {"half": probe("shards", half_dir, args.batches), "all": probe("shards", work / "shards-all-2", args.batches)}
     if args.litdata:
-        for name in ("half", "all"):
+        for name, source in (("half", half_dir), ("all", work / "shards-all-2")):
             target = work / f"litdata-{name}"
             if not (target / "index.json").exists():
-                to_litdata(work / f"shards-{name}-2", target)
+                to_litdata(source, target)
             loads[f"litdata {name}"] = probe("litdata", target, args.batches)
     needed = needed_tokens_per_s()
 
-    print(f"Corpus: {len(files)} JSONL files, {gb_of['all-2']:.2f} GB of text ({runs['all-2']['tokens']:,} tokens with a "
-          f"{args.vocab_size}-piece BPE); half = the first {len(half)} files ({gb_of['half-1']:.2f} GB).\n")
+    print(f"Corpus: {len(files)} JSONL files, {gb_of['all']:.2f} GB of text ({runs['all-2']['tokens']:,} tokens with a "
+          f"{args.vocab_size}-piece BPE); half = the first {len(half)} files ({gb_of['half']:.2f} GB); sample = the "
+          f"first {len(sample)} files.\n")
     print("| prepare | text | workers | tokens | seconds | tokens/s |\n|---|---|---|---|---|---|")
     for name, run in runs.items():
-        print(f"| {name} | {gb_of[name]:.2f} GB | {name[-1]} | {run['tokens']:,} | {run['seconds']:.1f} | {run['tokens_per_s']:,.0f} |")
+        print(f"| {name.rsplit('-', 1)[0]} | {gb_of[name]:.2f} GB | {name[-1]} | {run['tokens']:,} | {run['seconds']:.1f} | "
+              f"{run['tokens_per_s']:,.0f} |")
     print(f"\nA 340M IIET r = 3 model at 45% MFU on one H100 trains on {needed:,.0f} tokens/s "
           f"(seq_len {SEQ_LEN}, 3 x Decoder.flops per step).\n")
-    print("| loader | corpus | tokens/s (1 process) | × needed | peak RSS MB | anon RSS MB | first batch after resume, s |")
+    print("| loader | corpus | tokens/s (1 process) | x needed | peak RSS MB | anon RSS MB | first batch after resume, s |")
     print("|---|---|---|---|---|---|---|")
     for name, load in loads.items():
-        corpus = gb_of["half-1" if name.endswith("half") else "all-2"]
         kind = "litdata" if name.startswith("litdata") else "shards (ours)"
-        print(f"| {kind} | {corpus:.2f} GB | {load['tokens_per_s']:,.0f} | {load['tokens_per_s'] / needed:.0f}× | "
+        print(f"| {kind} | {gb_of[name.split()[-1]]:.2f} GB | {load['tokens_per_s']:,.0f} | {load['tokens_per_s'] / needed:.0f}x | "
               f"{load['peak_rss_mb']:.0f} | {load['rss_anon_mb']:.0f} | {load['resume_first_batch_s']:.3f} |")
     try:
         from benchmarks.seq2seq_padding import main as padding_main

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from test_data import _Recorder, _SaveAndStop, _Stop, numbered_docs, read_corpus, trainer_test
+from test_data import _Recorder, _SaveAndStop, _Stop, hf_offline, numbered_docs, read_corpus, trainer_test  # noqa: F401
 
 from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.data.lm import LMDataModule, ResumableSampler
@@ -223,3 +223,21 @@ def test_token_shards_slice_across_files(tmp_path):
         files.append((tmp_path / f"{i}.bin", 0, len(values)))
     stream = TokenShards(files, "uint16")
     assert len(stream) == 8 and stream[2:6].tolist() == [3, 4, 5, 6] and stream[0:8].tolist() == list(range(1, 9))
+
+
+def test_prepare_from_a_saved_dataset(tmp_path, hf_offline):
+    """A `datasets` copy on disk is cut into row ranges; the shards hold the in-memory stream of the same rows."""
+    datasets = hf_offline
+    rows = {s: [f"{s} row {i}.\nSecond line {i}." for i in range(40)] for s in ("train", "validation")}
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": r}) for s, r in rows.items()}).save_to_disk(str(tmp_path / "ds"))
+    tok = Tokenizer.train(iter(numbered_docs(60)), tmp_path / "tok.model", vocab_size=300)
+    prepare(str(tmp_path / "out"), hf_dataset=str(tmp_path / "ds"), tokenizer=str(tok.path), workers=2)
+    sharded = ShardedLMDataModule(str(tmp_path / "out"), seq_len=8)
+    dm = LMDataModule(train=None, hf_dataset=str(tmp_path / "ds"), tokenizer=str(tok.path), seq_len=8,
+                      cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup()
+    for split in ("train", "val"):
+        stream = sharded.token_stream(split)
+        assert torch.equal(stream[0 : len(stream)], dm.tokens[split].long())
+    assert sharded.manifest["splits"]["train"]["documents"] == 40 and not sharded.has_split("test")

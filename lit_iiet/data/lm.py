@@ -119,7 +119,10 @@ class TextCorpus:
             self.files = {split: expand_files(spec, split) for split, spec in zip(SPLITS, (train, val, test))}
 
     def has_split(self, split: str) -> bool:
-        return self.hf_dataset is not None or bool(self.files.get(split))
+        if self.hf_dataset is None:
+            return bool(self.files.get(split))
+        saved = Path(self.hf_dataset) / "dataset_dict.json"  # a save_to_disk copy lists its splits
+        return not saved.is_file() or self.hf_splits[split] in json.loads(saved.read_text()).get("splits", [])
 
     def hf_split(self, split: str, streaming: bool = False):
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never reach for the hub at run time

@@ -55,10 +55,10 @@ def tokenize_piece(job: tuple) -> dict:
             buffered += len(ids)
             documents += 1
             if buffered >= FLUSH_TOKENS:
-                f.write(np.fromiter((i for ids in buffer for i in ids), dtype=dtype, count=buffered).tobytes())
+                f.write(np.concatenate([np.asarray(ids, dtype=dtype) for ids in buffer]).tobytes())
                 tokens, buffer, buffered = tokens + buffered, [], 0
         if buffer:
-            f.write(np.fromiter((i for ids in buffer for i in ids), dtype=dtype, count=buffered).tobytes())
+            f.write(np.concatenate([np.asarray(ids, dtype=dtype) for ids in buffer]).tobytes())
             tokens += buffered
         f.seek(0)
         f.write(npy_header(dtype, tokens))
