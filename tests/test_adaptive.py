@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -99,11 +100,14 @@ def decode_recording_decisions(model, x, prompt=5):
     return torch.cat(logits, 1), {layer: torch.cat([d[layer] for d in decisions], 1) for layer in decisions[0]}
 
 
+@pytest.mark.parametrize("compaction", ["ffn", "all"])
 @pytest.mark.parametrize("name", POLICIES)
 @torch.no_grad()
-def test_cached_decoding_equals_the_replayed_full_forward(name):
+def test_cached_decoding_equals_the_replayed_full_forward(name, compaction):
+    """Both early-exit paths (the FFN alone on the active rows, or the whole layer on them and their gathered
+    prefix) decode exactly what the full forward computes with the same per-token decisions."""
     ode, seed = POLICIES[name]
-    model, x = make(ode, seed), tokens()
+    model, x = make(replace(ode, early_exit_compaction=compaction), seed), tokens()
     cached, decisions = decode_recording_decisions(model, x)
     steps = torch.stack([d[:, 5:] for d in decisions.values()])
     assert bool((steps < 3).any()) and bool((steps == 3).any()), "some rows stop while others go on: compaction is used"
@@ -115,7 +119,8 @@ def test_cached_decoding_equals_the_replayed_full_forward(name):
 
 @torch.no_grad()
 def test_without_filling_stopped_slots_the_cache_would_be_wrong(monkeypatch):
-    """Negative control: skipping the exact fill leaves stale keys that later tokens read."""
+    """Negative control: where the whole layer runs on the active rows only, skipping the exact fill leaves stale
+    keys that later tokens read."""
     branch = Block.branch
 
     def no_fill(self, *args, **kwargs):
@@ -124,7 +129,7 @@ def test_without_filling_stopped_slots_the_cache_would_be_wrong(monkeypatch):
         return G
 
     ode, _ = POLICIES["residual"]
-    model, x = make(ode), tokens()
+    model, x = make(replace(ode, early_exit_compaction="all")), tokens()
     monkeypatch.setattr(Block, "branch", no_fill)
     cached, decisions = decode_recording_decisions(model, x)
     model.update.replay = decisions

@@ -52,6 +52,18 @@ class Branch:
             return torch.utils.checkpoint.checkpoint(self._evaluate, z, e, rows, use_reentrant=False)
         return self._evaluate(z, e, rows)
 
+    def evaluate_rows(self, z: Tensor, e: int, rows: Tensor) -> Tensor:
+        """G of the batch rows `rows` only, while decoding with per-token early exit: the first sub-layer (the
+        self-attention, which writes cache slot e) runs on every row, so a stopped row's keys and values come from
+        its frozen state exactly as `fill` would write them, and no row's cached prefix is gathered; the later
+        sub-layers (the FFN) run on `rows` alone."""
+        d = self.sublayers[0](z, e)
+        out, h = d[rows], z[rows] + d[rows]
+        for sublayer in self.sublayers[1:]:
+            d = sublayer(h, e, rows)
+            out, h = out + d, h + d
+        return out if self.norm is None else self.norm(out)
+
     def _evaluate(self, z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
         """rows: the batch rows z holds when G runs on a compacted sub-batch (their KV-cache rows)."""
         out, h = None, z
@@ -143,7 +155,7 @@ def _anderson_step(gs: list[Tensor], rs: list[Tensor], reg: float, max_step: flo
 
 def adaptive_fixed_point(
     y: Tensor, G: Branch, iters: int, decide: Callable[[int, Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]],
-    fill: bool = True, iterates: list[Tensor] | None = None,
+    fill: bool = True, iterates: list[Tensor] | None = None, compact: str = "ffn",
 ) -> tuple[Tensor, Tensor]:
     """IIET with per-token early exit: the gated iteration z <- z + g (y + G(z) - z) while a token is active.
 
@@ -156,7 +168,9 @@ def adaptive_fixed_point(
     decoding one token per row over the cache, the active rows are gathered into a dense sub-batch instead
     (saved evaluations become saved time) and, with `fill`, the stopped rows' cache slots are written from
     their frozen states (one key/value projection, no attention or FFN), so that later tokens see the same
-    keys as in the full-sequence pass.
+    keys as in the full-sequence pass. compact="ffn" gathers only for the FFN: the self-attention runs on every
+    row, which fills the stopped rows' slots and needs no gather of any row's cached prefix (see
+    `Branch.evaluate_rows`; docs/RESULTS.md has the measurement that made it the default).
     """
     B, T, _ = y.shape
     z, z_prev, gate = y, y, None
@@ -169,11 +183,12 @@ def adaptive_fixed_point(
         z_prev = z
         if G.decoding and T == 1 and not bool(active.all()):
             rows, stopped = active[:, 0].nonzero().squeeze(1), (~active[:, 0]).nonzero().squeeze(1)
-            if fill and G.fill is not None:
+            if fill and G.fill is not None and (compact == "all" or not len(rows)):
                 G.fill(z[stopped], k, stopped)
             if len(rows):
                 za = z[rows]
-                step = y[rows] + G(za, k, rows) - za
+                g = G(za, k, rows) if compact == "all" else G.evaluate_rows(z, k, rows)
+                step = y[rows] + g - za
                 z = z.index_copy(0, rows, za + (step if gate is None else gate[rows] * step))
         else:
             step = y + G(z, k) - z
@@ -293,6 +308,10 @@ class ODEConfig:
     """router policy, training: the fraction of a batch's tokens that run each iteration after the first."""
     router_aux_weight: float = 1.0
     """router policy: weight of the BCE loss that teaches sigmoid > 0.5 to make the training-time choice causally."""
+    early_exit_compaction: str = "ffn"
+    """adaptive policies, cached decoding: which sub-layers run on the still-active rows only. ffn: the FFN (the
+    self-attention runs on every row, which also fills the stopped rows' cache slots without gathering any cached
+    prefix); all: the whole layer, on the active rows and their gathered KV prefix. Both are exact."""
     kv_mode: str = "exact"
     """iiet KV cache: exact (one slot per iteration; stopped tokens' slots filled from their frozen state) or shared
     (one slot per layer from the first iteration, reused by the others: smaller and approximate, also in training)."""
@@ -322,6 +341,8 @@ class ODEConfig:
             raise UserInputError("iiet_solver='anderson' mixes its own iterates: it needs iiet_output 'last', iiet_damping 1.0 and iiet_relaxation 'fixed'")
         if self.iiet_policy not in POLICIES:
             raise UserInputError(f"iiet_policy={self.iiet_policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.early_exit_compaction not in ("ffn", "all"):
+            raise UserInputError(f"early_exit_compaction={self.early_exit_compaction!r}; choose 'ffn' or 'all'")
         if self.kv_mode not in ("exact", "shared"):
             raise UserInputError(f"kv_mode={self.kv_mode!r}; choose 'exact' or 'shared'")
         if self.adaptive or self.kv_mode == "shared":
@@ -483,7 +504,9 @@ class LayerUpdate(nn.Module):
             out = euler(y, G)
         elif s == "iiet" and not self.force_full and (self.cfg.adaptive or self.replay is not None or self.cfg.kv_mode == "shared"):
             fill = self.cfg.kv_mode == "exact"
-            out, self.counts[layer] = adaptive_fixed_point(y, G, self.schedule[layer], self.decider(layer), fill, states)
+            out, self.counts[layer] = adaptive_fixed_point(
+                y, G, self.schedule[layer], self.decider(layer), fill, states, self.cfg.early_exit_compaction
+            )
         elif s == "iiet":
             c = self.cfg
             damping = self.relaxation[layer] if c.iiet_relaxation == "learned" else c.iiet_damping
