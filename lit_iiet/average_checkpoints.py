@@ -23,7 +23,7 @@ from lit_iiet.errors import UserInputError
 
 def average(paths: list[Path]) -> dict:
     """The first checkpoint's structure with every floating-point tensor replaced by the mean over all paths."""
-    checkpoints = [load_checkpoint(p) for p in paths]
+    checkpoints = [load_checkpoint(p, mmap=True) for p in paths]  # optimizer states stay on disk
     newest = max(checkpoints, key=lambda c: c.get("global_step", 0))
     keys = list(newest["state_dict"])
     for path, ckpt in zip(paths, checkpoints):
@@ -46,12 +46,16 @@ def average(paths: list[Path]) -> dict:
 
 
 def select(inputs: list[str], last: int | None) -> list[Path]:
+    """The checkpoints to average, ordered by step. A directory contributes one file per global step: `fit` leaves
+    last.ckpt beside the step checkpoint it copies, and counting both would weigh the newest step twice."""
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = [(load_checkpoint(p).get("global_step", 0), p) for p in path.glob("*.ckpt")]
-            paths += [p for _, p in sorted(found)]
+            by_step: dict[int, Path] = {}
+            for p in sorted(path.glob("*.ckpt"), key=lambda p: (p.name.startswith("last"), p.name)):
+                by_step.setdefault(load_checkpoint(p, mmap=True).get("global_step", 0), p)  # a step file before last*
+            paths += [by_step[step] for step in sorted(by_step)]
         else:
             paths.append(path)
     paths = list(dict.fromkeys(paths))
@@ -65,7 +69,7 @@ def select(inputs: list[str], last: int | None) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lit_iiet.average_checkpoints", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="checkpoint files, or a directory of them (ordered by global step)")
+    parser.add_argument("inputs", nargs="+", help="checkpoint files, or a directory of them (one per global step, ordered by it)")
     parser.add_argument("--last", type=int, default=None, help="average only the N checkpoints of highest step")
     parser.add_argument("--output", required=True, help="file to write; an existing file is never overwritten")
     args = parser.parse_args(argv)
