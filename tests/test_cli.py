@@ -183,6 +183,8 @@ def write_bad_files(tmp_path: Path) -> dict[str, Path]:
 BAD_INPUTS = {
     "unknown scheme": (["--model.ode.scheme", "implicit"], "unknown scheme 'implicit'; choose one of euler, iiet"),
     "r below 1": (["--model.ode.iters", "0"], "iters=0: every iteration count must be an integer >= 1"),
+    "negative lr": (["--model.optim.lr", "-1"], "model.optim.lr=-1.0: must be a number > 0"),
+    "beta of 1": (["--model.optim.betas", "[0.9, 1.0]"], "model.optim.betas=[0.9, 1.0]: must be two numbers in [0, 1)"),
     "schedule length": (["--model.ode.iters", "[3, 1, 2]"], "schedule [3, 1, 2] has 3 entries; the stack has 2 layers"),
     "missing data file": (["--data.train", "data/shakespeare/nope.txt"], "train data file 'data/shakespeare/nope.txt' does not exist"),
     "empty data file": (["--data.train", "{empty}"], "is empty"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 
@@ -22,6 +23,21 @@ def precision_dtype(precision: str) -> torch.dtype:
     """The matmul dtype of a Trainer precision setting ("bf16-mixed" -> bfloat16, "32-true" -> float32)."""
     precision = str(precision)
     return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else torch.float32
+
+
+def check_adam_options(cfg) -> None:
+    """One-line errors for AdamW options that torch would reject with a traceback, or accept and misbehave on.
+    Shared by the optimizer configs of both model families (`model.optim.*`)."""
+    checks = [
+        ("lr", cfg.lr, math.isfinite(cfg.lr) and cfg.lr > 0, "a number > 0"),
+        ("eps", cfg.eps, math.isfinite(cfg.eps) and cfg.eps > 0, "a number > 0"),
+        ("weight_decay", cfg.weight_decay, math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "a number >= 0"),
+        ("warmup_steps", cfg.warmup_steps, cfg.warmup_steps >= 0, "an integer >= 0"),
+        ("betas", list(cfg.betas), len(cfg.betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.betas), "two numbers in [0, 1)"),
+    ]
+    for name, value, ok, allowed in checks:
+        if not ok:
+            raise UserInputError(f"model.optim.{name}={value}: must be {allowed}")
 
 
 def as_config(cls, value):

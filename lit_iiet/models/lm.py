@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 
 from lit_iiet.analysis.convergence import ConvergenceMeter
 from lit_iiet.errors import UserInputError
-from lit_iiet.models.base import ODEModule, as_config
+from lit_iiet.models.base import ODEModule, as_config, check_adam_options
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.generate import generate
 from lit_iiet.nn.ode import ODEConfig
@@ -37,6 +37,13 @@ class OptimConfig:
     """Adam epsilon."""
     total_steps: int | None = None
     """Optimizer steps the schedule spans; None means the trainer's (max_steps or epochs x batches)."""
+
+    def __post_init__(self) -> None:
+        check_adam_options(self)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserInputError(f"model.optim.min_lr_ratio={self.min_lr_ratio}: must lie in [0, 1]")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise UserInputError(f"model.optim.total_steps={self.total_steps}: must be >= 1 or null")
 
 
 @dataclass
