@@ -55,9 +55,8 @@ def validate(model, batches) -> tuple[float, float, float | None]:
         else:
             evals_sum += tokens * model.update.total_evals() / model.cfg.n_layers
         if adaptive:
-            model.update.force_full = True
-            agree_sum += (model(batch[:, :-1]).argmax(-1) == logits.argmax(-1)).sum().item()
-            model.update.force_full = False
+            with model.update.full_iterations():
+                agree_sum += (model(batch[:, :-1]).argmax(-1) == logits.argmax(-1)).sum().item()
         n += tokens
     return loss_sum / n, evals_sum / n, agree_sum / n if adaptive else None
 

@@ -43,16 +43,20 @@ def counts_of(model) -> dict[int, torch.Tensor]:
     return {layer: c.clone() for layer, c in model.update.counts.items()}
 
 
+def replaying(model, decisions: dict[int, torch.Tensor]) -> None:
+    """Replace the model's policy by recorded decisions ({layer: iterations per token}): a test double."""
+    model.update.decider = lambda layer: (lambda k, z, z_prev, active: (decisions[layer] > k, None))
+
+
 @torch.no_grad()
 def test_always_continue_reproduces_fixed_iterations():
     x, fixed = tokens(), make(ODEConfig("iiet", 3))
     for ode in (ODEConfig("iiet", 3, iiet_policy="residual", iiet_threshold=0.0), ODEConfig("iiet", 3, iiet_policy="fixed")):
         model = make(ode)
-        model.update.replay = {layer: torch.full(x.shape, 3) for layer in range(3)}  # the adaptive code path
-        torch.testing.assert_close(model(x), fixed(x), atol=1e-5, rtol=0)
-        model.update.replay = None
-        torch.testing.assert_close(model(x), fixed(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x), fixed(x), atol=1e-5, rtol=0)  # residual: the adaptive code path
         assert all(bool((c == 3).all()) for c in model.update.counts.values())
+        with model.update.full_iterations():
+            torch.testing.assert_close(model(x), fixed(x), atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -111,7 +115,7 @@ def test_cached_decoding_equals_the_replayed_full_forward(name, compaction):
     cached, decisions = decode_recording_decisions(model, x)
     steps = torch.stack([d[:, 5:] for d in decisions.values()])
     assert bool((steps < 3).any()) and bool((steps == 3).any()), "some rows stop while others go on: compaction is used"
-    model.update.replay = decisions
+    replaying(model, decisions)
     full = model(x)
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
     assert all(torch.equal(model.update.counts[layer], decisions[layer]) for layer in decisions)
@@ -132,7 +136,7 @@ def test_without_filling_stopped_slots_the_cache_would_be_wrong(monkeypatch):
     model, x = make(replace(ode, early_exit_compaction="all")), tokens()
     monkeypatch.setattr(Block, "branch", no_fill)
     cached, decisions = decode_recording_decisions(model, x)
-    model.update.replay = decisions
+    replaying(model, decisions)
     assert (cached - model(x)).abs().max() > 1e-3
 
 

@@ -66,7 +66,7 @@ def test_import_into_iiet_starts_from_the_pretrained_branch(tmp_path):
     x = torch.randint(0, 512, (1, 24))
     with torch.no_grad():
         assert not torch.allclose(ours.model(x), hf_logits(llama, x), atol=1e-3)
-        ours.model.update.schedule = [1, 1]
+        ours.model.update.set_schedule([1, 1])
         torch.testing.assert_close(ours.model(x), hf_logits(llama, x), atol=1e-4, rtol=0)
 
 

@@ -94,7 +94,7 @@ def test_relative_compute_equals_counted_evaluations(monkeypatch):
     model(idx)
     full_count = len(calls)
     calls.clear()
-    model.update.schedule = [3, 1, 2, 1]
+    model.update.set_schedule([3, 1, 2, 1])
     model(idx)
     assert full_count == 12 and len(calls) == 7
     assert relative_compute([3, 1, 2, 1], [3, 3, 3, 3]) == pytest.approx(len(calls) / full_count)
@@ -117,7 +117,7 @@ def test_distillation_loss_is_zero_when_student_equals_teacher(teacher):
     terms = iiad.loss_terms(student, calibration(1)[0])
     assert terms["kd"].item() == 0.0 and terms["hidden_mse"].item() == 0.0
     assert terms["loss"].item() == pytest.approx(terms["ce"].item(), abs=1e-5)
-    student.model.update.schedule = [1, 1, 1]  # a pruned student differs from the teacher
+    student.model.update.set_schedule([1, 1, 1])  # a pruned student differs from the teacher
     assert iiad.loss_terms(student, calibration(1)[0])["kd"].item() > 1e-6
 
 
@@ -151,7 +151,7 @@ def test_teacher_gets_no_gradient(teacher):
     iiad = IIAD(str(teacher), threshold=0.5)
     iiad.teacher = LanguageModel.load_from_checkpoint(teacher).eval().requires_grad_(False)
     student = LanguageModel.load_from_checkpoint(teacher)
-    student.model.update.schedule = [1, 3, 1]
+    student.model.update.set_schedule([1, 3, 1])
     iiad.loss_terms(student, calibration(1)[0])["loss"].backward()
     assert all(p.grad is None for p in iiad.teacher.parameters())
     assert all(p.grad is not None for p in student.model.blocks.parameters())

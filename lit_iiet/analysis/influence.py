@@ -125,10 +125,9 @@ def ablation_influence(model, batches: list[Tensor], stats: IterationStats) -> I
             if full[layer] == 1:
                 stats.ablation.append(0.0)
                 continue
-            update.schedule = full[:layer] + [1] + full[layer + 1 :]
-            stats.ablation.append(lm_loss(model, batches) - stats.loss)
+            with update.scheduled(full[:layer] + [1] + full[layer + 1 :]):
+                stats.ablation.append(lm_loss(model, batches) - stats.loss)
     finally:
-        update.schedule = full
         model.train(was_training)
     return stats
 

@@ -42,7 +42,7 @@ def calibration_batches(trainer, n: int, device) -> list[Tensor]:
 
 def set_schedule(pl_module, schedule: list[int]) -> None:
     """Change the model's iteration schedule and the hyperparameters that checkpoints carry."""
-    pl_module.model.update.schedule = list(schedule)
+    pl_module.model.update.set_schedule(schedule)
     for hparams in (pl_module.hparams, pl_module._hparams_initial):
         hparams["ode"] = {**hparams["ode"], "iters": list(schedule)}
 

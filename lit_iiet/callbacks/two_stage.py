@@ -41,18 +41,18 @@ class TwoStage(Callback):
             raise UserInputError(f"TwoStage needs scheme 'iiet', not {update.cfg.scheme!r}")
         self.full = list(update.schedule)
         if not self.switched:
-            update.schedule = [1] * len(self.full)
+            update.set_schedule([1] * len(self.full))
             rank_zero_info(f"TwoStage: one iteration per layer until step {self.switch_step(trainer)}, then {self.full}")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if not self.switched and trainer.global_step >= self.switch_step(trainer):
-            pl_module.model.update.schedule = list(self.full)
+            pl_module.model.update.set_schedule(self.full)
             self.switched = True
             pl_module.log("iiet/two_stage_switch", float(trainer.global_step))
             rank_zero_info(f"TwoStage: switched to the full schedule {self.full} at step {trainer.global_step}")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        pl_module.model.update.schedule = list(self.full)  # whatever happened, the trained model is the full IIET
+        pl_module.model.update.set_schedule(self.full)  # whatever happened, the trained model is the full IIET
 
     def state_dict(self) -> dict:
         return {"switched": self.switched}

@@ -183,11 +183,8 @@ class LanguageModel(ODEModule):
         self.val_evals.update(per_token.mean(), weight=per_token.numel())
         self._val_evals_hist.append(per_token.flatten().cpu())
         if update.cfg.adaptive:
-            update.force_full = True
-            try:
+            with update.full_iterations():
                 full = self.model(batch[:, :-1])
-            finally:
-                update.force_full = False
             agree = (logits.argmax(-1) == full.argmax(-1)).float().mean()
             self.val_agreement.update(agree, weight=per_token.numel())
 

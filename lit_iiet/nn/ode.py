@@ -386,14 +386,12 @@ class LayerUpdate(nn.Module):
     def __init__(self, cfg: ODEConfig, n_layers: int, dim: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.schedule = cfg.schedule(n_layers)
+        self.schedule = cfg.schedule(n_layers)  # changed only through set_schedule() / scheduled()
         self._observer: Callable[[int, list[Tensor]], None] | None = None  # see observe()
-        # iiet: each token's iteration count per layer, (B, T), of the last forward pass (metrics, replay).
+        self._full = False  # see full_iterations()
+        # iiet: each token's iteration count per layer, (B, T), of the last forward pass (metrics).
         self.counts: dict[int, Tensor] = {}
-        # Set to {layer: counts (B, T)} to replay recorded per-token decisions instead of taking them.
-        self.replay: dict[int, Tensor] | None = None
         self.aux_losses: list[Tensor] = []  # router BCE terms of the last training forward pass
-        self.force_full = False  # True: every token runs every iteration with g = 1 (the full-iteration reference)
         if cfg.iiet_policy == "residual":
             self.thresholds = cfg.thresholds(n_layers)
         if cfg.iiet_policy == "router":
@@ -432,6 +430,30 @@ class LayerUpdate(nn.Module):
         finally:
             self._observer = previous
 
+    def set_schedule(self, schedule: list[int]) -> None:
+        """Change the per-layer iteration budget for good (IIAD's pruned student, two-stage training's stages)."""
+        self.schedule = ODEConfig(self.cfg.scheme, list(schedule)).schedule(len(self.schedule))  # validated
+
+    @contextlib.contextmanager
+    def scheduled(self, schedule: list[int]) -> Iterator[None]:
+        """Another schedule while the context is open (the ablation of one layer's iterations); restored after."""
+        previous = self.schedule
+        self.set_schedule(schedule)
+        try:
+            yield
+        finally:
+            self.schedule = previous
+
+    @contextlib.contextmanager
+    def full_iterations(self) -> Iterator[None]:
+        """While the context is open, every token runs every iteration of the schedule with g = 1, whatever the
+        adaptive policy: the full-iteration reference that agreement metrics compare with."""
+        previous, self._full = self._full, True
+        try:
+            yield
+        finally:
+            self._full = previous
+
     @contextlib.contextmanager
     def record(self) -> Iterator[dict[int, list[Tensor]]]:
         """observe() into a dict {layer: states}, filled as the forward pass runs."""
@@ -452,8 +474,6 @@ class LayerUpdate(nn.Module):
         policy = self.cfg.iiet_policy
 
         def decide(k: int, z: Tensor, z_prev: Tensor, active: Tensor) -> tuple[Tensor, Tensor | None]:
-            if self.replay is not None:
-                return self.replay[layer] > k, None
             if policy == "fixed":
                 return torch.ones(z.shape[:2], dtype=torch.bool, device=z.device), None
             if policy == "residual":
@@ -502,7 +522,7 @@ class LayerUpdate(nn.Module):
             self.aux_losses = []
         if s == "euler":
             out = euler(y, G)
-        elif s == "iiet" and not self.force_full and (self.cfg.adaptive or self.replay is not None or self.cfg.kv_mode == "shared"):
+        elif s == "iiet" and not self._full and (self.cfg.adaptive or self.cfg.kv_mode == "shared"):
             fill = self.cfg.kv_mode == "exact"
             out, self.counts[layer] = adaptive_fixed_point(
                 y, G, self.schedule[layer], self.decider(layer), fill, states, self.cfg.early_exit_compaction
