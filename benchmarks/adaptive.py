@@ -24,12 +24,12 @@ from dataclasses import asdict, replace
 from datetime import date
 
 import torch
-import torch.nn.functional as F
 
 from lit_iiet.data import LMDataModule
 from lit_iiet.models import LanguageModel
 from lit_iiet.nn.generate import generate
 from lit_iiet.nn.ode import ODEConfig
+from lit_iiet.nn.decoder import next_token_loss
 
 
 def load(path: str, **ode_overrides):
@@ -49,7 +49,7 @@ def validate(model, batches) -> tuple[float, float, float | None]:
     for batch in batches:
         logits = model(batch[:, :-1])
         tokens = batch[:, 1:].numel()
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        loss_sum += next_token_loss(logits, batch, reduction="sum").item()
         if model.update.cfg.scheme == "iiet":
             evals_sum += torch.stack(list(model.update.counts.values())).float().mean(0).sum().item()
         else:

@@ -46,7 +46,7 @@ from benchmarks.common import (
     device_and_autocast,
     machine,
 )
-from lit_iiet.nn.decoder import Decoder, DecoderConfig
+from lit_iiet.nn.decoder import Decoder, DecoderConfig, next_token_loss
 from lit_iiet.nn.generate import generate
 
 DEFAULT_SCHEMES = ["euler", "iiet r=2", "iiet r=3", "iiet r=4", "rk2", "rk4", "pcformer"]
@@ -158,7 +158,7 @@ def main() -> int:
             model.zero_grad(set_to_none=True)
             with autocast:
                 logits = model(batch[:, :-1])
-            F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()).backward()
+            next_token_loss(logits, batch).backward()
 
         def decode(model=model) -> None:
             model.eval()

@@ -20,7 +20,6 @@ from dataclasses import replace
 from datetime import date
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import (
     SCHEMES,
@@ -30,7 +29,7 @@ from benchmarks.common import (
     machine,
     sync,
 )
-from lit_iiet.nn.decoder import Decoder, DecoderConfig
+from lit_iiet.nn.decoder import Decoder, DecoderConfig, next_token_loss
 
 
 def main() -> None:
@@ -66,7 +65,7 @@ def main() -> None:
     def step(model, optimizer) -> None:
         with autocast:
             logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss = next_token_loss(logits, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,6 @@ import time
 from datetime import date
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import (
     add_device_args,
@@ -30,7 +29,7 @@ from benchmarks.common import (
     sync,
 )
 from benchmarks.memory import check_cpu_method, cpu_peak, cuda_peak
-from lit_iiet.nn.decoder import Decoder, DecoderConfig
+from lit_iiet.nn.decoder import Decoder, DecoderConfig, next_token_loss
 from lit_iiet.nn.ode import ODEConfig
 
 VARIANTS = ("none", "layer", "iteration", "compile")
@@ -65,7 +64,7 @@ def main() -> int:
     def loss_of(model) -> torch.Tensor:
         with autocast:
             logits = model(batch[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        return next_token_loss(logits, batch)
 
     def step(variant: str) -> None:
         optimizers[variant].zero_grad(set_to_none=True)

@@ -59,7 +59,7 @@ from benchmarks.common import (
     sync,
 )
 from lit_iiet.hf_llama import llama_config_from_decoder, to_llama_state
-from lit_iiet.nn.decoder import Decoder, DecoderConfig
+from lit_iiet.nn.decoder import Decoder, DecoderConfig, next_token_loss
 from lit_iiet.nn.generate import generate
 from lit_iiet.nn.ode import ODEConfig
 
@@ -189,7 +189,7 @@ def main() -> int:
         logits_of, _ = models[name]
         with autocast:
             logits = logits_of(batch[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()).backward()
+        next_token_loss(logits, batch).backward()
 
     def train_steps(name: str) -> None:
         optimizer = models[name][1]

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lit_iiet.analysis.convergence import ConvergenceMeter
 from lit_iiet.errors import UserInputError
+from lit_iiet.nn.decoder import next_token_loss
 
 
 @dataclass
@@ -62,7 +63,7 @@ def lm_loss(model, batches: list[Tensor]) -> float:
     total, count = 0.0, 0
     for batch in batches:
         logits = model(batch[:, :-1])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+        total += next_token_loss(logits, batch, reduction="sum").item()
         count += batch[:, 1:].numel()
     return total / count
 
@@ -98,7 +99,7 @@ def iteration_stats(model, batches: list[Tensor]) -> IterationStats:
 
             with update.observe(observe):
                 logits = model(batch[:, :-1])
-            loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+            loss_sum += next_token_loss(logits, batch, reduction="sum").item()
     finally:
         model.train(was_training)
     tokens = meter.tokens

@@ -28,6 +28,7 @@ from lit_iiet.analysis.influence import (
     schedule_from_influence,
 )
 from lit_iiet.errors import UserInputError
+from lit_iiet.nn.decoder import next_token_loss
 
 
 def calibration_batches(trainer, n: int, device) -> list[Tensor]:
@@ -123,7 +124,7 @@ class IIAD(Callback):
 
     def loss_terms(self, student, batch: Tensor) -> dict[str, Tensor]:
         """CE on the data, the temperature-scaled KL to the frozen teacher, and (optionally) hidden-state MSE."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        inputs = batch[:, :-1]
         record = self.hidden_mse_weight > 0
         with contextlib.ExitStack() as stack:
             if record:  # every layer's output, of both models, for the hidden-state MSE
@@ -133,7 +134,7 @@ class IIAD(Callback):
             with torch.no_grad():
                 t_logits = self.teacher.model(inputs).float()
         T = self.temperature
-        ce = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten())
+        ce = next_token_loss(s_logits, batch)
         t_logp, s_logp = (t_logits / T).log_softmax(-1), (s_logits / T).log_softmax(-1)
         kd = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * T**2
         terms = {"ce": ce, "kd": kd}

@@ -7,14 +7,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lit_iiet.analysis.convergence import ConvergenceMeter
 from lit_iiet.errors import UserInputError
 from lit_iiet.models.base import ODEModule, as_config, check_adam_options
-from lit_iiet.nn.decoder import Decoder, DecoderConfig
+from lit_iiet.nn.decoder import Decoder, DecoderConfig, next_token_loss
 from lit_iiet.nn.generate import generate
 from lit_iiet.nn.ode import ODEConfig
 
@@ -147,7 +146,7 @@ class LanguageModel(ODEModule):
 
     def loss(self, batch: Tensor) -> Tensor:
         logits = self.model(batch[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        return next_token_loss(logits, batch)
 
     def forward_flops(self, batch: Tensor) -> int:
         return self.model.flops(batch.shape[0], batch.shape[1] - 1)
@@ -175,7 +174,7 @@ class LanguageModel(ODEModule):
         observing = update.observe(self.convergence.observer(update.schedule)) if update.cfg.scheme == "iiet" else contextlib.nullcontext()
         with observing:
             logits = self.model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss = next_token_loss(logits, batch)
         self.val_loss.update(loss, weight=batch.shape[0])
         if update.cfg.scheme != "iiet":
             return

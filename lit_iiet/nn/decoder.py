@@ -121,6 +121,12 @@ class Block(nn.Module):
         return Branch([attn, ffn], self.branch_norm, checkpoint, fill if decoding else None, decoding)
 
 
+def next_token_loss(logits: Tensor, windows: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of logits (B, T, V), computed on windows[:, :-1], against the next tokens windows[:, 1:]
+    (B, T + 1): the language-modelling loss, in fp32 whatever the logits' precision."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten(), reduction=reduction)
+
+
 class Decoder(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
