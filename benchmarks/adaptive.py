@@ -16,7 +16,6 @@ KV slot per layer (the approximate cache mode, to measure its quality cost). For
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from datetime import date
 
 import torch
 
+from benchmarks.common import machine
 from lit_iiet.data import LMDataModule
 from lit_iiet.models import LanguageModel
 from lit_iiet.nn.generate import generate
@@ -120,7 +120,7 @@ def main() -> int:
                 speeds[label, b].append(b * args.tokens / (time.perf_counter() - start))
     base = {b: statistics.median(speeds["vanilla", b]) for b in args.batches}
 
-    print(f"Adaptive iterations, {date.today()}, {platform.machine()} CPU, {torch.get_num_threads()} threads, torch "
+    print(f"Adaptive iterations, {date.today()}, {machine(torch.device('cpu'))}, torch "
           f"{torch.__version__}; validation: the whole shipped split in {args.seq_len}-token windows; decoding: "
           f"{args.prompt}-token prompt + {args.tokens} greedy tokens, median of {args.rounds} alternating rounds.")
     print(f"Command: python -m benchmarks.adaptive {' '.join(sys.argv[1:])}\n")

@@ -11,13 +11,13 @@ tokens/s as a ratio to the first model, with each model's F-evaluations per toke
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from datetime import date
 
 import torch
 
+from benchmarks.common import machine, sync
 from lit_iiet.models import LanguageModel
 from lit_iiet.nn.generate import generate
 
@@ -28,12 +28,10 @@ def decode_speeds(models: dict, batch: int, prompt_len: int, tokens: int, rounds
     prompt = torch.randint(4, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
 
     def run(model) -> float:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(torch.device(device))
         start = time.perf_counter()
         generate(model, prompt, tokens, temperature=0.0)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(torch.device(device))
         return batch * tokens / (time.perf_counter() - start)
 
     for model in models.values():
@@ -61,8 +59,7 @@ def main() -> None:
         label, _, path = item.partition("=")
         models[label] = LanguageModel.load_from_checkpoint(path, map_location=args.device).model.eval()
     ratios = decode_speeds(models, args.batch, args.prompt, args.tokens, args.rounds, args.device)
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"Cached greedy decoding, {date.today()}, {where}, torch {torch.__version__}; batch {args.batch}, "
+    print(f"Cached greedy decoding, {date.today()}, {machine(torch.device(args.device))}, torch {torch.__version__}; batch {args.batch}, "
           f"{args.prompt}-token prompt + {args.tokens} new tokens; median of {args.rounds} alternating rounds.\n")
     print("| model | schedule | F-evals / token / layer | decode tokens/s vs first |")
     print("|---|---|---|---|")

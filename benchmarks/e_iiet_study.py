@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from datetime import date
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import fit_and_test
+from benchmarks.common import fit_and_test, machine
 from benchmarks.decode_speed import decode_speeds
 from lit_iiet.models import LanguageModel
 
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     speed = decode_speeds(models, batch=1, prompt_len=16, tokens=96, rounds=args.rounds, device="cpu")
     full = sum(results["IIET"]["schedule"])
     lines = [
-        f"E-IIET study, {date.today()}, {platform.machine()}, {torch.get_num_threads()} threads; every row trains the "
+        f"E-IIET study, {date.today()}, {machine(torch.device('cpu'))}; every row trains the "
         f"steps of {RECIPE[1]} from its checkpoint. Decoding: batch 1, 16 + 96 tokens, median of {args.rounds} rounds.",
         "",
         "| model | schedule | layer evaluations vs IIET | val/loss | test/loss | decode tokens/s vs vanilla |",
