@@ -7,6 +7,7 @@ Trainer or a callback; `--help` and `--print_config` show them all.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,25 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_iiet.callbacks import TextPredictionWriter
 from lit_iiet.checkpoint import SPECIAL_CKPT_PATHS, checkpoint_tokenizer, load_checkpoint
-from lit_iiet.errors import exit_on_user_error
+from lit_iiet.errors import UserInputError, exit_on_user_error
+
+
+# With --ckpt_path the checkpoint's hyperparameters define the model (Lightning merges them over the config); these
+# model options only change behaviour, so the config and command line given now win over the checkpoint's. A
+# policy switch to or from "router" is the exception: routers are parameters.
+BEHAVIOUR_OPTIONS = ("sampling", "decoding", "val_sample_prompt", "val_decode_batches")
+BEHAVIOUR_ODE_OPTIONS = ("iiet_policy", "iiet_threshold", "early_exit_compaction", "kv_mode")
+
+
+def is_behaviour(key: str) -> bool:
+    """Whether a model option (dotted, under init_args) only changes behaviour, not the trained model."""
+    head, _, rest = key.partition(".")
+    return head in BEHAVIOUR_OPTIONS or (head.endswith("ode") and rest in BEHAVIOUR_ODE_OPTIONS)
+
+
+def command_line_keys(args: list[str]) -> set[str]:
+    """The option names given on the command line (`--a.b v` or `--a.b=v`), without the dashes."""
+    return {a[2:].split("=", 1)[0] for a in args if a.startswith("--")}
 
 
 def checkpoint_dir(default_root_dir: str | None) -> str:
@@ -54,6 +73,10 @@ class IIETCLI(LightningCLI):
             kwargs.setdefault("val_check_interval", interval * accumulate)
         return super().instantiate_trainer(**kwargs)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self.command_line = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here; check the file first so that a missing or
         # truncated checkpoint gets one line of explanation instead of a deep torch.load traceback.
@@ -63,7 +86,32 @@ class IIETCLI(LightningCLI):
             self._use_checkpoint_tokenizer(subcommand, ckpt_path, load_checkpoint(ckpt_path))
         elif ckpt_path == "last":
             self._use_checkpoint_tokenizer(subcommand, ckpt_path)
+        given = self.config[subcommand]["model"].clone() if subcommand else None
         super()._parse_ckpt_path()
+        if given is not None and ckpt_path:
+            self._apply_checkpoint_rule(subcommand, ckpt_path, given)
+
+    def _apply_checkpoint_rule(self, subcommand: str, ckpt_path: str, given) -> None:
+        """The model from the checkpoint, behaviour from the config given now (docs/DESIGN.md, "Resuming and
+        evaluating checkpoints"): a behaviour option keeps its given value; an option that defines the model and
+        was given on the command line with another value than the checkpoint's is an error naming both."""
+        merged = self.config[subcommand]["model"]
+        explicit = command_line_keys(getattr(self, "command_line", []))
+        given_args, merged_args = given.get("init_args"), merged.get("init_args")
+        if given.get("class_path") != merged.get("class_path") or given_args is None or merged_args is None:
+            return
+        for key, value in given_args.items():
+            if key not in merged_args or merged_args[key] == value:
+                continue
+            router_switch = key.endswith(".iiet_policy") and "router" in (value, merged_args[key])
+            if is_behaviour(key) and not router_switch:
+                merged_args[key] = value
+            elif any(f"model.{key}".startswith(k) or f"model.init_args.{key}".startswith(k) for k in explicit if k.startswith("model")):
+                raise UserInputError(
+                    f"--model.{key} {value!r} contradicts checkpoint {ckpt_path!r}, whose model has {merged_args[key]!r}; "
+                    "options that define the model come from the checkpoint (drop the option, or start a new run from "
+                    "its weights with --model.init_from)"
+                )
 
     def _use_checkpoint_tokenizer(self, subcommand: str, ckpt_path: str, checkpoint: dict | None = None) -> None:
         """Set data.tokenizer, before the data module is built, to the tokenizer the checkpoint carries (restored

@@ -228,3 +228,35 @@ def test_bad_input_gets_a_short_error_and_nothing_is_overwritten(case, trained_r
 def test_loading_a_checkpoint_into_another_architecture_fails_clearly(trained_run):
     with pytest.raises(UserInputError, match="does not fit this model's architecture"):
         LanguageModel.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt", arch={"n_layers": 3, "d_model": 32, "n_heads": 2, "vocab_size": 512})
+
+
+# --- --ckpt_path: the model from the checkpoint, behaviour from the command line --------------------------------
+
+
+def test_ckpt_path_refuses_an_option_that_contradicts_the_model(trained_run, tmp_path, capsys):
+    """The checkpoint is a d_model-32 IIET: asking for d_model 64 or another scheme is an error naming both
+    values, not a run of the checkpoint's model that ignores the flag."""
+    ckpt = str(trained_run / "checkpoints" / "last.ckpt")
+    for flag, value, theirs in (("--model.arch.d_model", "64", "32"), ("--model.ode.scheme", "euler", "'iiet'")):
+        with pytest.raises(SystemExit) as info:
+            main(["validate", *TINY, flag, value, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", ckpt])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{flag} " in err and "contradicts checkpoint" in err and theirs in err, err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_ckpt_path_honours_behaviour_options(trained_run, tmp_path):
+    """Options that only change behaviour are taken from the command line: an adaptive policy and threshold at
+    validation (every token stops after one iteration), and the sampling temperature of predict (greedy: the
+    same text whatever the seed)."""
+    ckpt = str(trained_run / "checkpoints" / "last.ckpt")
+    main(["validate", *TINY, "--model.ode.iiet_policy", "residual", "--model.ode.iiet_threshold", "1e9",
+          "--trainer.default_root_dir", str(tmp_path / "v"), "--ckpt_path", ckpt])
+    assert [v for _, v in read_scalars(tmp_path / "v")["iiet/evals_per_token"]] == [1.0]
+    texts = []
+    for seed in ("1", "2"):
+        main(["predict", *TINY, "--model.sampling.temperature", "0", "--seed_everything", seed, "--data.prompts",
+              '["ROMEO:"]', "--trainer.default_root_dir", str(tmp_path / seed), "--ckpt_path", ckpt])
+        texts.append((tmp_path / seed / "predictions.txt").read_text())
+    assert texts[0] == texts[1] and len(texts[0]) > len("ROMEO:")
