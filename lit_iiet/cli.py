@@ -6,6 +6,8 @@ Trainer or a callback; `--help` and `--print_config` show them all.
 
 from __future__ import annotations
 
+import copy
+import importlib
 import os
 import warnings
 from pathlib import Path
@@ -63,7 +65,25 @@ class IIETCLI(LightningCLI):
             self._use_checkpoint_tokenizer(subcommand, ckpt_path, load_checkpoint(ckpt_path))
         elif ckpt_path == "last":
             self._use_checkpoint_tokenizer(subcommand, ckpt_path)
+        # Lightning's merge puts every hyperparameter of the checkpoint over the config, the command line's too;
+        # the model's runtime options (how it decodes and is scored, e.g. --model.decoding.beam 8) stay as given.
+        given = self._runtime_settings(subcommand) if ckpt_path else {}
         super()._parse_ckpt_path()
+        if given:
+            model = self.config[subcommand]["model"]
+            for key, value in given.items():
+                model["init_args"][key] = value
+                if model.get("dict_kwargs"):
+                    model["dict_kwargs"].pop(key, None)
+
+    def _runtime_settings(self, subcommand: str) -> dict:
+        """The config's values of the model's `runtime_options` (see Seq2SeqModel)."""
+        model = self.config[subcommand].get("model")
+        if model is None or not model.get("class_path") or model.get("init_args") is None:
+            return {}
+        module, _, name = model["class_path"].rpartition(".")
+        options = getattr(getattr(importlib.import_module(module), name, None), "runtime_options", ())
+        return {key: copy.deepcopy(model["init_args"][key]) for key in options if key in model["init_args"]}
 
     def _use_checkpoint_tokenizer(self, subcommand: str, ckpt_path: str, checkpoint: dict | None = None) -> None:
         """Set data.tokenizer, before the data module is built, to the tokenizer the checkpoint carries (restored
