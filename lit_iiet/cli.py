@@ -69,12 +69,8 @@ class IIETCLI(LightningCLI):
         # the model's runtime options (how it decodes and is scored, e.g. --model.decoding.beam 8) stay as given.
         given = self._runtime_settings(subcommand) if ckpt_path else {}
         super()._parse_ckpt_path()
-        if given:
-            model = self.config[subcommand]["model"]
-            for key, value in given.items():
-                model["init_args"][key] = value
-                if model.get("dict_kwargs"):
-                    model["dict_kwargs"].pop(key, None)
+        for key, value in given.items():  # the merge writes the checkpoint's values into model.init_args
+            self.config[subcommand]["model"]["init_args"][key] = value
 
     def _runtime_settings(self, subcommand: str) -> dict:
         """The config's values of the model's `runtime_options` (see Seq2SeqModel)."""
