@@ -6,6 +6,7 @@ Trainer or a callback; `--help` and `--print_config` show them all.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -22,17 +23,10 @@ from lit_iiet.checkpoint import SPECIAL_CKPT_PATHS, checkpoint_tokenizer, load_c
 from lit_iiet.errors import UserInputError, exit_on_user_error
 
 
-# With --ckpt_path the checkpoint's hyperparameters define the model (Lightning merges them over the config); these
-# model options only change behaviour, so the config and command line given now win over the checkpoint's. A
-# policy switch to or from "router" is the exception: routers are parameters.
-BEHAVIOUR_OPTIONS = ("sampling", "decoding", "val_sample_prompt", "val_decode_batches")
-BEHAVIOUR_ODE_OPTIONS = ("iiet_policy", "iiet_threshold", "early_exit_compaction", "kv_mode")
-
-
-def is_behaviour(key: str) -> bool:
-    """Whether a model option (dotted, under init_args) only changes behaviour, not the trained model."""
-    head, _, rest = key.partition(".")
-    return head in BEHAVIOUR_OPTIONS or (head.endswith("ode") and rest in BEHAVIOUR_ODE_OPTIONS)
+def runtime_options(class_path: str) -> tuple[str, ...]:
+    """The model class's options that only change behaviour (`ODEModule.runtime_options`), dotted."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(getattr(importlib.import_module(module), name, None), "runtime_options", ())
 
 
 def command_line_keys(args: list[str]) -> set[str]:
@@ -92,19 +86,22 @@ class IIETCLI(LightningCLI):
             self._apply_checkpoint_rule(subcommand, ckpt_path, given)
 
     def _apply_checkpoint_rule(self, subcommand: str, ckpt_path: str, given) -> None:
-        """The model from the checkpoint, behaviour from the config given now (docs/DESIGN.md, "Resuming and
-        evaluating checkpoints"): a behaviour option keeps its given value; an option that defines the model and
-        was given on the command line with another value than the checkpoint's is an error naming both."""
+        """Lightning merges the checkpoint's hyperparameters over the config, the command line's too. The rule
+        (README, "Using it"): the model comes from the checkpoint, behaviour from the config given now. An option
+        among the model's `runtime_options` keeps its given value; an option that defines the model and was given
+        on the command line with another value than the checkpoint's is an error naming both."""
         merged = self.config[subcommand]["model"]
         explicit = command_line_keys(getattr(self, "command_line", []))
         given_args, merged_args = given.get("init_args"), merged.get("init_args")
         if given.get("class_path") != merged.get("class_path") or given_args is None or merged_args is None:
             return
+        behaviour = runtime_options(merged["class_path"])
         for key, value in given_args.items():
             if key not in merged_args or merged_args[key] == value:
                 continue
+            # A policy switch to or from "router" changes the model: routers are parameters.
             router_switch = key.endswith(".iiet_policy") and "router" in (value, merged_args[key])
-            if is_behaviour(key) and not router_switch:
+            if any(key == o or key.startswith(o + ".") for o in behaviour) and not router_switch:
                 merged_args[key] = value
             elif any(f"model.{key}".startswith(k) or f"model.init_args.{key}".startswith(k) for k in explicit if k.startswith("model")):
                 raise UserInputError(

@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Sequence
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
@@ -19,6 +20,7 @@ from lit_iiet.data.tokenizer import TOKENIZER_VERSION, Tokenizer, default_cache_
 from lit_iiet.errors import UserInputError
 
 SPLITS = ("train", "val", "test")
+PREDICT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 # ISO 639-1: the language codes a translation data module accepts.
 LANGUAGES = set(
     "aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de dv dz ee el "
@@ -129,6 +131,100 @@ def pack(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([t for s in sequences for t in s], dtype=torch.int32), offsets
 
 
+# --- sources to decode: one place for the data module's predict loader and Seq2SeqModel.generate_text ----------
+
+
+def encode_sources(
+    texts: Sequence[str], tokenizer: Tokenizer, max_src_len: int, long_source: str, split: str, item: str = "pair",
+    option: str = "data.long_source",
+) -> list[list[int]]:
+    """Source ids + eos, at most max_src_len of them. Longer sources are truncated (counted in a warning) or, with
+    long_source="reject", an error naming the first ("{split} {item} {index}") and the `option` that allows them."""
+    if long_source not in ("truncate", "reject"):
+        raise UserInputError(f"long_source={long_source!r}; choose 'truncate' or 'reject'")
+    ids = tokenizer.encode_batch(list(texts))
+    long = [i for i, s in enumerate(ids) if len(s) + 1 > max_src_len]
+    if long and long_source == "reject":
+        raise UserInputError(
+            f"{split} {item} {long[0]} has a source of {len(ids[long[0]]) + 1} tokens, more than max_src_len={max_src_len} "
+            f"({len(long)} such {item}s; set {option}=truncate to cut them)"
+        )
+    if long:
+        rank_zero_warn(f"{len(long)} of {len(ids)} {split} sources are longer than max_src_len={max_src_len} tokens and were truncated")
+    return [s[: max_src_len - 1] + [tokenizer.eos_id] for s in ids]
+
+
+def source_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Source indices in batches of similar length (fewest pads for beam search): max_tokens per padded source
+    tensor as `token_batches` cuts them, or else batch_size sources in order of length."""
+    if max_tokens is not None:
+        return token_batches(lengths, lengths, max_tokens)
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate_sources(indices: Sequence[int], sources: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded sources: index (their positions in the input), src (B, S) and src_mask."""
+    rows = [sources[i] for i in indices]
+    src = torch.full((len(rows), max(len(s) for s in rows)), pad_id, dtype=torch.long)
+    for b, s in enumerate(rows):
+        src[b, : len(s)] = torch.as_tensor(s)
+    return {"index": torch.as_tensor(list(indices), dtype=torch.long), "src": src, "src_mask": src != pad_id}
+
+
+class SourceBatches(Dataset):
+    """Item i is batch i of `source_batches`, collated."""
+
+    def __init__(self, sources: list[list[int]], batches: list[np.ndarray], pad_id: int) -> None:
+        self.sources, self.batches, self.pad_id = sources, batches, pad_id
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return collate_sources(self.batches[i].tolist(), self.sources, self.pad_id)
+
+
+def _only_item(items: list):
+    """collate_fn of a batch_size=1 loader whose items are whole batches. (With batch_size=None, Lightning's predict
+    loop warns that it cannot track batch indices.)"""
+    return items[0]
+
+
+def read_sources(path: Path, field: str) -> list[str]:
+    """The sources of a predict file: a .txt(.gz) file holds one per line, a .jsonl(.gz) file one object per line
+    with the source in `field` (dotted for nested objects)."""
+    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
+    sources: list[str] = []
+    try:
+        with _open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if not jsonl:
+                    if not line.strip():
+                        raise UserInputError(f"{path}:{n}: empty line; every line of a .txt predict file is one source")
+                    sources.append(line)
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserInputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                text = get_field(row, field) if isinstance(row, dict) else None
+                if not isinstance(text, str) or not text.strip():
+                    keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                    raise UserInputError(f"{path}:{n}: no source text in field {field!r} (fields: {keys})")
+                sources.append(text)
+    except UnicodeDecodeError:
+        raise UserInputError(f"predict data file {str(path)!r} is not UTF-8 text") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise UserInputError(f"predict data file {str(path)!r} is not a readable gzip file ({e})") from None
+    if not sources:
+        raise UserInputError(f"predict data file {str(path)!r} holds no sources")
+    return sources
+
+
 class Seq2SeqDataModule(L.LightningDataModule):
     """Pairs from JSONL files or a local `datasets` source; batches of right-padded sources and targets."""
 
@@ -139,6 +235,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         train: str | None = None,
         val: str | None = None,
         test: str | None = None,
+        predict: str | None = None,
         src_field: str = "source",
         tgt_field: str = "target",
         hf_dataset: str | None = None,
@@ -161,6 +258,8 @@ class Seq2SeqDataModule(L.LightningDataModule):
                 also takes a prefix P of parallel text files P.<src_lang> and P.<tgt_lang>.)
             val: Validation pairs, same forms as train.
             test: Test pairs, same forms as train.
+            predict: Sources that `predict` translates or summarizes: a .txt(.gz) file with one source per line, or a
+                .jsonl(.gz) file with the source of each line in src_field. The outputs come in input order.
             src_field: Source field; dotted for nested objects ("translation.de").
             tgt_field: Target field.
             hf_dataset: A local `datasets` source instead of files: a `save_to_disk` directory, or a dataset
@@ -195,6 +294,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
             raise UserInputError(f"max_tokens={max_tokens} is smaller than the longest allowed pair (max_src_len={max_src_len}, "
                                  f"max_tgt_len={max_tgt_len}); set it to at least {max(max_src_len, max_tgt_len)}")
         self.specs = {"train": train, "val": val, "test": test}
+        self.predict_file = self._predict_file(predict) if predict is not None else None
         if hf_dataset is None:
             for split, spec in self.specs.items():
                 if spec is not None:
@@ -204,6 +304,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         self.hf_splits = {"train": "train", "val": "validation", "test": "test", **(hf_splits or {})}
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.tokenizer: Tokenizer | None = None
+        self.predict_sources: list[list[int]] = []  # token ids of the predict file, in its order (setup("predict"))
         self.datasets: dict[str, PairDataset] = {}
         self.texts: dict[str, list[tuple[str, str]]] = {}
 
@@ -221,6 +322,16 @@ class Seq2SeqDataModule(L.LightningDataModule):
             if f.stat().st_size == 0:
                 raise UserInputError(f"{split} data file {str(f)!r} is empty")
         return files
+
+    def _predict_file(self, spec: str) -> Path:
+        path = Path(spec)
+        if not spec.endswith(PREDICT_SUFFIXES):
+            raise UserInputError(f"predict data {spec!r}: expected one of {', '.join(PREDICT_SUFFIXES)}")
+        if not path.is_file():
+            raise UserInputError(f"predict data file {spec!r} does not exist")
+        if path.stat().st_size == 0:
+            raise UserInputError(f"predict data file {spec!r} is empty")
+        return path
 
     def _hf_rows(self, split: str) -> Iterator[dict]:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never reach for the hub at run time
@@ -312,18 +423,8 @@ class Seq2SeqDataModule(L.LightningDataModule):
     def encode_pairs(self, split: str, tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
         h = self.hparams
         pairs = self.pairs(split)
-        srcs = tokenizer.encode_batch([s for s, _ in pairs])
-        tgts = tokenizer.encode_batch([t for _, t in pairs])
-        long = [i for i, s in enumerate(srcs) if len(s) + 1 > h.max_src_len]
-        if long and h.long_source == "reject":
-            raise UserInputError(
-                f"{split} pair {long[0]} has a source of {len(srcs[long[0]]) + 1} tokens, more than max_src_len={h.max_src_len} "
-                f"({len(long)} such pairs; set data.long_source=truncate to cut them)"
-            )
-        if long:
-            rank_zero_warn(f"{len(long)} of {len(pairs)} {split} sources are longer than max_src_len={h.max_src_len} tokens and were truncated")
-        srcs = [s[: h.max_src_len - 1] + [tokenizer.eos_id] for s in srcs]
-        tgts = [t[: h.max_tgt_len - 1] for t in tgts]
+        srcs = encode_sources([s for s, _ in pairs], tokenizer, h.max_src_len, h.long_source, split)
+        tgts = [t[: h.max_tgt_len - 1] for t in tokenizer.encode_batch([t for _, t in pairs])]
         (src, src_off), (tgt, tgt_off) = pack(srcs), pack(tgts)
         return {"src": src, "src_offsets": src_off, "tgt": tgt, "tgt_offsets": tgt_off}
 
@@ -333,6 +434,8 @@ class Seq2SeqDataModule(L.LightningDataModule):
             if self.hparams.tokenizer is not None:
                 raise UserInputError(f"tokenizer model {str(path)!r} does not exist")
             Tokenizer.train(self._training_lines(), path, self.hparams.vocab_size)
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING:
+            return  # predict reads its own sources in setup; the pairs need no token ids
         tokenizer = Tokenizer(path)
         for split in SPLITS:
             out = self.token_path(split)
@@ -346,6 +449,13 @@ class Seq2SeqDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.tokenizer = Tokenizer(self.tokenizer_path())
+        if stage == "predict":
+            if self.predict_file is None:
+                raise UserInputError("no predict data configured (set data.predict to a .txt or .jsonl file of sources)")
+            sources = read_sources(self.predict_file, self.src_field)
+            h = self.hparams
+            self.predict_sources = encode_sources(sources, self.tokenizer, h.max_src_len, h.long_source, "predict", "source")
+            return
         for split in SPLITS:
             if split in self.datasets or not self.has_split(split):
                 continue
@@ -414,6 +524,16 @@ class Seq2SeqDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The predict sources in batches of similar length (batch_size sources, or max_tokens); each batch carries
+        the sources' input positions, by which the outputs are put back in input order."""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise UserInputError(f"predict runs on one device (trainer.devices=1), not {self.trainer.world_size}")
+        h = self.hparams
+        batches = source_batches([len(s) for s in self.predict_sources], h.batch_size, h.max_tokens)
+        return DataLoader(SourceBatches(self.predict_sources, batches, self.tokenizer.pad_id), batch_size=1,
+                          collate_fn=_only_item, num_workers=h.num_workers)
 
 
 class TranslationDataModule(Seq2SeqDataModule):

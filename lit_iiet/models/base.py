@@ -50,6 +50,9 @@ class ODEModule(L.LightningModule):
     trains on, and `forward_flops(batch)`, the matmul FLOPs of its forward pass with every F-evaluation counted
     (throughput logging uses both)."""
 
+    # Options (dotted, under the model's init_args) that set how a trained model runs, not what it is: with
+    # --ckpt_path the CLI takes them from the config and command line given now, and the rest from the checkpoint.
+    runtime_options: tuple[str, ...] = ()
     init_from: str | None = None
     flops_per_batch: int | None = None  # of the current training batch; Lightning's ThroughputMonitor reads it too
     _peak_flops: int | None = None

@@ -70,6 +70,10 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 class LanguageModel(ODEModule):
     """Next-token prediction with a Transformer++ whose layers follow the chosen ODE scheme."""
 
+    # See ODEModule: sampling, and how an IIET runs its iterations at inference (policy, threshold, cache).
+    runtime_options = ("sampling", "val_sample_prompt", "ode.iiet_policy", "ode.iiet_threshold",
+                       "ode.early_exit_compaction", "ode.kv_mode")
+
     def __init__(
         self,
         arch: DecoderConfig = DecoderConfig(),

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torchmetrics import MeanMetric
 
 from lit_iiet.analysis.convergence import ConvergenceMeter
+from lit_iiet.checkpoint import checkpoint_tokenizer, load_checkpoint
+from lit_iiet.data.seq2seq import collate_sources, encode_sources, source_batches
+from lit_iiet.data.tokenizer import Tokenizer
 from lit_iiet.errors import UserInputError
-from lit_iiet.metrics import bleu_chrf, rouge
+from lit_iiet.metrics import bleu_chrf, compound_split_bleu, rouge
 from lit_iiet.models.base import ODEModule, as_config
 from lit_iiet.nn.generate import beam_search
 from lit_iiet.nn.ode import ODEConfig
@@ -55,6 +59,19 @@ class BeamConfig:
     """Forbid repeating any n-gram of this size (0: off)."""
 
 
+def check_decoding(decoding: BeamConfig) -> None:
+    """One-line errors for decoding settings that beam search cannot run with."""
+    if decoding.beam < 1:
+        raise UserInputError(f"decoding.beam={decoding.beam} must be >= 1")
+    if decoding.min_len < 0 or decoding.no_repeat_ngram < 0:
+        raise UserInputError(f"decoding.min_len={decoding.min_len} and decoding.no_repeat_ngram={decoding.no_repeat_ngram} must be >= 0")
+
+
+def samples_markdown(samples: Sequence[tuple[int, str, str, str]]) -> str:
+    """(index, source, reference, hypothesis) triples as TensorBoard markdown, verbatim in code blocks."""
+    return "\n\n".join(f"**#{i}**\n\n```\nsource:     {src}\nreference:  {ref}\nhypothesis: {hyp}\n```" for i, src, ref, hyp in samples)
+
+
 def inverse_sqrt(step: int, warmup: int) -> float:
     """Multiplier of the peak learning rate at an optimizer step: linear warmup, then 1 / sqrt(step)."""
     step += 1
@@ -78,7 +95,10 @@ def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, epsilon: floa
 
 
 class Seq2SeqModel(ODEModule):
-    """Label-smoothed training of an encoder-decoder; BLEU / chrF or ROUGE at validation and test time."""
+    """Label-smoothed training of an encoder-decoder; BLEU / chrF or ROUGE at validation and test time; `predict`
+    and `generate_text` translate or summarize new text."""
+
+    runtime_options = ("decoding", "compound_split_bleu", "val_text_samples", "val_decode_batches")  # see ODEModule
 
     def __init__(
         self,
@@ -89,6 +109,8 @@ class Seq2SeqModel(ODEModule):
         decoding: BeamConfig = BeamConfig(),
         label_smoothing: float = 0.1,
         val_decode_batches: int | None = None,
+        val_text_samples: int = 3,
+        compound_split_bleu: bool = False,
         init_from: str | None = None,
     ) -> None:
         """
@@ -97,9 +119,16 @@ class Seq2SeqModel(ODEModule):
             enc_ode: Scheme of the encoder layers (the IIET / ODE Transformer papers iterate the encoder).
             dec_ode: Scheme of the decoder layers (vanilla euler by default).
             optim: Optimizer and inverse-sqrt learning-rate schedule.
-            decoding: Beam search settings for validation, test and predict.
+            decoding: Beam search settings for validation, test and predict. With --ckpt_path, the config's and
+                command line's settings apply, not the checkpoint's.
             label_smoothing: epsilon of fairseq-convention label smoothing (0 disables it).
             val_decode_batches: Validation batches decoded for BLEU / ROUGE (None: all); the loss uses all.
+            val_text_samples: Source / reference / hypothesis triples logged to TensorBoard as text (`val/samples`)
+                after each validation: the first decoded validation items (0: none).
+            compound_split_bleu: Translation only: also score tokenized BLEU with hyphenated compounds split
+                (`val/bleu_compound_split`, `test/bleu_compound_split`), the convention of the IIET / ODE Transformer
+                papers' WMT'14 En-De tables, to compare with them. The detokenized sacreBLEU (`bleu`, with its
+                signature) stays the score to report; the README says how the two differ.
             init_from: Checkpoint whose weights initialise the model before `fit` (no optimizer state or step).
         """
         super().__init__()
@@ -107,9 +136,12 @@ class Seq2SeqModel(ODEModule):
         self.optim, self.decoding = as_config(Seq2SeqOptimConfig, optim), as_config(BeamConfig, decoding)
         if not 0.0 <= label_smoothing < 1.0:
             raise UserInputError(f"label_smoothing={label_smoothing} must lie in [0, 1)")
-        if self.decoding.beam < 1:
-            raise UserInputError(f"decoding.beam={self.decoding.beam} must be >= 1")
+        check_decoding(self.decoding)
+        if val_text_samples < 0:
+            raise UserInputError(f"val_text_samples={val_text_samples} must be >= 0")
         self.label_smoothing, self.val_decode_batches, self.init_from = label_smoothing, val_decode_batches, init_from
+        self.val_text_samples, self.compound_split_bleu = val_text_samples, compound_split_bleu
+        self._own_tokenizer: Tokenizer | None = None  # from_checkpoint's; in a Trainer the data module's is used
         self.model = Seq2Seq(arch, enc_ode, dec_ode)
         self.save_configs(arch=arch, enc_ode=enc_ode, dec_ode=dec_ode, optim=self.optim, decoding=self.decoding)
         self.loss_metric, self.nll_metric = MeanMetric(), MeanMetric()
@@ -124,6 +156,9 @@ class Seq2SeqModel(ODEModule):
             raise UserInputError(f"data.max_src_len={h.max_src_len} is longer than model.arch.max_src_len={self.model.cfg.max_src_len}")
         if h is not None and h.get("max_tgt_len", 0) > self.model.cfg.max_tgt_len:
             raise UserInputError(f"data.max_tgt_len={h.max_tgt_len} is longer than model.arch.max_tgt_len={self.model.cfg.max_tgt_len}")
+        task = getattr(self.datamodule, "task", "translation")
+        if self.compound_split_bleu and task != "translation":
+            raise UserInputError(f"model.compound_split_bleu=true scores translation; this data module's task is {task}")
         super().setup(stage)
 
     def configure_optimizers(self):
@@ -152,10 +187,29 @@ class Seq2SeqModel(ODEModule):
 
     # --- decoding and evaluation ---------------------------------------------------------------------------
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The data module's tokenizer in a Trainer; outside one, the checkpoint's that `from_checkpoint` restored."""
+        tokenizer = getattr(self.datamodule, "tokenizer", None) or self._own_tokenizer
+        if tokenizer is None:
+            raise UserInputError("this model has no tokenizer: load it with Seq2SeqModel.from_checkpoint(path), or run it in a Trainer with its data module")
+        return tokenizer
+
+    def decoding_with(self, **overrides) -> BeamConfig:
+        """model.decoding with some settings replaced (e.g. beam=5), for one call; the model's own stay as they are."""
+        names = [f.name for f in fields(BeamConfig)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise UserInputError(f"unknown decoding setting {unknown[0]!r}; choose from {', '.join(names)}")
+        decoding = replace(self.decoding, **overrides)
+        check_decoding(decoding)
+        return decoding
+
     @torch.no_grad()
-    def translate(self, src: torch.Tensor, src_mask: torch.Tensor) -> list[str]:
-        """Beam search (greedy at beam 1) for a padded batch of sources; detokenised output text."""
-        tok, d = self.datamodule.tokenizer, self.decoding
+    def translate(self, src: torch.Tensor, src_mask: torch.Tensor, decoding: BeamConfig | None = None) -> list[str]:
+        """Beam search (greedy at beam 1) for a padded batch of sources; detokenised output text. decoding: the
+        settings (default model.decoding)."""
+        tok, d = self.tokenizer, decoding or self.decoding
         src_len = src_mask.sum(1).float()
         max_len = (d.max_len_a * src_len + d.max_len_b).long().clamp(max=self.model.cfg.max_tgt_len - 1)
         ids = beam_search(
@@ -163,6 +217,74 @@ class Seq2SeqModel(ODEModule):
             d.min_len, d.lenpen, d.no_repeat_ngram, banned_ids=(tok.pad_id, tok.bos_id),
         )
         return [tok.decode(seq) for seq in ids]
+
+    def decode_batch(self, batch: dict, decoding: BeamConfig | None = None) -> dict[int, str]:
+        """{input position: output text} for a batch of `collate_sources`: what predict_step and generate_text share."""
+        texts = self.translate(batch["src"].to(self.device), batch["src_mask"].to(self.device), decoding)
+        return dict(zip(batch["index"].tolist(), texts))
+
+    # --- new text: predict and Python ------------------------------------------------------------------------
+
+    def on_predict_start(self) -> None:
+        d = self.decoding
+        print(f"decoding {len(self.datamodule.predict_sources)} sources: beam={d.beam} lenpen={d.lenpen} "
+              f"max_len={d.max_len_a}*src+{d.max_len_b} min_len={d.min_len} no_repeat_ngram={d.no_repeat_ngram}", flush=True)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[int, str]:
+        # {input position: text}: TextPredictionWriter writes them one per line in input order.
+        return self.decode_batch(batch)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> "Seq2SeqModel":
+        """A trained model in eval mode with the tokenizer its checkpoint carries, ready for `generate_text`.
+
+        Args:
+            path: A checkpoint of `fit` (or of `lit_iiet.average_checkpoints`).
+            map_location: Device of the model.
+            cache_dir: Where the checkpoint's tokenizer is restored; default $LIT_IIET_CACHE or ~/.cache/lit_iiet.
+        """
+        checkpoint = load_checkpoint(path)
+        hparams = checkpoint.get("hyper_parameters", {})
+        if "arch" not in hparams or "enc_ode" not in hparams:
+            raise UserInputError(f"checkpoint {str(path)!r} is not a Seq2SeqModel checkpoint (no arch / enc_ode hyperparameters)")
+        tokenizer = checkpoint_tokenizer(checkpoint, path, cache_dir=cache_dir)
+        if tokenizer is None:
+            raise UserInputError(f"checkpoint {str(path)!r} carries no tokenizer (it predates them); use `python -m lit_iiet predict` with its data.tokenizer")
+        accepted = inspect.signature(cls.__init__).parameters
+        model = cls(**{k: v for k, v in hparams.items() if k in accepted and k != "init_from"})
+        model.check_state_dict(checkpoint["state_dict"], str(path))
+        model.load_state_dict(checkpoint["state_dict"])
+        model._own_tokenizer = tokenizer
+        return model.to(map_location).eval()
+
+    @torch.no_grad()
+    def generate_text(self, sources: Sequence[str], batch_size: int = 32, long_source: str = "truncate", **decoding) -> list[str]:
+        """Translations (or summaries) of `sources`, in their order: the tokenizing, length-sorted batching and beam
+        search of `predict`. Sources keep at most model.arch.max_src_len tokens.
+
+        Args:
+            sources: The texts.
+            batch_size: Sources per beam-search batch.
+            long_source: A source longer than model.arch.max_src_len: "truncate" (counted in a warning) or "reject".
+            **decoding: Settings of model.decoding to replace for this call, e.g. beam=5, lenpen=0.6.
+        """
+        if isinstance(sources, str):
+            raise UserInputError("sources is one string; pass a list of texts")
+        if batch_size < 1:
+            raise UserInputError(f"batch_size={batch_size} must be >= 1")
+        settings, tok = self.decoding_with(**decoding), self.tokenizer
+        ids = encode_sources(sources, tok, self.model.cfg.max_src_len, long_source, "given", "source", "long_source")
+        outputs: dict[int, str] = {}
+        was_training = self.training
+        self.eval()
+        try:
+            for indices in source_batches([len(s) for s in ids], batch_size):
+                outputs.update(self.decode_batch(collate_sources(indices.tolist(), ids, tok.pad_id), settings))
+        finally:
+            self.train(was_training)
+        return [outputs[i] for i in range(len(ids))]
+
+    # --- evaluation ------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _observe_convergence(self, batch: dict) -> Iterator[None]:
@@ -210,6 +332,8 @@ class Seq2SeqModel(ODEModule):
         if outputs and not self.trainer.sanity_checking:
             hyps, refs = [h for _, h, _ in outputs], [r for _, _, r in outputs]
             scores = bleu_chrf(hyps, refs) if self.datamodule.task == "translation" else rouge(hyps, refs)
+            if self.compound_split_bleu:
+                scores.update(compound_split_bleu(hyps, refs))
             metrics.update({f"{split}/{k}": v for k, v in scores.items() if not k.endswith("signature")})
         self.log_dict(metrics, prog_bar=True)
         self.log("iiet/evals_per_token", self.model.enc_update.total_evals() / self.model.cfg.enc_layers)
@@ -217,10 +341,15 @@ class Seq2SeqModel(ODEModule):
             if meter.tokens:
                 self.log_dict(meter.metrics(stack_name), sync_dist=True)
             meter.reset()
-        if "bleu_signature" in scores and self.trainer.is_global_zero:
+        texts = {key: value for key, value in scores.items() if key.startswith("bleu") and key.endswith("signature")}
+        if split == "val" and self.val_text_samples and outputs and not self.trainer.sanity_checking:
+            sources = self.datamodule.texts[split]
+            texts["samples"] = samples_markdown([(i, sources[i][0], ref, hyp) for i, hyp, ref in outputs[: self.val_text_samples]])
+        if self.trainer.is_global_zero:
             for logger in self.loggers:
                 if hasattr(logger.experiment, "add_text"):
-                    logger.experiment.add_text(f"{split}/bleu_signature", scores["bleu_signature"], self.global_step)
+                    for key, text in texts.items():
+                        logger.experiment.add_text(f"{split}/{key}", text, self.global_step)
         return {"outputs": outputs, "scores": scores}
 
     def on_validation_epoch_end(self) -> None:
@@ -243,6 +372,9 @@ class Seq2SeqModel(ODEModule):
             print(f"test BLEU = {s['bleu']:.2f}  chrF = {s['chrf']:.2f}  ({len(files['test.hyp.txt'])} segments)\n"
                   f"  BLEU signature: {s['bleu_signature']}\n  chrF signature: {s['chrf_signature']}\n"
                   f"  hypotheses: {out_dir / 'test.hyp.txt'}  references: {out_dir / 'test.ref.txt'}")
+            if "bleu_compound_split" in s:
+                print(f"test compound-split BLEU = {s['bleu_compound_split']:.2f}  (tokenized, for comparison with papers; README)\n"
+                      f"  signature: {s['bleu_compound_split_signature']}")
         else:
             print(f"test ROUGE-1 = {s['rouge1']:.2f}  ROUGE-2 = {s['rouge2']:.2f}  ROUGE-Lsum = {s['rougeLsum']:.2f}  "
                   f"({len(files['test.hyp.txt'])} documents; rouge-score, Porter stemmer)\n  hypotheses: {out_dir / 'test.hyp.txt'}")
