@@ -260,3 +260,16 @@ def test_ckpt_path_honours_behaviour_options(trained_run, tmp_path):
               '["ROMEO:"]', "--trainer.default_root_dir", str(tmp_path / seed), "--ckpt_path", ckpt])
         texts.append((tmp_path / seed / "predictions.txt").read_text())
     assert texts[0] == texts[1] and len(texts[0]) > len("ROMEO:")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.optim.lr", "0"], "model.optim.lr=0.0: must be a number > 0"),
+    (["--model.enc_ode.iiet_policy", "router"], "model.enc_ode: iiet_policy='router' and kv_mode='exact' are not supported"),
+    (["--model.enc_ode.kv_mode", "shared"], "model.enc_ode: iiet_policy='fixed' and kv_mode='shared' are not supported"),
+])
+def test_encoder_decoder_refuses_what_it_does_not_support(args, message, capsys):
+    """The translation model checks its optimizer options, and refuses per-token policies and the shared KV
+    cache, which only the language model implements (before, they were accepted and silently not honoured)."""
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", "conf/mt/bible_fr_en_iiet.yaml", *args, "--trainer.max_steps", "1"])
+    assert info.value.code == 2 and message in capsys.readouterr().err

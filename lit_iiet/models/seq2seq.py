@@ -19,7 +19,7 @@ from lit_iiet.data.seq2seq import collate_sources, encode_sources, source_batche
 from lit_iiet.data.tokenizer import Tokenizer
 from lit_iiet.errors import UserInputError
 from lit_iiet.metrics import bleu_chrf, compound_split_bleu, rouge
-from lit_iiet.models.base import ODEModule, as_config
+from lit_iiet.models.base import ODEModule, as_config, check_adam_options
 from lit_iiet.nn.generate import beam_search
 from lit_iiet.nn.ode import ODEConfig
 from lit_iiet.nn.seq2seq import Seq2Seq, Seq2SeqConfig
@@ -39,6 +39,9 @@ class Seq2SeqOptimConfig:
     """Adam epsilon."""
     weight_decay: float = 0.0
     """Decoupled weight decay on weight matrices."""
+
+    def __post_init__(self) -> None:
+        check_adam_options(self)
 
 
 @dataclass
@@ -133,6 +136,12 @@ class Seq2SeqModel(ODEModule):
         """
         super().__init__()
         arch, enc_ode, dec_ode = as_config(Seq2SeqConfig, arch), as_config(ODEConfig, enc_ode), as_config(ODEConfig, dec_ode)
+        for name, ode in (("enc_ode", enc_ode), ("dec_ode", dec_ode)):  # per-token policies exist in the LM only
+            if ode.adaptive or ode.kv_mode != "exact":
+                raise UserInputError(
+                    f"model.{name}: iiet_policy={ode.iiet_policy!r} and kv_mode={ode.kv_mode!r} are not supported by "
+                    "the encoder-decoder; use iiet_policy 'fixed' and kv_mode 'exact'"
+                )
         self.optim, self.decoding = as_config(Seq2SeqOptimConfig, optim), as_config(BeamConfig, decoding)
         if not 0.0 <= label_smoothing < 1.0:
             raise UserInputError(f"label_smoothing={label_smoothing} must lie in [0, 1)")
