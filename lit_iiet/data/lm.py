@@ -14,11 +14,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lit_iiet.data.tokenizer import ENCODING_VERSION, TOKENIZER_VERSION, Tokenizer, default_cache_dir, fingerprint
+from lit_iiet.data.cache import SPLITS, atomic_save, ensure_tokenizer, load_hf_split, token_cache_path, tokenizer_cache_path
+from lit_iiet.data.tokenizer import ENCODING_VERSION, Tokenizer, default_cache_dir
 from lit_iiet.errors import UserInputError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
-SPLITS = ("train", "val", "test")
 
 
 def expand_files(spec: str | list[str] | None, split: str) -> list[Path]:
@@ -125,22 +125,7 @@ class TextCorpus:
         return not saved.is_file() or self.hf_splits[split] in json.loads(saved.read_text()).get("splits", [])
 
     def hf_split(self, split: str, streaming: bool = False):
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never reach for the hub at run time
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import datasets
-
-        source, name = self.hf_dataset, self.hf_name
-        try:
-            if Path(source).is_dir() and (Path(source) / "dataset_dict.json").exists():
-                ds = datasets.load_from_disk(source)[self.hf_splits[split]]
-                return ds.to_iterable_dataset() if streaming else ds
-            return datasets.load_dataset(source, name, split=self.hf_splits[split], streaming=streaming)
-        except (FileNotFoundError, ConnectionError, ValueError, KeyError) as e:
-            raise UserInputError(
-                f"dataset {source!r} (split {self.hf_splits[split]!r}) is not available locally: {e}. "
-                "Save it once with `datasets.load_dataset(...).save_to_disk(DIR)` on a connected machine and set "
-                "data.hf_dataset=DIR, or point data.train/val/test at local files."
-            ) from None
+        return load_hf_split(self.hf_dataset, self.hf_name, self.hf_splits[split], streaming)
 
     def _rows(self, rows, split: str) -> Iterator[str]:
         for row in rows:
@@ -379,37 +364,26 @@ class LMDataModule(PackedLMData):
     # --- tokenizer and token cache -----------------------------------------------------------------------
 
     def tokenizer_path(self) -> Path:
-        if self.hparams.tokenizer is not None:
-            return Path(self.hparams.tokenizer)
-        key = fingerprint(TOKENIZER_VERSION, self.corpus.source_id(), self.hparams.vocab_size, self.hparams.tokenizer_max_lines)
-        return self.cache_dir / "tokenizers" / f"bpe{self.hparams.vocab_size}-{key}.model"
+        h = self.hparams
+        if h.tokenizer is not None:
+            return Path(h.tokenizer)
+        return tokenizer_cache_path(self.cache_dir, "bpe", h.vocab_size, self.corpus.source_id(), h.vocab_size, h.tokenizer_max_lines)
 
     def token_path(self, split: str) -> Path:
-        tokenizer = self.tokenizer_path()
-        stamp = (tokenizer.stat().st_size, tokenizer.stat().st_mtime_ns) if tokenizer.exists() else None
-        key = fingerprint(self.corpus.source_id(), str(tokenizer.resolve()), stamp, split, ENCODING_VERSION)
-        return self.cache_dir / "tokens" / f"{split}-{key}.pt"
+        return token_cache_path(self.cache_dir, split, self.tokenizer_path(), self.corpus.source_id(), split, ENCODING_VERSION)
 
     def prepare_data(self) -> None:
         """Train the tokenizer and tokenize the in-memory splits once (rank 0); later runs read the cache."""
-        path = self.tokenizer_path()
-        if not path.exists():
-            if self.hparams.tokenizer is not None:
-                raise UserInputError(f"tokenizer model {str(path)!r} does not exist")
-            Tokenizer.train(self.corpus.training_lines(), path, self.hparams.vocab_size, self.hparams.tokenizer_max_lines)
-        tokenizer = Tokenizer(path)
+        h = self.hparams
+        tokenizer = ensure_tokenizer(self.tokenizer_path(), h.tokenizer is not None, self.corpus.training_lines(),
+                                     h.vocab_size, h.tokenizer_max_lines)
         for split in SPLITS:
-            if not self.has_split(split):
-                continue
             out = self.token_path(split)
-            if out.exists():
+            if not self.has_split(split) or out.exists():
                 continue
             # int32 per document, not one Python list of ints (28 bytes per token)
             ids = [torch.tensor(encode_document(tokenizer, text), dtype=torch.int32) for text in self.corpus.documents(split)]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(f".tmp{os.getpid()}")
-            torch.save(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32), tmp)
-            tmp.replace(out)
+            atomic_save(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32), out)
 
     def setup(self, stage: str | None = None) -> None:
         self.tokenizer = Tokenizer(self.tokenizer_path())

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_iiet.data.lm import SPLITS, TextCorpus, encode_document
+from lit_iiet.data.cache import SPLITS
+from lit_iiet.data.lm import TextCorpus, encode_document
 from lit_iiet.data.shards import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, file_sha256, token_dtype
 from lit_iiet.data.tokenizer import ENCODING_VERSION, Tokenizer
 from lit_iiet.errors import UserInputError, exit_on_user_error

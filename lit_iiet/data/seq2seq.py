@@ -16,10 +16,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_iiet.data.lm import ResumableSampler
-from lit_iiet.data.tokenizer import TOKENIZER_VERSION, Tokenizer, default_cache_dir, fingerprint
+from lit_iiet.data.cache import SPLITS, atomic_save, ensure_tokenizer, load_hf_split, token_cache_path, tokenizer_cache_path
+from lit_iiet.data.tokenizer import Tokenizer, default_cache_dir
 from lit_iiet.errors import UserInputError
 
-SPLITS = ("train", "val", "test")
 PREDICT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 # ISO 639-1: the language codes a translation data module accepts.
 LANGUAGES = set(
@@ -334,23 +334,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         return path
 
     def _hf_rows(self, split: str) -> Iterator[dict]:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never reach for the hub at run time
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import datasets
-
-        source, name = self.hparams.hf_dataset, self.hparams.hf_name
-        try:
-            if Path(source).is_dir() and (Path(source) / "dataset_dict.json").exists():
-                rows = datasets.load_from_disk(source)[self.hf_splits[split]]
-            else:
-                rows = datasets.load_dataset(source, name, split=self.hf_splits[split])
-        except (FileNotFoundError, ConnectionError, ValueError, KeyError) as e:
-            raise UserInputError(
-                f"dataset {source!r} (config {name!r}, split {self.hf_splits[split]!r}) is not available locally: "
-                f"{str(e).splitlines()[0][:200]}. Save it once with `datasets.load_dataset(...).save_to_disk(DIR)` on "
-                "a connected machine and set data.hf_dataset=DIR, or point data.train/val/test at local files."
-            ) from None
-        yield from rows
+        yield from load_hf_split(self.hparams.hf_dataset, self.hparams.hf_name, self.hf_splits[split])
 
     def _rows(self, split: str) -> Iterator[tuple[str, dict]]:
         """(where, row) for each pair of a split; where names the file and line for error messages."""
@@ -404,14 +388,12 @@ class Seq2SeqDataModule(L.LightningDataModule):
     def tokenizer_path(self) -> Path:
         if self.hparams.tokenizer is not None:
             return Path(self.hparams.tokenizer)
-        key = fingerprint(TOKENIZER_VERSION, "joint", self._source_id(), self.hparams.vocab_size)
-        return self.cache_dir / "tokenizers" / f"joint{self.hparams.vocab_size}-{key}.model"
+        return tokenizer_cache_path(self.cache_dir, "joint", self.hparams.vocab_size, "joint", self._source_id(), self.hparams.vocab_size)
 
     def token_path(self, split: str) -> Path:
-        h, tok = self.hparams, self.tokenizer_path()
-        stamp = (tok.stat().st_size, tok.stat().st_mtime_ns) if tok.exists() else None
-        key = fingerprint(self._source_id(), str(tok.resolve()), stamp, h.max_src_len, h.max_tgt_len, h.long_source, split)
-        return self.cache_dir / "tokens" / f"pairs-{split}-{key}.pt"
+        h = self.hparams
+        return token_cache_path(self.cache_dir, f"pairs-{split}", self.tokenizer_path(), self._source_id(),
+                                h.max_src_len, h.max_tgt_len, h.long_source, split)
 
     def _training_lines(self) -> Iterator[str]:
         for src, tgt in self.pairs("train"):
@@ -429,23 +411,15 @@ class Seq2SeqDataModule(L.LightningDataModule):
         return {"src": src, "src_offsets": src_off, "tgt": tgt, "tgt_offsets": tgt_off}
 
     def prepare_data(self) -> None:
-        path = self.tokenizer_path()
-        if not path.exists():
-            if self.hparams.tokenizer is not None:
-                raise UserInputError(f"tokenizer model {str(path)!r} does not exist")
-            Tokenizer.train(self._training_lines(), path, self.hparams.vocab_size)
+        tokenizer = ensure_tokenizer(self.tokenizer_path(), self.hparams.tokenizer is not None, self._training_lines(),
+                                     self.hparams.vocab_size)
         if self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING:
             return  # predict reads its own sources in setup; the pairs need no token ids
-        tokenizer = Tokenizer(path)
         for split in SPLITS:
             out = self.token_path(split)
             if not self.has_split(split) or out.exists():
                 continue
-            encoded = self.encode_pairs(split, tokenizer)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(f".tmp{os.getpid()}")
-            torch.save(encoded, tmp)
-            tmp.replace(out)
+            atomic_save(self.encode_pairs(split, tokenizer), out)
 
     def setup(self, stage: str | None = None) -> None:
         self.tokenizer = Tokenizer(self.tokenizer_path())

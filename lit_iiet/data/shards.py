@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lit_iiet.data.lm import SPLITS, PackedLMData, ResumableSampler
+from lit_iiet.data.cache import SPLITS
+from lit_iiet.data.lm import PackedLMData, ResumableSampler
 from lit_iiet.data.tokenizer import ENCODING_VERSION, Tokenizer
 from lit_iiet.errors import UserInputError
 
