@@ -75,10 +75,23 @@ class KVCache(nn.Module):
             return self.k[:, :, :end], self.v[:, :, :end]
         return self.k[rows, :, :end], self.v[rows, :, :end]
 
-    def reorder(self, index: Tensor, length: int) -> None:
-        """Rows <- rows[index] for the first `length` positions (beam search keeps its surviving hypotheses)."""
-        self.k[:, :, :length] = self.k[:, :, :length].index_select(0, index)
-        self.v[:, :, :length] = self.v[:, :, :length].index_select(0, index)
+    def reorder(self, index: Tensor, length: int, moved: Tensor | None = None) -> None:
+        """Rows <- rows[index] over the filled positions [0, length): beam search keeps its surviving hypotheses.
+
+        moved: the rows i with index[i] != i, when the caller knows them; only those rows are copied. A beam
+        mostly extends itself, so few rows move at a step, and copying every row's whole prefix instead (the
+        former way) is most of the cost of a reorder (`python -m benchmarks.beam_search --part reorder`).
+        An index shorter than the batch gathers the rows it names into a smaller cache (finished sentences leave).
+        """
+        if moved is not None and index.shape[0] == self.k.shape[0]:
+            if moved.numel():
+                source = index[moved]  # read in full before the write: rows may swap
+                self.k[moved, :, :length] = self.k[source, :, :length]
+                self.v[moved, :, :length] = self.v[source, :, :length]
+            return
+        k, v = self.k.new_empty((index.shape[0], *self.k.shape[1:])), self.v.new_empty((index.shape[0], *self.v.shape[1:]))
+        k[:, :, :length], v[:, :, :length] = self.k[index, :, :length], self.v[index, :, :length]
+        self.k, self.v = k, v
 
 
 class Attention(nn.Module):
