@@ -15,9 +15,9 @@ Parts:
   does (a joint SentencePiece vocabulary trained on the train split, cached like `lit_iiet fit`; + eos), sorted
   by length into batches of `--batch_size`; max_len = 1.2 x source + 10 and lenpen 1, as in the configs.
 - "synthetic": `--sentences` random sources of `--src_len` tokens in one call; min_len = max_len = `--tgt_len`,
-  so every hypothesis runs tgt_len steps + the forced eos (checked).
-- "profile": one synthetic call per search and beam, with timers around the model's forward (`Seq2Seq.decode`)
-  and the cache reorder: the share of a step that is the search's own work (everything but the forward).
+  so every hypothesis runs tgt_len steps + the forced eos (checked). Timers around the model's forward
+  (`Seq2Seq.decode`) and the cache reorder give the profile of a step: the share of its time that is the
+  search's own work (everything but the forward). On CUDA their syncs slow both searches alike.
 - "reorder": how to keep the self-attention cache in beam order, per step at the synthetic shape with the cache
   half full (`--tgt_len` / 2 positions, every decoder slot): the old in-place gather, the gather into a second
   buffer (`KVCache.reorder`), and indexing on read (write-once rows, gathered through an ancestry table when
@@ -71,18 +71,18 @@ def bible_batches(max_src_len: int, vocab_size: int, sentences: int | None, batc
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["all", "bible", "synthetic", "profile", "reorder"], default="all")
+    parser.add_argument("--part", choices=["all", "bible", "synthetic", "reorder"], default="all")
     parser.add_argument("--beams", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--d_model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=3, help="encoder and decoder layers")
     parser.add_argument("--vocab_size", type=int, default=4000)
     parser.add_argument("--dec_scheme", default="euler", choices=list(SCHEMES))
-    parser.add_argument("--eos_scale", type=float, default=2.0, help="multiplier of the eos embedding row")
+    parser.add_argument("--eos_scale", type=float, default=6.0, help="multiplier of the eos embedding row")
     parser.add_argument("--bible_sentences", type=int, default=None, help="part bible: first N test sources (all)")
     parser.add_argument("--batch_size", type=int, default=32, help="part bible: sources per beam_search call")
-    parser.add_argument("--sentences", type=int, default=256, help="part synthetic / profile / reorder")
-    parser.add_argument("--src_len", type=int, default=32, help="part synthetic / profile / reorder")
-    parser.add_argument("--tgt_len", type=int, default=64, help="part synthetic / profile / reorder")
+    parser.add_argument("--sentences", type=int, default=256, help="part synthetic / reorder")
+    parser.add_argument("--src_len", type=int, default=32, help="part synthetic / reorder")
+    parser.add_argument("--tgt_len", type=int, default=64, help="part synthetic / reorder")
     parser.add_argument("--rounds", type=int, default=3)
     add_device_args(parser)
     args = parser.parse_args()
@@ -168,25 +168,12 @@ def main() -> int:
     max_len = torch.full((N,), T, device=device)
     model = make_model(max(S, T + 1))
 
-    def synthetic(search: str, beam: int):
-        with autocast:
-            return SEARCHES[search](model.decoder_for(src, mask), N, 2, 3, max_len, beam, min_len=T,
-                                    banned_ids=(0, 2), with_scores=True)
-
-    if args.part in ("all", "synthetic"):
-        for beam in args.beams:
-            lengths = {len(h) for h in synthetic("new", beam)[0]}
-            if lengths != {T}:
-                print(f"\nFAIL: beam {beam}: hypotheses of lengths {sorted(lengths)}, expected {T}")
-                failed = True
-        print(f"\nSynthetic batch: {N} random sources of {S} tokens, exactly {T} tokens + eos per hypothesis.")
-        race("synthetic", {s: (lambda beam, s=s: synthetic(s, beam)) for s in SEARCHES}, N)
-
-    # --- profile of a step -----------------------------------------------------------------------------------
     moved_share: dict[int, float] = {}  # beam -> share of the rows that take another row's cache at a step
+    shares: dict = {}  # (search, beam) -> [(forward, reorder) shares of the steps' time, one per call]
 
-    def profile(search: str, beam: int) -> tuple[float, float]:
-        """One synthetic call with timers: the shares of its time in the model's forward and in cache reorders."""
+    def synthetic(search: str, beam: int):
+        """One call on the synthetic batch, with timers around the model's forward and the cache reorders."""
+        nonlocal failed
         spent, moved = {"forward": 0.0, "reorder": 0.0}, [0, 0]
         decode, reorder = model.decode, KVCache.reorder
 
@@ -194,6 +181,7 @@ def main() -> int:
             def wrapped(*a, **kw):
                 sync(device)
                 start = time.perf_counter()
+                spent.setdefault("first step", start)
                 out = fn(*a, **kw)
                 sync(device)
                 spent[key] += time.perf_counter() - start
@@ -208,24 +196,33 @@ def main() -> int:
         timed_reorder = timer("reorder", reorder)
         model.decode, KVCache.reorder = timer("forward", decode), counted_reorder
         try:
-            decoder = model.decoder_for(src, mask)  # encoding is not part of a step
-            total, _ = timed(lambda: SEARCHES[search](decoder, N, 2, 3, max_len, beam, min_len=T, banned_ids=(0, 2)))
+            with autocast:
+                out = SEARCHES[search](model.decoder_for(src, mask), N, 2, 3, max_len, beam, min_len=T,
+                                       banned_ids=(0, 2), with_scores=True)
+            sync(device)
+            steps = time.perf_counter() - spent["first step"]  # the steps: not the setup (encoding, cache allocation)
         finally:
             del model.decode
             KVCache.reorder = reorder
         if search == "new":
             moved_share[beam] = moved[0] / max(moved[1], 1)
-        return spent["forward"] / total, spent["reorder"] / total
+            if {len(h) for h in out[0]} != {T}:
+                print(f"\nFAIL: beam {beam}: hypotheses of lengths {sorted({len(h) for h in out[0]})}, expected {T}")
+                failed = True
+        shares.setdefault((search, beam), []).append((spent["forward"] / steps, spent["reorder"] / steps))
+        return out
 
-    if args.part in ("all", "profile"):
-        print(f"\nProfile of a step on the synthetic batch ({T + 1} steps per call, median of {args.rounds} calls): "
-              "shares of the step time. The reference reorders its cache inline: counted in the rest of its search.\n")
+    if args.part in ("all", "synthetic"):
+        print(f"\nSynthetic batch: {N} random sources of {S} tokens, exactly {T} tokens + eos per hypothesis.")
+        race("synthetic", {s: (lambda beam, s=s: synthetic(s, beam)) for s in SEARCHES}, N)
+        print(f"\nProfile of a step, in the same calls: shares of the time from the first step on (not the setup before "
+              "it: encoding, cache allocation), median over the calls. The reference reorders its cache inline: "
+              "counted in the rest of its search.\n")
         print("| search | beam | model forward | cache reorder | rest of the search | search's own work |")
         print("|---|---|---|---|---|---|")
         for search in SEARCHES:
             for beam in args.beams:
-                shares = [profile(search, beam) for _ in range(args.rounds)]
-                fwd, reo = statistics.median(s[0] for s in shares), statistics.median(s[1] for s in shares)
+                fwd, reo = (statistics.median(x[i] for x in shares[search, beam]) for i in (0, 1))
                 print(f"| {search} | {beam} | {fwd:.1%} | {reo:.1%} | {1 - fwd - reo:.1%} | {1 - fwd:.1%} |")
 
     # --- cache reorder strategies ------------------------------------------------------------------------------
@@ -234,7 +231,7 @@ def main() -> int:
         slots = model.dec_update.total_evals()  # one cache slot per (decoder layer, F-evaluation)
         for beam in args.beams:
             if beam not in moved_share:
-                profile("new", beam)
+                synthetic("new", beam)
         print(f"\nCache reorder, per step: {slots} decoder slots of (rows, {H} heads, {length} filled positions, {D}); a "
               f"reorder + the attention's read of the prefix, median of {reps}; time vs the old in-place gather. Rows "
               "moved: the share of rows that take another row's beam (measured in the synthetic search, and all).\n")
@@ -287,7 +284,7 @@ def main() -> int:
                         c.k.normal_(), c.v.normal_()
                         c.spare_k, c.spare_v = torch.empty_like(c.k), torch.empty_like(c.v)
                         c.ancestry = torch.arange(R, device=device)[:, None].expand(R, length)
-                    results.append([fn(c)[:2] for c in caches])  # the keys and values the attention reads
+                    results.append([[t.clone() for t in fn(c)[:2]] for c in caches])  # the keys and values read
                     times[fn] = statistics.median(timed(lambda: [fn(c) for c in caches])[0] for _ in range(reps))
                 if not all(torch.equal(x, y) for other in results[1:] for a, b in zip(results[0], other) for x, y in zip(a, b)):
                     print(f"\nFAIL: beam {beam}: the reorder strategies read different caches")

@@ -19,7 +19,7 @@ from lit_iiet.data import SummarizationDataModule, Tokenizer, TranslationDataMod
 from lit_iiet.errors import UserInputError
 from lit_iiet.metrics import bleu_chrf, rouge
 from lit_iiet.models.seq2seq import inverse_sqrt, label_smoothed_nll
-from lit_iiet.nn.generate import beam_search, generate
+from lit_iiet.nn.generate import beam_search, generate, top_candidates
 from lit_iiet.nn.layers import KVCache
 from lit_iiet.nn.ode import ODEConfig
 from lit_iiet.nn.seq2seq import Seq2Seq, Seq2SeqConfig
@@ -192,6 +192,16 @@ def test_kv_cache_reorder_moves_rows_and_shrinks():
     assert torch.equal(cache.prefix(5)[0], k[index][[3, 0]]) and cache.k.shape == (2, 2, 6, 3)
     cache(5, torch.ones(2, 2, 1, 3), torch.ones(2, 2, 1, 3))  # positions past the reordered ones are still writable
     assert torch.equal(cache.prefix(6)[1][:, :, :5], v[index][[3, 0]])
+
+
+def test_top_candidates_equal_topk():
+    g = torch.Generator().manual_seed(0)
+    for rows, width, k in ((3, 4000, 8), (2, 16000, 16), (4, 61, 6), (5, 96, 4)):  # blocked, and plain topk
+        cand = torch.randn(rows, width, generator=g)
+        cand[0, : width // 2] = float("-inf")
+        values, index = top_candidates(cand, k)
+        assert torch.equal(values, cand.topk(k, dim=1).values) and torch.equal(cand.gather(1, index), values)
+        assert all(len(set(row)) == k for row in index.tolist())
 
 
 def test_beam_search_rejects_bad_settings():

@@ -86,6 +86,22 @@ def ban_repeated_ngrams(lprobs: Tensor, tokens: Tensor, n: int) -> None:
     lprobs.scatter_reduce_(1, windows[:, :, -1], ban, "amin")
 
 
+def top_candidates(cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """cand.topk(k, dim=1) (the same values; indices may differ only between equal values), for wide rows.
+
+    A max over a row is ~20x faster than a topk over it on a CPU, and the k best values of a row lie in the k
+    blocks of columns with the largest maxima: so rank the block maxima, then only the columns of those blocks.
+    """
+    B, W = cand.shape
+    block = next((b for b in (64, 32, 16) if W % b == 0 and W // b > 2 * k), None)  # whole vectors for the max
+    if block is None:
+        return cand.topk(k, dim=1)
+    blocks = cand.view(B, W // block, block)
+    best = blocks.amax(-1).topk(k, dim=1).indices  # (B, k) block ids
+    values, index = blocks.gather(1, best[:, :, None].expand(B, k, block)).view(B, k * block).topk(k, dim=1)
+    return values, best.gather(1, index // block) * block + index % block
+
+
 @torch.no_grad()
 def beam_search(
     model,
@@ -111,8 +127,9 @@ def beam_search(
     candidate; it then leaves the batch, with its cache rows and source rows. with_scores: also return the
     best hypotheses' scores (-inf where a sentence finished none).
 
-    Every step is tensor operations on the device; its one host sync is the check of which sentences are
-    still live. benchmarks/beam_reference.py holds the former Python-loop version, which tests compare with.
+    Every step is tensor operations on the device; its one host sync reads which sentences are still live and
+    which rows took another row's beam (the cache copies only those). benchmarks/beam_reference.py holds the
+    former Python-loop version, which the tests compare with.
     """
     if beam < 1:
         raise UserInputError(f"beam={beam} must be >= 1")
@@ -149,7 +166,7 @@ def beam_search(
         if no_repeat_ngram:
             ban_repeated_ngrams(lprobs, tokens, no_repeat_ngram)
         # The 2K best (beam, token) extensions of each sentence, best first; -inf ones are not candidates.
-        top_scores, top_index = (scores.view(-1, 1) + lprobs).view(B, K * V).topk(2 * K, dim=1)
+        top_scores, top_index = top_candidates((scores.view(-1, 1) + lprobs).view(B, K * V), 2 * K)
         top_row, top_token = first_row + top_index // V, top_index % V
         live, is_eos = top_scores > -inf, top_token == eos_id
         # An eos among the K best candidates finishes its hypothesis while the sentence has fewer than K.

@@ -85,12 +85,13 @@ class KVCache(nn.Module):
         """
         if moved is not None and index.shape[0] == self.k.shape[0]:
             if moved.numel():
-                source = index[moved]  # read in full before the write: rows may swap
-                self.k[moved, :, :length] = self.k[source, :, :length]
-                self.v[moved, :, :length] = self.v[source, :, :length]
+                source = index[moved]
+                for buf in (self.k, self.v):  # the moved rows are read in full before any is written: rows may swap
+                    buf[:, :, :length].index_copy_(0, moved, buf[:, :, :length].index_select(0, source))
             return
-        k, v = self.k.new_empty((index.shape[0], *self.k.shape[1:])), self.v.new_empty((index.shape[0], *self.v.shape[1:]))
-        k[:, :, :length], v[:, :, :length] = self.k[index, :, :length], self.v[index, :, :length]
+        k, v = (buf.new_empty((index.shape[0], *buf.shape[1:])) for buf in (self.k, self.v))
+        torch.index_select(self.k[:, :, :length], 0, index, out=k[:, :, :length])
+        torch.index_select(self.v[:, :, :length], 0, index, out=v[:, :, :length])
         self.k, self.v = k, v
 
 
