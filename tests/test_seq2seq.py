@@ -182,16 +182,21 @@ def test_beam_search_equals_the_reference_on_bible_sources(bible_sources, beam, 
 
 
 def test_kv_cache_reorder_moves_rows_and_shrinks():
-    cache = KVCache(4, 2, 6, 3)
-    k, v = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 5, 3)
+    cache = KVCache(6, 2, 6, 3)
+    k, v = torch.randn(6, 2, 5, 3), torch.randn(6, 2, 5, 3)
     cache(0, k, v)
-    index = torch.tensor([1, 0, 2, 1])  # rows 0 and 1 swap, row 3 takes row 1's beam, row 2 stays
+    index = torch.tensor([0, 1, 2, 3, 4, 2])  # few rows move (row 5 takes row 2's beam): only they are copied
+    cache.reorder(index, 5, moved=torch.tensor([5]))
+    assert torch.equal(cache.prefix(5)[0], k[index]) and torch.equal(cache.prefix(5)[1], v[index])
+    k, v = k[index], v[index]
+    index = torch.tensor([1, 0, 2, 1, 4, 5])  # many move (rows 0 and 1 swap): every row is gathered
     cache.reorder(index, 5, moved=torch.tensor([0, 1, 3]))
     assert torch.equal(cache.prefix(5)[0], k[index]) and torch.equal(cache.prefix(5)[1], v[index])
+    k, v = k[index], v[index]
     cache.reorder(torch.tensor([3, 0]), 5)  # a shorter index: finished sentences leave, the cache shrinks
-    assert torch.equal(cache.prefix(5)[0], k[index][[3, 0]]) and cache.k.shape == (2, 2, 6, 3)
+    assert torch.equal(cache.prefix(5)[0], k[[3, 0]]) and cache.k.shape == (2, 2, 6, 3)
     cache(5, torch.ones(2, 2, 1, 3), torch.ones(2, 2, 1, 3))  # positions past the reordered ones are still writable
-    assert torch.equal(cache.prefix(6)[1][:, :, :5], v[index][[3, 0]])
+    assert torch.equal(cache.prefix(6)[1][:, :, :5], v[[3, 0]]) and torch.equal(cache.prefix(6)[1][:, :, 5], torch.ones(2, 2, 3))
 
 
 def test_top_candidates_equal_topk():
