@@ -19,7 +19,8 @@ from lit_iiet.data import SummarizationDataModule, Tokenizer, TranslationDataMod
 from lit_iiet.errors import UserInputError
 from lit_iiet.metrics import bleu_chrf, rouge
 from lit_iiet.models.seq2seq import inverse_sqrt, label_smoothed_nll
-from lit_iiet.nn.generate import beam_search, generate
+from lit_iiet.nn.generate import beam_search, generate, top_candidates
+from lit_iiet.nn.layers import KVCache
 from lit_iiet.nn.ode import ODEConfig
 from lit_iiet.nn.seq2seq import Seq2Seq, Seq2SeqConfig
 
@@ -98,11 +99,13 @@ def test_beam_constraints_length_and_no_repeat_ngram():
     model = make(*SCHEMES["euler"])
     src, mask = batch_of([6, 6], seed=4)
     max_len = torch.tensor([9, 5])
-    hyps = beam_search(model.decoder_for(src, mask), 2, BOS, EOS, max_len, beam=3, min_len=4, no_repeat_ngram=2)
+    hyps = beam_search(model.decoder_for(src, mask), 2, BOS, EOS, max_len, beam=3, min_len=4, no_repeat_ngram=2,
+                       banned_ids=(0, BOS))
     for hyp, limit in zip(hyps, max_len.tolist()):
         assert 4 <= len(hyp) <= limit
         bigrams = list(zip(hyp, hyp[1:]))
         assert len(bigrams) == len(set(bigrams))
+        assert 0 not in hyp and BOS not in hyp
     # Without the constraint, this random model repeats itself (so the check above can fail).
     free = beam_search(model.decoder_for(src, mask), 2, BOS, EOS, torch.tensor([20, 20]), beam=3)
     assert any(len(list(zip(h, h[1:]))) != len(set(zip(h, h[1:]))) for h in free)
@@ -123,6 +126,96 @@ def test_beam_search_finds_better_hypotheses_than_greedy():
     wide = beam_search(model.decoder_for(src, mask), 3, BOS, EOS, max_len, beam=6, lenpen=0.0)
     for b in range(3):
         assert logprob(b, wide[b]) >= logprob(b, narrow[b]) - 1e-5
+
+
+def same_as_reference(decoder, batch, max_len, **options):
+    """The tensorized beam search returns the old implementation's hypotheses and scores."""
+    from benchmarks.beam_reference import reference_beam_search
+
+    new = beam_search(decoder, batch, BOS, EOS, max_len, with_scores=True, **options)
+    old = reference_beam_search(decoder, batch, BOS, EOS, max_len, with_scores=True, **options)
+    assert new[0] == old[0]
+    assert new[1] == pytest.approx(old[1], rel=1e-6, abs=1e-6)
+    return new[0]
+
+
+@pytest.mark.parametrize("name", ["iiet_both", "rk2", "rk4", "pcformer"])
+def test_beam_search_equals_the_reference_for_every_decoder_scheme(name):
+    """Decoder schemes with several F-evaluations per layer: every cache slot is reordered and shrunk."""
+    model = make(*SCHEMES[name])
+    src, mask = batch_of([8, 3, 6, 5, 7], seed=6)
+    same_as_reference(model.decoder_for(src, mask), 5, torch.tensor([6, 9, 4, 12, 8]), beam=4, lenpen=0.8, no_repeat_ngram=2)
+
+
+@pytest.fixture(scope="module")
+def bible_sources(bible):
+    """The first 24 sources of the Bible test split as the data module encodes them (+ eos), right-padded, and
+    a small random model over that vocabulary whose eos is likely enough that hypotheses end at varied lengths."""
+    tok = bible.tokenizer
+    ids = [s[:39] + [tok.eos_id] for s in tok.encode_batch([s for s, _ in bible.texts["test"][:24]])]
+    src = torch.full((len(ids), max(map(len, ids))), tok.pad_id)
+    for b, row in enumerate(ids):
+        src[b, : len(row)] = torch.tensor(row)
+    torch.manual_seed(0)
+    cfg = Seq2SeqConfig(tok.vocab_size, d_model=32, n_heads=4, enc_layers=2, dec_layers=2, d_ff=64, dropout=0.0,
+                        max_src_len=40, max_tgt_len=40)
+    model = Seq2Seq(cfg, ODEConfig("iiet", 2), ODEConfig("euler")).eval()
+    with torch.no_grad():
+        model.embed.weight[tok.eos_id] *= 12  # tied output row: eos competes with the other tokens
+    max_len = (1.2 * (src != tok.pad_id).sum(1) + 10).long().clamp(max=39)  # as Seq2SeqModel.translate
+    return model.decoder_for(src, src != tok.pad_id), max_len, (tok.pad_id, tok.bos_id), (tok.bos_id, tok.eos_id)
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "min_len_no_repeat"])
+@pytest.mark.parametrize("beam", [1, 4, 8])
+def test_beam_search_equals_the_reference_on_bible_sources(bible_sources, beam, constrained):
+    from benchmarks.beam_reference import reference_beam_search
+
+    decoder, max_len, banned, (bos, eos) = bible_sources
+    options = dict(min_len=6, no_repeat_ngram=3, lenpen=0.6) if constrained else dict(lenpen=1.0)
+    new = beam_search(decoder, 24, bos, eos, max_len, beam, banned_ids=banned, with_scores=True, **options)
+    old = reference_beam_search(decoder, 24, bos, eos, max_len, beam, banned_ids=banned, with_scores=True, **options)
+    assert new[0] == old[0]
+    assert new[1] == pytest.approx(old[1], rel=1e-6, abs=1e-6)
+    if beam > 1:  # sentences end apart, so the batch shrinks as they finish
+        assert len({len(h) for h in new[0]}) >= 3 and sum(len(h) < m for h, m in zip(new[0], max_len.tolist())) > 5
+
+
+def test_kv_cache_reorder_moves_rows_and_shrinks():
+    cache = KVCache(6, 2, 6, 3)
+    k, v = torch.randn(6, 2, 5, 3), torch.randn(6, 2, 5, 3)
+    cache(0, k, v)
+    index = torch.tensor([0, 1, 2, 3, 4, 2])  # few rows move (row 5 takes row 2's beam): only they are copied
+    cache.reorder(index, 5, moved=torch.tensor([5]))
+    assert torch.equal(cache.prefix(5)[0], k[index]) and torch.equal(cache.prefix(5)[1], v[index])
+    k, v = k[index], v[index]
+    index = torch.tensor([1, 0, 2, 1, 4, 5])  # many move (rows 0 and 1 swap): every row is gathered
+    cache.reorder(index, 5, moved=torch.tensor([0, 1, 3]))
+    assert torch.equal(cache.prefix(5)[0], k[index]) and torch.equal(cache.prefix(5)[1], v[index])
+    k, v = k[index], v[index]
+    cache.reorder(torch.tensor([3, 0]), 5)  # a shorter index: finished sentences leave, the cache shrinks
+    assert torch.equal(cache.prefix(5)[0], k[[3, 0]]) and cache.k.shape == (2, 2, 6, 3)
+    cache(5, torch.ones(2, 2, 1, 3), torch.ones(2, 2, 1, 3))  # positions past the reordered ones are still writable
+    assert torch.equal(cache.prefix(6)[1][:, :, :5], v[[3, 0]]) and torch.equal(cache.prefix(6)[1][:, :, 5], torch.ones(2, 2, 3))
+
+
+def test_top_candidates_equal_topk():
+    g = torch.Generator().manual_seed(0)
+    for rows, width, k in ((3, 4000, 8), (2, 16000, 16), (4, 61, 6), (5, 96, 4)):  # blocked, and plain topk
+        cand = torch.randn(rows, width, generator=g)
+        cand[0, : width // 2] = float("-inf")
+        values, index = top_candidates(cand, k)
+        assert torch.equal(values, cand.topk(k, dim=1).values) and torch.equal(cand.gather(1, index), values)
+        assert all(len(set(row)) == k for row in index.tolist())
+
+
+def test_beam_search_rejects_bad_settings():
+    model = make(*SCHEMES["euler"])
+    src, mask = batch_of([4])
+    with pytest.raises(UserInputError, match="beam=0"):
+        beam_search(model.decoder_for(src, mask), 1, BOS, EOS, torch.tensor([5]), beam=0)
+    with pytest.raises(UserInputError, match="no_repeat_ngram=-1"):
+        beam_search(model.decoder_for(src, mask), 1, BOS, EOS, torch.tensor([5]), no_repeat_ngram=-1)
 
 
 HYPS = ["The cat sat on the mat.", "Il fait beau aujourd'hui", "a b c d e", ""]

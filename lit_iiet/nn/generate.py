@@ -1,9 +1,13 @@
-"""Autoregressive generation over the KV cache: greedy and temperature / top-k / top-p sampling."""
+"""Autoregressive generation over the KV cache: greedy, temperature / top-k / top-p sampling, and beam search."""
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 from torch import Tensor
+
+from lit_iiet.errors import UserInputError
 
 
 def sample_next(
@@ -69,17 +73,33 @@ def generate(
     return tokens
 
 
-def banned_ngram_tokens(rows: list[list[int]], n: int) -> list[set[int]]:
-    """For each row, the tokens that would complete an n-gram already present in it (no-repeat-n-gram)."""
-    banned = []
-    for seq in rows:
-        prefix, hits = tuple(seq[len(seq) - n + 1 :]), set()
-        if len(seq) >= n:
-            for i in range(len(seq) - n + 1):
-                if tuple(seq[i : i + n - 1]) == prefix:
-                    hits.add(seq[i + n - 1])
-        banned.append(hits)
-    return banned
+def ban_repeated_ngrams(lprobs: Tensor, tokens: Tensor, n: int) -> None:
+    """Set lprobs (N, V) to -inf, in place, on each token that would complete an n-gram already in its row of
+    tokens (N, T). Every row is scanned at once: windows that end with the row's last n - 1 tokens name the bans."""
+    T = tokens.shape[1]
+    if T < n:
+        return
+    windows = tokens.unfold(1, n, 1)  # (N, T - n + 1, n): every n-gram so far
+    hit = (windows[:, :, :-1] == tokens[:, None, T - n + 1 :]).all(-1)
+    # min(x, +inf) = x leaves the other tokens as they are, whichever window names them.
+    ban = torch.where(hit, float("-inf"), float("inf")).to(lprobs.dtype)
+    lprobs.scatter_reduce_(1, windows[:, :, -1], ban, "amin")
+
+
+def top_candidates(cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """cand.topk(k, dim=1) (the same values; indices may differ only between equal values), for wide rows.
+
+    A max over a row is ~20x faster than a topk over it on a CPU, and the k best values of a row lie in the k
+    blocks of columns with the largest maxima: so rank the block maxima, then only the columns of those blocks.
+    """
+    B, W = cand.shape
+    block = next((b for b in (64, 32, 16) if W % b == 0 and W // b > 2 * k), None)  # whole vectors for the max
+    if block is None:
+        return cand.topk(k, dim=1)
+    blocks = cand.view(B, W // block, block)
+    best = blocks.amax(-1).topk(k, dim=1).indices  # (B, k) block ids
+    values, index = blocks.gather(1, best[:, :, None].expand(B, k, block)).view(B, k * block).topk(k, dim=1)
+    return values, best.gather(1, index // block) * block + index % block
 
 
 @torch.no_grad()
@@ -94,71 +114,103 @@ def beam_search(
     lenpen: float = 1.0,
     no_repeat_ngram: int = 0,
     banned_ids: tuple[int, ...] = (),
-) -> list[list[int]]:
+    with_scores: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[float]]:
     """Beam search over the KV cache; returns each sentence's best hypothesis (token ids, without bos/eos).
 
-    `model` is a decoder bound to its sources (`Seq2Seq.decoder_for`): `model(idx, cache, pos)`, `init_cache` and
-    `expand(beam)`. Hypotheses are ranked by summed log-probability divided by
+    `model` is a decoder bound to its sources (`Seq2Seq.decoder_for`): `model(idx, cache, pos)`, `init_cache`,
+    `expand(beam)` and `select(rows)`. Hypotheses are ranked by summed log-probability divided by
     length ** lenpen (length counts the eos), as in fairseq. max_len (B,) caps each sentence's length, where
-    eos is forced; min_len forbids eos before it. An eos is only accepted among the `beam` best candidates of
-    a step, so beam = 1 is exactly greedy decoding.
+    eos is forced; min_len forbids eos before it; banned_ids are never emitted; no_repeat_ngram > 0 forbids
+    repeating an n-gram of that size. An eos is only accepted among the `beam` best candidates of a step, so
+    beam = 1 is exactly greedy decoding. A sentence is done when it has `beam` finished hypotheses or no live
+    candidate; it then leaves the batch, with its cache rows and source rows. with_scores: also return the
+    best hypotheses' scores (-inf where a sentence finished none).
+
+    Every step is tensor operations on the device; its one host sync reads which sentences are still live and
+    which rows took another row's beam (the cache copies only those). benchmarks/beam_reference.py holds the
+    former Python-loop version, which the tests compare with.
     """
-    K, device = beam, max_len.device
+    if beam < 1:
+        raise UserInputError(f"beam={beam} must be >= 1")
+    if no_repeat_ngram < 0:
+        raise UserInputError(f"no_repeat_ngram={no_repeat_ngram} must be >= 0 (0: off)")
+    K, device, inf = beam, max_len.device, float("inf")
+    steps = int(max_len.max()) + 1  # the longest sentence's tokens + its eos
+    first_max = int(max_len.min())  # no sentence is at its max_len before this step
     model = model.expand(K)
-    N = batch * K
-    cache = model.init_cache(N, int(max_len.max()) + 1)
-    tokens = torch.full((N, 1), bos_id, dtype=torch.long, device=device)
+    cache = model.init_cache(batch * K, steps)
+    sentence = torch.arange(batch, device=device)  # input index of each sentence still in the batch
+    tokens = torch.full((batch * K, 1), bos_id, dtype=torch.long, device=device)
     scores = torch.zeros(batch, K, device=device)
-    scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-    done = [False] * batch
+    scores[:, 1:] = -inf  # all beams start identical: expand only the first
     row_max_len = max_len.repeat_interleave(K)
-    for step in range(int(max_len.max()) + 1):
+    # Finished hypotheses: K slots per sentence and a K+1-th that takes the writes of rejected candidates.
+    fin_tokens = torch.zeros(batch * (K + 1), steps, dtype=torch.long, device=device)
+    fin_scores = torch.full((batch * (K + 1),), -inf, device=device)  # summed log-probabilities
+    fin_len = torch.zeros(batch * (K + 1), dtype=torch.long, device=device)  # tokens, without the eos
+    fin_count = torch.zeros(batch, dtype=torch.long, device=device)
+    rank = torch.arange(2 * K, device=device)
+    for step in range(steps):
+        B = scores.shape[0]
+        first_row = K * torch.arange(B, device=device)[:, None]
         lprobs = model(tokens[:, -1:], cache, step)[:, -1].float().log_softmax(-1)
-        for token in banned_ids:
-            lprobs[:, token] = float("-inf")
-        if step < min_len:
-            lprobs[:, eos_id] = float("-inf")
-        at_max = row_max_len <= step
-        if at_max.any():  # force eos
-            eos_lp = lprobs[at_max, eos_id].clone()
-            lprobs[at_max] = float("-inf")
-            lprobs[at_max, eos_id] = eos_lp
-        if no_repeat_ngram > 0:
-            for row, ban in enumerate(banned_ngram_tokens(tokens.tolist(), no_repeat_ngram)):
-                if ban:
-                    lprobs[row, list(ban)] = float("-inf")
         V = lprobs.shape[-1]
-        candidates = (scores.view(N, 1) + lprobs).view(batch, K * V)
-        cand_scores, cand_index = (t.tolist() for t in candidates.topk(2 * K, dim=-1))
-        next_rows, next_tokens, next_scores = [], [], []
-        for b in range(batch):
-            keep: list[tuple[int, int, float]] = []
-            for rank in range(2 * K):
-                score, index = cand_scores[b][rank], cand_index[b][rank]
-                row, token = b * K + index // V, index % V
-                if done[b] or score == float("-inf"):
-                    break
-                if token == eos_id:
-                    if rank < K and len(finished[b]) < K:
-                        finished[b].append((score / (step + 1) ** lenpen, tokens[row, 1:].tolist()))
-                elif len(keep) < K:
-                    keep.append((row, token, score))
-            if len(finished[b]) >= K or not keep:
-                done[b] = True
-            keep += [(b * K, eos_id, float("-inf"))] * (K - len(keep))  # dead beams keep the shapes fixed
-            for row, token, score in keep:
-                next_rows.append(row)
-                next_tokens.append(token)
-                next_scores.append(score)
-        if all(done):
+        if banned_ids:
+            lprobs[:, list(banned_ids)] = -inf
+        if step < min_len:
+            lprobs[:, eos_id] = -inf
+        if step >= first_max:  # force eos on the rows at their max_len
+            at_max = (row_max_len <= step)[:, None] & (torch.arange(V, device=device) != eos_id)
+            lprobs = lprobs.masked_fill(at_max, -inf)
+        if no_repeat_ngram:
+            ban_repeated_ngrams(lprobs, tokens, no_repeat_ngram)
+        # The 2K best (beam, token) extensions of each sentence, best first; -inf ones are not candidates.
+        top_scores, top_index = top_candidates((scores.view(-1, 1) + lprobs).view(B, K * V), 2 * K)
+        top_row, top_token = first_row + top_index // V, top_index % V
+        live, is_eos = top_scores > -inf, top_token == eos_id
+        # An eos among the K best candidates finishes its hypothesis while the sentence has fewer than K.
+        ended = (is_eos & live)[:, :K]
+        place = fin_count[sentence, None] + ended.cumsum(1) - 1
+        ended &= place < K
+        fin_count[sentence] += ended.sum(1)
+        where = (sentence[:, None] * (K + 1) + torch.where(ended, place, K)).flatten()
+        fin_tokens[where, :step] = tokens[top_row[:, :K].flatten(), 1:]
+        fin_scores[where] = top_scores[:, :K].flatten()
+        fin_len[where] = step
+        # The K best other candidates, in rank order, are the next beams; missing ones are dead (-inf) beams.
+        keep = live & ~is_eos
+        done = (fin_count[sentence] >= K) | ~keep.any(1)
+        order = (rank + 2 * K * ~keep).topk(K, dim=1, largest=False).indices
+        kept = keep.gather(1, order)
+        rows = torch.where(kept, top_row.gather(1, order), first_row)
+        next_tokens = torch.where(kept, top_token.gather(1, order), eos_id)
+        scores = torch.where(kept, top_scores.gather(1, order), -inf)
+        # The step's one host sync: the live sentences, then the rows whose beam comes from another row.
+        rows = rows.flatten()
+        flags = torch.cat((~done, rows != torch.arange(B * K, device=device))).nonzero().squeeze(1)
+        n_live = bisect.bisect_left(flags.tolist(), B)
+        if n_live == 0:
             break
-        # Beams only ever move within their sentence's group of rows, and those rows share one source: the
-        # encoder side needs no reordering, only the self-attention cache (its filled prefix).
-        rows = torch.tensor(next_rows, device=device)
+        moved = flags[n_live:] - B
+        if n_live < B:  # finished sentences leave the batch: their beams, cache rows and sources
+            live_sentences, moved = flags[:n_live], None
+            sentence, next_tokens, scores = (t[live_sentences] for t in (sentence, next_tokens, scores))
+            rows = rows.view(B, K)[live_sentences].flatten()
+            live_rows = (first_row[live_sentences] + torch.arange(K, device=device)).flatten()
+            model, row_max_len = model.select(live_rows), row_max_len[live_rows]
+        # Beams only move within their sentence, whose rows share one source: the cross-attention side needs
+        # no reordering, only the self-attention slots (and the shrink above).
         for slots in cache:
             for slot in slots:
-                slot.reorder(rows, step + 1)
-        tokens = torch.cat((tokens.index_select(0, rows), torch.tensor(next_tokens, device=device)[:, None]), dim=1)
-        scores = torch.tensor(next_scores, device=device).view(batch, K)
-    return [max(hyps)[1] if hyps else [] for hyps in finished]
+                slot.reorder(rows, step + 1, moved)
+        tokens = torch.cat((tokens[rows], next_tokens.view(-1, 1)), dim=1)
+    # Rank each sentence's finished hypotheses on the host, once, exactly as the reference does (ties included).
+    counts, lengths = fin_count.tolist(), fin_len.view(batch, K + 1).tolist()
+    sums, ids = fin_scores.view(batch, K + 1).tolist(), fin_tokens.view(batch, K + 1, steps).tolist()
+    best = []
+    for b in range(batch):
+        hyps = [(sums[b][i] / (lengths[b][i] + 1) ** lenpen, ids[b][i][: lengths[b][i]]) for i in range(counts[b])]
+        best.append(max(hyps) if hyps else (-inf, []))
+    hyps = [hyp for _, hyp in best]
+    return (hyps, [score for score, _ in best]) if with_scores else hyps

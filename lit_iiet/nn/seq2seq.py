@@ -224,3 +224,7 @@ class BoundDecoder:
         """Each source repeated for `repeats` beams (rows b*repeats .. b*repeats + repeats - 1)."""
         rep = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
         return BoundDecoder(self.model, [(rep(k), rep(v)) for k, v in self.memory_kv], rep(self.src_mask))
+
+    def select(self, rows: Tensor) -> "BoundDecoder":
+        """The sources of the batch rows `rows` only (beam search drops the rows of finished sentences)."""
+        return BoundDecoder(self.model, [(k[rows], v[rows]) for k, v in self.memory_kv], self.src_mask[rows])
