@@ -27,9 +27,9 @@ import torch
 from benchmarks.common import machine
 from lit_iiet.data import LMDataModule
 from lit_iiet.models import LanguageModel
+from lit_iiet.nn.decoder import next_token_loss
 from lit_iiet.nn.generate import generate
 from lit_iiet.nn.ode import ODEConfig
-from lit_iiet.nn.decoder import next_token_loss
 
 
 def load(path: str, **ode_overrides):
@@ -78,7 +78,9 @@ class DecodeCounter:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vanilla", required=True, help="euler checkpoint (the baseline of the speed ratios)")
-    parser.add_argument("--iiet", required=True, help="IIET checkpoint (fixed schedule; also the residual policy's weights)")
+    parser.add_argument(
+        "--iiet", required=True, help="IIET checkpoint (fixed schedule; also the residual policy's weights)"
+    )
     parser.add_argument("--router", help="checkpoint trained with iiet_policy=router")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2], help="residual policy thresholds")
     parser.add_argument("--shared_kv", action="store_true", help="also rows with kv_mode=shared")
@@ -97,7 +99,9 @@ def main() -> int:
     if args.shared_kv:
         models["iiet, shared KV"] = load(args.iiet, kv_mode="shared")
         t = args.thresholds[0]
-        models[f"residual {t:g}, shared KV"] = load(args.iiet, iiet_policy="residual", iiet_threshold=t, kv_mode="shared")
+        models[f"residual {t:g}, shared KV"] = load(
+            args.iiet, iiet_policy="residual", iiet_threshold=t, kv_mode="shared"
+        )
 
     data = LMDataModule(vocab_size=models["vanilla"].cfg.vocab_size, seq_len=args.seq_len, batch_size=16)
     data.setup("validate")
@@ -120,12 +124,16 @@ def main() -> int:
                 speeds[label, b].append(b * args.tokens / (time.perf_counter() - start))
     base = {b: statistics.median(speeds["vanilla", b]) for b in args.batches}
 
-    print(f"Adaptive iterations, {date.today()}, {machine(torch.device('cpu'))}, torch "
-          f"{torch.__version__}; validation: the whole shipped split in {args.seq_len}-token windows; decoding: "
-          f"{args.prompt}-token prompt + {args.tokens} greedy tokens, median of {args.rounds} alternating rounds.")
+    print(
+        f"Adaptive iterations, {date.today()}, {machine(torch.device('cpu'))}, torch "
+        f"{torch.__version__}; validation: the whole shipped split in {args.seq_len}-token windows; decoding: "
+        f"{args.prompt}-token prompt + {args.tokens} greedy tokens, median of {args.rounds} alternating rounds."
+    )
     print(f"Command: python -m benchmarks.adaptive {' '.join(sys.argv[1:])}\n")
     head = " | ".join(f"decode tok/s vs vanilla, batch {b}" for b in args.batches)
-    print(f"| model | evals / token / layer (val) | agreement with full iteration | val loss | {head} | idle slots in decoding |")
+    print(
+        f"| model | evals / token / layer (val) | agreement with full iteration | val loss | {head} | idle slots in decoding |"
+    )
     print("|---|---|---|---|" + "---|" * len(args.batches) + "---|")
     for label in models:
         loss, evals, agree = quality[label]

@@ -72,8 +72,9 @@ def median_increment(model: Decoder, prompt: torch.Tensor) -> float:
 
 def build(width: int, ode: ODEConfig, seed: int = 0) -> Decoder:
     torch.manual_seed(seed)
-    cfg = DecoderConfig(vocab_size=2048, n_layers=4, d_model=width, n_heads=width // 32, max_seq_len=512,
-                        embed_scale="sqrt_d_model")
+    cfg = DecoderConfig(
+        vocab_size=2048, n_layers=4, d_model=width, n_heads=width // 32, max_seq_len=512, embed_scale="sqrt_d_model"
+    )
     model = Decoder(cfg, ode).eval()
     if ode.iiet_policy == "router":  # trained routers start at zero (all stop); random ones split the tokens
         for router in model.update.routers:
@@ -89,8 +90,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    print(f"Random weights, 4 layers, batch {args.batch}, {args.prompt}-token prompt + {args.tokens} greedy tokens, "
-          f"median of {args.rounds} alternating rounds; {machine(torch.device('cpu'))}.\n")
+    print(
+        f"Random weights, 4 layers, batch {args.batch}, {args.prompt}-token prompt + {args.tokens} greedy tokens, "
+        f"median of {args.rounds} alternating rounds; {machine(torch.device('cpu'))}.\n"
+    )
     print("| d_model | policy | compaction | evals vs r=3 | tokens/s vs r=3 | goal (0.8 / evals) |")
     print("|---|---|---|---|---|---|")
     for width in args.widths:
@@ -99,9 +102,13 @@ def main() -> None:
         threshold = median_increment(build(width, fixed), prompt)
         models = {("fixed", "-"): build(width, fixed)}
         for compaction in ("all", "ffn"):
-            models["residual", compaction] = build(width, replace(fixed, iiet_policy="residual", iiet_threshold=threshold,
-                                                                  early_exit_compaction=compaction))
-            models["router", compaction] = build(width, replace(fixed, iiet_policy="router", early_exit_compaction=compaction))
+            models["residual", compaction] = build(
+                width,
+                replace(fixed, iiet_policy="residual", iiet_threshold=threshold, early_exit_compaction=compaction),
+            )
+            models["router", compaction] = build(
+                width, replace(fixed, iiet_policy="router", early_exit_compaction=compaction)
+            )
         counters = {key: EvalCounter(m) for key, m in models.items()}
         seconds = {key: [] for key in models}
         for key, model in models.items():  # warm-up, and the evaluation counts (the same every round)

@@ -95,8 +95,17 @@ def main() -> int:
     failed = False
 
     def make_model(max_len: int) -> Seq2Seq:
-        cfg = Seq2SeqConfig(args.vocab_size, args.d_model, 4, args.layers, args.layers, d_ff=2 * args.d_model,
-                            dropout=0.0, max_src_len=max_len, max_tgt_len=max_len)
+        cfg = Seq2SeqConfig(
+            args.vocab_size,
+            args.d_model,
+            4,
+            args.layers,
+            args.layers,
+            d_ff=2 * args.d_model,
+            dropout=0.0,
+            max_src_len=max_len,
+            max_tgt_len=max_len,
+        )
         torch.manual_seed(0)
         model = Seq2Seq(cfg, SCHEMES["euler"], SCHEMES[args.dec_scheme]).to(device).eval()
         model.embed.weight[3] *= args.eos_scale  # eos (id 3 in the tokenizer and below); the output head is tied
@@ -114,8 +123,10 @@ def main() -> int:
         same_hyps = new[0] == ref[0]
         same_scores = all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) or a == b for a, b in zip(new[1], ref[1]))
         if not (same_hyps and same_scores):
-            print(f"\nFAIL: {name}, beam {beam}: the new search differs from the reference "
-                  f"({sum(a != b for a, b in zip(new[0], ref[0]))} hypotheses differ)")
+            print(
+                f"\nFAIL: {name}, beam {beam}: the new search differs from the reference "
+                f"({sum(a != b for a, b in zip(new[0], ref[0]))} hypotheses differ)"
+            )
             failed = True
 
     def race(name: str, calls: dict, sentences: int) -> None:
@@ -149,16 +160,26 @@ def main() -> int:
                 for src, mask in batches:
                     src, mask = src.to(device), mask.to(device)
                     max_len = (1.2 * mask.sum(1) + 10).long().clamp(max=127)
-                    hyps, scores = SEARCHES[search](model.decoder_for(src, mask), src.shape[0], tok.bos_id, tok.eos_id,
-                                                    max_len, beam, banned_ids=(tok.pad_id, tok.bos_id), with_scores=True)
+                    hyps, scores = SEARCHES[search](
+                        model.decoder_for(src, mask),
+                        src.shape[0],
+                        tok.bos_id,
+                        tok.eos_id,
+                        max_len,
+                        beam,
+                        banned_ids=(tok.pad_id, tok.bos_id),
+                        with_scores=True,
+                    )
                     outs[0].extend(hyps)
                     outs[1].extend(scores)
             return outs
 
         lengths = [len(h) for h in translate_all("new", args.beams[0])[0]]
-        print(f"\nBible test split: {n} sources in {len(batches)} length-sorted batches of {args.batch_size}; "
-              f"hypotheses of {min(lengths)} to {max(lengths)} tokens (median {statistics.median(lengths):g}) "
-              f"at beam {args.beams[0]}.")
+        print(
+            f"\nBible test split: {n} sources in {len(batches)} length-sorted batches of {args.batch_size}; "
+            f"hypotheses of {min(lengths)} to {max(lengths)} tokens (median {statistics.median(lengths):g}) "
+            f"at beam {args.beams[0]}."
+        )
         race("Bible test", {s: (lambda beam, s=s: translate_all(s, beam)) for s in SEARCHES}, n)
 
     # --- synthetic batch ----------------------------------------------------------------------------------------
@@ -187,6 +208,7 @@ def main() -> int:
                 sync(device)
                 spent[key] += time.perf_counter() - start
                 return out
+
             return wrapped
 
         def counted_reorder(cache, index, length, rows=None):
@@ -198,8 +220,9 @@ def main() -> int:
         model.decode, KVCache.reorder = timer("forward", decode), counted_reorder
         try:
             with autocast:
-                out = SEARCHES[search](model.decoder_for(src, mask), N, 2, 3, max_len, beam, min_len=T,
-                                       banned_ids=(0, 2), with_scores=True)
+                out = SEARCHES[search](
+                    model.decoder_for(src, mask), N, 2, 3, max_len, beam, min_len=T, banned_ids=(0, 2), with_scores=True
+                )
             sync(device)
             steps = time.perf_counter() - spent["first step"]  # the steps: not the setup (encoding, cache allocation)
         finally:
@@ -216,9 +239,11 @@ def main() -> int:
     if args.part in ("all", "synthetic"):
         print(f"\nSynthetic batch: {N} random sources of {S} tokens, exactly {T} tokens + eos per hypothesis.")
         race("synthetic", {s: (lambda beam, s=s: synthetic(s, beam)) for s in SEARCHES}, N)
-        print(f"\nProfile of a step, in the same calls: shares of the time from the first step on (not the setup before "
-              "it: encoding, cache allocation), median over the calls. The reference reorders its cache inline: "
-              "counted in the rest of its search.\n")
+        print(
+            "\nProfile of a step, in the same calls: shares of the time from the first step on (not the setup before "
+            "it: encoding, cache allocation), median over the calls. The reference reorders its cache inline: "
+            "counted in the rest of its search.\n"
+        )
         print("| search | beam | model forward | cache reorder | rest of the search | search's own work |")
         print("|---|---|---|---|---|---|")
         for search in SEARCHES:
@@ -233,11 +258,15 @@ def main() -> int:
         for beam in args.beams:
             if beam not in moved_share:
                 synthetic("new", beam)
-        print(f"\nCache reorder, per step: {slots} decoder slots of (rows, {H} heads, {length} filled positions, {D}); a "
-              f"reorder + the attention's read of the prefix, median of {reps}; time vs the old in-place gather. Rows "
-              "moved: the share of rows that take another row's beam (measured in the synthetic search, and all).\n")
-        print("| beam | rows moved | in place, every row (old) | second buffer, every row | index on read | moved rows only "
-              "| KVCache.reorder (new) |")
+        print(
+            f"\nCache reorder, per step: {slots} decoder slots of (rows, {H} heads, {length} filled positions, {D}); a "
+            f"reorder + the attention's read of the prefix, median of {reps}; time vs the old in-place gather. Rows "
+            "moved: the share of rows that take another row's beam (measured in the synthetic search, and all).\n"
+        )
+        print(
+            "| beam | rows moved | in place, every row (old) | second buffer, every row | index on read | moved rows only "
+            "| KVCache.reorder (new) |"
+        )
         print("|---|---|---|---|---|---|---|")
         for beam in args.beams:
             R = N * beam
@@ -294,7 +323,9 @@ def main() -> int:
                         c.ancestry = torch.arange(R, device=device)[:, None].expand(R, length)
                     results.append([[t.clone() for t in fn(c)[:2]] for c in caches])  # the keys and values read
                     times[fn] = statistics.median(timed(lambda: [fn(c) for c in caches])[0] for _ in range(reps))
-                if not all(torch.equal(x, y) for other in results[1:] for a, b in zip(results[0], other) for x, y in zip(a, b)):
+                if not all(
+                    torch.equal(x, y) for other in results[1:] for a, b in zip(results[0], other) for x, y in zip(a, b)
+                ):
                     print(f"\nFAIL: beam {beam}: the reorder strategies read different caches")
                     failed = True
                 cells = " | ".join(f"{times[fn] / times[in_place]:.2f}" for fn in strategies)

@@ -25,7 +25,11 @@ SCHEMES = {
 
 
 def add_shape_args(
-    parser: argparse.ArgumentParser, d_model: int = 128, vocab_size: int = 2048, seq_len: int = 128, batch_size: int = 16
+    parser: argparse.ArgumentParser,
+    d_model: int = 128,
+    vocab_size: int = 2048,
+    seq_len: int = 128,
+    batch_size: int = 16,
 ) -> None:
     """The model and training-batch shape; defaults are the conf/lm/shakespeare_*.yaml shape."""
     parser.add_argument("--n_layers", type=int, default=4)
@@ -45,7 +49,9 @@ def device_and_autocast(parser: argparse.ArgumentParser, args: argparse.Namespac
     """The device, and the autocast context of --dtype; bf16 on a CPU is refused (it measures nothing useful)."""
     device = torch.device(args.device)
     if args.dtype == "bf16" and device.type != "cuda":
-        parser.error("--dtype bf16 is only measured on CUDA: bf16 matmuls on these CPUs are about 200x slower than fp32")
+        parser.error(
+            "--dtype bf16 is only measured on CUDA: bf16 matmuls on these CPUs are about 200x slower than fp32"
+        )
     autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
     return device, autocast
 
@@ -72,8 +78,16 @@ def fit_and_test(args: list[str], run_dir: Path) -> dict:
     from lit_iiet.analysis.logs import read_scalars
     from lit_iiet.cli import main
 
-    common = ["--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
-              "--trainer.enable_model_summary", "false", "--model.val_sample_prompt", "null"]
+    common = [
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--model.val_sample_prompt",
+        "null",
+    ]
     last = run_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
     main(["fit", *args, *common] + (["--ckpt_path", str(last)] if last.exists() else []))
@@ -82,6 +96,9 @@ def fit_and_test(args: list[str], run_dir: Path) -> dict:
     scalars = read_scalars(run_dir / "lightning_logs")
     val = scalars["val/loss"]
     return {
-        "val_curve": val, "val_loss": val[-1][1], "test_loss": scalars["test/loss"][-1][1],
-        "iiet": {k: v[-1][1] for k, v in scalars.items() if k.startswith("iiet/")}, "fit_seconds": fit_seconds,
+        "val_curve": val,
+        "val_loss": val[-1][1],
+        "test_loss": scalars["test/loss"][-1][1],
+        "iiet": {k: v[-1][1] for k, v in scalars.items() if k.startswith("iiet/")},
+        "fit_seconds": fit_seconds,
     }

@@ -25,8 +25,8 @@ import gzip
 import json
 import os
 import random
-import shutil
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -80,26 +80,43 @@ def build_corpus(folder: Path, gb: float, file_mb: int = 64, seed: int = 0) -> l
 
 
 def prepare_shards(files: list[Path], out: Path, tokenizer: Path, workers: int) -> dict:
-    cmd = [sys.executable, "-m", "lit_iiet.data.prepare", str(out), "--train", json.dumps(list(map(str, files))),
-           "--tokenizer", str(tokenizer), "--workers", str(workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lit_iiet.data.prepare",
+        str(out),
+        "--train",
+        json.dumps(list(map(str, files))),
+        "--tokenizer",
+        str(tokenizer),
+        "--workers",
+        str(workers),
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     manifest = json.loads((out / "manifest.json").read_text())
     tokens = manifest["splits"]["train"]["tokens"]
-    return {"tokens": tokens, "seconds": manifest["tokenize_seconds"], "tokens_per_s": tokens / manifest["tokenize_seconds"],
-            "text_bytes": sum(f.stat().st_size for f in files)}
+    return {
+        "tokens": tokens,
+        "seconds": manifest["tokenize_seconds"],
+        "tokens_per_s": tokens / manifest["tokenize_seconds"],
+        "text_bytes": sum(f.stat().st_size for f in files),
+    }
 
 
 def memory() -> dict:
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_anon_mb": int(status["RssAnon"].split()[0]) / 1024}
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_anon_mb": int(status["RssAnon"].split()[0]) / 1024,
+    }
 
 
 def probe_shards(folder: str, batches: int) -> dict:
     """Runs in a fresh process: tokens/s of the training loader, memory, and first batch after a resume."""
+    from torch.utils.data import DataLoader
+
     from lit_iiet.data.lm import PackedDataset, ResumableSampler
     from lit_iiet.data.shards import ShardedLMDataModule
-    from torch.utils.data import DataLoader
 
     dm = ShardedLMDataModule(folder, seq_len=SEQ_LEN, batch_size=BATCH, num_workers=0)
     loader = dm.train_dataloader()
@@ -115,8 +132,12 @@ def probe_shards(folder: str, batches: int) -> dict:
     half = len(dataset) // BATCH // 2 * BATCH
     resumed = DataLoader(dataset, batch_size=BATCH, sampler=ResumableSampler(dataset, 1, 0, True, 0, skip=half))
     next(iter(resumed))
-    return {"tokens_per_s": batches * BATCH * (SEQ_LEN + 1) / seconds, "windows": len(dataset),
-            "resume_first_batch_s": time.perf_counter() - start, **mem}
+    return {
+        "tokens_per_s": batches * BATCH * (SEQ_LEN + 1) / seconds,
+        "windows": len(dataset),
+        "resume_first_batch_s": time.perf_counter() - start,
+        **mem,
+    }
 
 
 def shard_tokens(path: str):
@@ -131,16 +152,28 @@ def to_litdata(shards: Path, out: Path) -> None:
     """The same token stream as litdata chunks (one item per shard file, TokensLoader)."""
     from litdata import TokensLoader, optimize
 
-    parts = [str(shards / p["path"]) for p in json.loads((shards / "manifest.json").read_text())["splits"]["train"]["files"]]
-    optimize(fn=shard_tokens, inputs=parts, output_dir=str(out), chunk_size=(SEQ_LEN + 1) * 1024, item_loader=TokensLoader(),
-             num_workers=1, reorder_files=False, verbose=False)
+    parts = [
+        str(shards / p["path"]) for p in json.loads((shards / "manifest.json").read_text())["splits"]["train"]["files"]
+    ]
+    optimize(
+        fn=shard_tokens,
+        inputs=parts,
+        output_dir=str(out),
+        chunk_size=(SEQ_LEN + 1) * 1024,
+        item_loader=TokensLoader(),
+        num_workers=1,
+        reorder_files=False,
+        verbose=False,
+    )
 
 
 def probe_litdata(folder: str, batches: int) -> dict:
     from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
     def loader():
-        dataset = StreamingDataset(folder, item_loader=TokensLoader(block_size=SEQ_LEN + 1), shuffle=True, drop_last=True)
+        dataset = StreamingDataset(
+            folder, item_loader=TokensLoader(block_size=SEQ_LEN + 1), shuffle=True, drop_last=True
+        )
         return StreamingDataLoader(dataset, batch_size=BATCH, num_workers=0)
 
     first = loader()
@@ -156,8 +189,12 @@ def probe_litdata(folder: str, batches: int) -> dict:
     resumed = loader()
     resumed.load_state_dict(state)
     next(iter(resumed))
-    return {"tokens_per_s": batches * BATCH * (SEQ_LEN + 1) / seconds, "resume_first_batch_s": time.perf_counter() - start,
-            "note": f"resumed after {batches + 1} batches", **mem}
+    return {
+        "tokens_per_s": batches * BATCH * (SEQ_LEN + 1) / seconds,
+        "resume_first_batch_s": time.perf_counter() - start,
+        "note": f"resumed after {batches + 1} batches",
+        **mem,
+    }
 
 
 def probe(kind: str, folder: Path, batches: int) -> dict:
@@ -188,7 +225,9 @@ def main() -> None:
     parser.add_argument("--file_mb", type=int, default=64, help="size of each corpus file")
     parser.add_argument("--vocab_size", type=int, default=32000, help="BPE tokenizer trained on the shipped text")
     parser.add_argument("--batches", type=int, default=2000, help="loader batches timed per probe")
-    parser.add_argument("--sample_files", type=int, default=4, help="files of the 1-worker / 2-worker prepare comparison")
+    parser.add_argument(
+        "--sample_files", type=int, default=4, help="files of the 1-worker / 2-worker prepare comparison"
+    )
     parser.add_argument("--litdata", action="store_true", help="also probe litdata over the same tokens")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -208,7 +247,7 @@ def main() -> None:
         Tokenizer.train(lines, tokenizer, args.vocab_size)
     runs = {}
     sample = files[: args.sample_files]
-    for name, subset, workers in ((f"sample-1", sample, 1), (f"sample-2", sample, 2), ("all-2", files, 2)):
+    for name, subset, workers in (("sample-1", sample, 1), ("sample-2", sample, 2), ("all-2", files, 2)):
         out = work / f"shards-{name}"
         if out.exists():
             shutil.rmtree(out)
@@ -224,12 +263,18 @@ def main() -> None:
     for part in parts:
         os.link(work / "shards-all-2" / part["path"], half_dir / part["path"])
     shutil.copy(work / "shards-all-2" / "tokenizer.model", half_dir / "tokenizer.model")
-    manifest["splits"]["train"] = {"tokens": sum(p["tokens"] for p in parts), "documents": sum(p["documents"] for p in parts),
-                                   "files": parts}
+    manifest["splits"]["train"] = {
+        "tokens": sum(p["tokens"] for p in parts),
+        "documents": sum(p["documents"] for p in parts),
+        "files": parts,
+    }
     (half_dir / "manifest.json").write_text(json.dumps(manifest))
     gb_of = {name: run["text_bytes"] / 2**30 for name, run in runs.items()}
     gb_of["half"], gb_of["all"] = sum(f.stat().st_size for f in half) / 2**30, gb_of["all-2"]
-    loads = {"half": probe("shards", half_dir, args.batches), "all": probe("shards", work / "shards-all-2", args.batches)}
+    loads = {
+        "half": probe("shards", half_dir, args.batches),
+        "all": probe("shards", work / "shards-all-2", args.batches),
+    }
     if args.litdata:
         for name, source in (("half", half_dir), ("all", work / "shards-all-2")):
             target = work / f"litdata-{name}"
@@ -238,21 +283,31 @@ def main() -> None:
             loads[f"litdata {name}"] = probe("litdata", target, args.batches)
     needed = needed_tokens_per_s()
 
-    print(f"Corpus: {len(files)} JSONL files, {gb_of['all']:.2f} GB of text ({runs['all-2']['tokens']:,} tokens with a "
-          f"{args.vocab_size}-piece BPE); half = the first {len(half)} files ({gb_of['half']:.2f} GB); sample = the "
-          f"first {len(sample)} files.\n")
+    print(
+        f"Corpus: {len(files)} JSONL files, {gb_of['all']:.2f} GB of text ({runs['all-2']['tokens']:,} tokens with a "
+        f"{args.vocab_size}-piece BPE); half = the first {len(half)} files ({gb_of['half']:.2f} GB); sample = the "
+        f"first {len(sample)} files.\n"
+    )
     print("| prepare | text | workers | tokens | seconds | tokens/s |\n|---|---|---|---|---|---|")
     for name, run in runs.items():
-        print(f"| {name.rsplit('-', 1)[0]} | {gb_of[name]:.2f} GB | {name[-1]} | {run['tokens']:,} | {run['seconds']:.1f} | "
-              f"{run['tokens_per_s']:,.0f} |")
-    print(f"\nA 340M IIET r = 3 model at 45% MFU on one H100 trains on {needed:,.0f} tokens/s "
-          f"(seq_len {SEQ_LEN}, 3 x Decoder.flops per step).\n")
-    print("| loader | corpus | tokens/s (1 process) | x needed | peak RSS MB | anon RSS MB | first batch after resume, s |")
+        print(
+            f"| {name.rsplit('-', 1)[0]} | {gb_of[name]:.2f} GB | {name[-1]} | {run['tokens']:,} | {run['seconds']:.1f} | "
+            f"{run['tokens_per_s']:,.0f} |"
+        )
+    print(
+        f"\nA 340M IIET r = 3 model at 45% MFU on one H100 trains on {needed:,.0f} tokens/s "
+        f"(seq_len {SEQ_LEN}, 3 x Decoder.flops per step).\n"
+    )
+    print(
+        "| loader | corpus | tokens/s (1 process) | x needed | peak RSS MB | anon RSS MB | first batch after resume, s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, load in loads.items():
         kind = "litdata" if name.startswith("litdata") else "shards (ours)"
-        print(f"| {kind} | {gb_of[name.split()[-1]]:.2f} GB | {load['tokens_per_s']:,.0f} | {load['tokens_per_s'] / needed:.0f}x | "
-              f"{load['peak_rss_mb']:.0f} | {load['rss_anon_mb']:.0f} | {load['resume_first_batch_s']:.3f} |")
+        print(
+            f"| {kind} | {gb_of[name.split()[-1]]:.2f} GB | {load['tokens_per_s']:,.0f} | {load['tokens_per_s'] / needed:.0f}x | "
+            f"{load['peak_rss_mb']:.0f} | {load['rss_anon_mb']:.0f} | {load['resume_first_batch_s']:.3f} |"
+        )
     try:
         from benchmarks.seq2seq_padding import main as padding_main
     except ImportError:

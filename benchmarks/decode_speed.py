@@ -59,8 +59,10 @@ def main() -> None:
         label, _, path = item.partition("=")
         models[label] = LanguageModel.load_from_checkpoint(path, map_location=args.device).model.eval()
     ratios = decode_speeds(models, args.batch, args.prompt, args.tokens, args.rounds, args.device)
-    print(f"Cached greedy decoding, {date.today()}, {machine(torch.device(args.device))}, torch {torch.__version__}; batch {args.batch}, "
-          f"{args.prompt}-token prompt + {args.tokens} new tokens; median of {args.rounds} alternating rounds.\n")
+    print(
+        f"Cached greedy decoding, {date.today()}, {machine(torch.device(args.device))}, torch {torch.__version__}; batch {args.batch}, "
+        f"{args.prompt}-token prompt + {args.tokens} new tokens; median of {args.rounds} alternating rounds.\n"
+    )
     print("| model | schedule | F-evals / token / layer | decode tokens/s vs first |")
     print("|---|---|---|---|")
     for label, model in models.items():

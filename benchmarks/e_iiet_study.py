@@ -33,15 +33,37 @@ def rows(vanilla: str, teacher: str, thresholds: list[float], out: Path) -> dict
     """Row label -> the fit arguments that make it (the CE-only pruned row needs the IIAD run's schedule)."""
     ce = ["--trainer.callbacks=[]"]
     table = {
-        "vanilla": [*RECIPE, *ce, "--model.ode.scheme", "euler", "--model.ode.iters", "1", "--model.init_from", vanilla],
+        "vanilla": [
+            *RECIPE,
+            *ce,
+            "--model.ode.scheme",
+            "euler",
+            "--model.ode.iters",
+            "1",
+            "--model.init_from",
+            vanilla,
+        ],
         "IIET": [*RECIPE, *ce, "--model.init_from", teacher],
     }
     for t in thresholds:
-        table[f"E-IIET, IIAD t={t:g}"] = [*RECIPE, "--trainer.callbacks.teacher", teacher, "--trainer.callbacks.threshold", str(t)]
+        table[f"E-IIET, IIAD t={t:g}"] = [
+            *RECIPE,
+            "--trainer.callbacks.teacher",
+            teacher,
+            "--trainer.callbacks.threshold",
+            str(t),
+        ]
     first = out / f"E-IIET_IIAD_t={thresholds[0]:g}" / "result.json"
     if first.exists():
         schedule = json.loads(first.read_text())["schedule"]
-        table[f"pruned at t={thresholds[0]:g}, CE only"] = [*RECIPE, *ce, "--model.ode.iters", json.dumps(schedule), "--model.init_from", teacher]
+        table[f"pruned at t={thresholds[0]:g}, CE only"] = [
+            *RECIPE,
+            *ce,
+            "--model.ode.iters",
+            json.dumps(schedule),
+            "--model.init_from",
+            teacher,
+        ]
     return table
 
 
@@ -53,22 +75,33 @@ def run(label: str, args: list[str], out: Path, seed: int | None, extra: list[st
     args = [*args, *extra] + (["--seed_everything", str(seed)] if seed is not None else [])
     result = fit_and_test(args, run_dir)
     module = LanguageModel.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
-    result |= {"label": label, "command": "python -m lit_iiet fit " + " ".join(args), "schedule": module.model.schedule,
-               "checkpoint": str(run_dir / "checkpoints" / "last.ckpt")}
+    result |= {
+        "label": label,
+        "command": "python -m lit_iiet fit " + " ".join(args),
+        "schedule": module.model.schedule,
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+    }
     done.write_text(json.dumps(result, indent=1))
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--vanilla", required=True, help="trained euler checkpoint")
     parser.add_argument("--teacher", required=True, help="trained IIET checkpoint (the teacher)")
     parser.add_argument("--out", default="runs/e_iiet")
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 0.3, 1.0])
     parser.add_argument("--seed", type=int, default=None, help="seed of every row (default: the recipe's)")
     parser.add_argument("--rounds", type=int, default=5, help="decode-speed rounds")
-    parser.add_argument("--override", action="append", default=[], metavar="--KEY=VALUE",
-                        help="a fit option added to every row, e.g. --override=--trainer.max_steps=300 (repeatable)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="--KEY=VALUE",
+        help="a fit option added to every row, e.g. --override=--trainer.max_steps=300 (repeatable)",
+    )
     args = parser.parse_args(argv)
     for path in (args.vanilla, args.teacher):
         if not Path(path).is_file():
@@ -79,7 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         for label, fit_args in rows(args.vanilla, args.teacher, args.thresholds, out).items():
             results[label] = run(label, fit_args, out, args.seed, args.override)
 
-    models = {label: LanguageModel.load_from_checkpoint(r["checkpoint"], map_location="cpu").model.eval() for label, r in results.items()}
+    models = {
+        label: LanguageModel.load_from_checkpoint(r["checkpoint"], map_location="cpu").model.eval()
+        for label, r in results.items()
+    }
     speed = decode_speeds(models, batch=1, prompt_len=16, tokens=96, rounds=args.rounds, device="cpu")
     full = sum(results["IIET"]["schedule"])
     lines = [
@@ -90,8 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|",
     ]
     for label, r in results.items():
-        lines.append(f"| {label} | {r['schedule']} | {sum(r['schedule']) / full:.2f} | {r['val_loss']:.3f} | "
-                     f"{r['test_loss']:.3f} | {speed[label]:.2f} |")
+        lines.append(
+            f"| {label} | {r['schedule']} | {sum(r['schedule']) / full:.2f} | {r['val_loss']:.3f} | "
+            f"{r['test_loss']:.3f} | {speed[label]:.2f} |"
+        )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -62,7 +62,9 @@ def main() -> int:
     parser.add_argument("--new_tokens", type=int, default=256, help="part cache")
     parser.add_argument("--enc_layers", type=int, default=3, help="part beam")
     parser.add_argument("--dec_layers", type=int, default=3, help="part beam")
-    parser.add_argument("--enc_schemes", nargs="+", default=["euler", "iiet r=3"], choices=list(SCHEMES), help="part beam")
+    parser.add_argument(
+        "--enc_schemes", nargs="+", default=["euler", "iiet r=3"], choices=list(SCHEMES), help="part beam"
+    )
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4, 8], help="part beam")
     parser.add_argument("--sentences", type=int, default=16, help="part beam: sources per beam_search call")
     parser.add_argument("--src_len", type=int, default=32, help="part beam")
@@ -83,32 +85,41 @@ def main() -> int:
         return time.perf_counter() - start, out
 
     where = machine(device)
-    print(f"Generation speed, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; random weights; median of "
-          f"{args.rounds} alternating rounds. Command: `python -m benchmarks.generation {shlex.join(sys.argv[1:])}`")
+    print(
+        f"Generation speed, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; random weights; median of "
+        f"{args.rounds} alternating rounds. Command: `python -m benchmarks.generation {shlex.join(sys.argv[1:])}`"
+    )
     failed = False
 
     # --- part cache: cached vs uncached greedy decoding ------------------------------------------------------
     if args.part in ("all", "cache"):
-        cfg = DecoderConfig(args.vocab_size, args.n_layers, args.d_model, args.n_heads, max_seq_len=args.prompt + args.new_tokens)
+        cfg = DecoderConfig(
+            args.vocab_size, args.n_layers, args.d_model, args.n_heads, max_seq_len=args.prompt + args.new_tokens
+        )
         models = {}
         for name in args.schemes:
             torch.manual_seed(0)
             models[name] = Decoder(cfg, SCHEMES[name]).to(device).eval()
-        prompts = {b: torch.randint(0, cfg.vocab_size, (b, args.prompt), generator=gen).to(device) for b in args.batches}
+        prompts = {
+            b: torch.randint(0, cfg.vocab_size, (b, args.prompt), generator=gen).to(device) for b in args.batches
+        }
 
         def decode(name: str, b: int, use_cache: bool):
             def run():
                 with autocast:
                     return generate(models[name], prompts[b], args.new_tokens, temperature=0.0, use_cache=use_cache)
+
             return run
 
         agree = {}
         for name in models:  # warm-up and the token check
             for b in prompts:
-                cached, uncached = decode(name, b, True)()[:, args.prompt:], decode(name, b, False)()[:, args.prompt:]
+                cached, uncached = decode(name, b, True)()[:, args.prompt :], decode(name, b, False)()[:, args.prompt :]
                 agree[name, b] = (cached == uncached).float().mean().item()
                 if args.dtype == "fp32" and agree[name, b] < 1.0:
-                    print(f"\nFAIL: {name}, batch {b}: cached and uncached greedy tokens agree on only {100 * agree[name, b]:.1f}%")
+                    print(
+                        f"\nFAIL: {name}, batch {b}: cached and uncached greedy tokens agree on only {100 * agree[name, b]:.1f}%"
+                    )
                     failed = True
         times: dict[tuple, list[float]] = {}
         for _ in range(args.rounds):
@@ -118,10 +129,15 @@ def main() -> int:
                         times.setdefault((name, b, use_cache), []).append(timed(decode(name, b, use_cache))[0])
         med = {k: statistics.median(v) for k, v in times.items()}
 
-        print(f"\nCached vs uncached greedy decoding: {args.n_layers} layers x {args.d_model}, {args.n_heads} heads, vocab "
-              f"{args.vocab_size}; {args.prompt}-token prompt + {args.new_tokens} new tokens.\n")
+        print(
+            f"\nCached vs uncached greedy decoding: {args.n_layers} layers x {args.d_model}, {args.n_heads} heads, vocab "
+            f"{args.vocab_size}; {args.prompt}-token prompt + {args.new_tokens} new tokens.\n"
+        )
         absolute = " cached tokens/s | uncached tokens/s |" if cuda else ""
-        print("| scheme | F-evals / layer | batch | cached / uncached tokens/s | cached tokens/s vs euler | tokens identical |" + absolute)
+        print(
+            "| scheme | F-evals / layer | batch | cached / uncached tokens/s | cached tokens/s vs euler | tokens identical |"
+            + absolute
+        )
         print("|---|---|---|---|---|---|" + ("---|---|" if cuda else ""))
         for name, model in models.items():
             evals = model.update.total_evals() / cfg.n_layers
@@ -136,8 +152,14 @@ def main() -> int:
     # --- part beam: beam search of the encoder-decoder -------------------------------------------------------
     if args.part in ("all", "beam"):
         s2s_cfg = Seq2SeqConfig(
-            vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, enc_layers=args.enc_layers,
-            dec_layers=args.dec_layers, d_ff=4 * args.d_model, dropout=0.0, max_src_len=args.src_len,
+            vocab_size=args.vocab_size,
+            d_model=args.d_model,
+            n_heads=args.n_heads,
+            enc_layers=args.enc_layers,
+            dec_layers=args.dec_layers,
+            d_ff=4 * args.d_model,
+            dropout=0.0,
+            max_src_len=args.src_len,
             max_tgt_len=args.tgt_len + 1,
         )
         s2s = {}
@@ -152,15 +174,19 @@ def main() -> int:
             def run():
                 with autocast, torch.no_grad():
                     decoder = s2s[name].decoder_for(src, src_mask)
-                    return beam_search(decoder, args.sentences, BOS, EOS, max_len, beam, min_len=args.tgt_len,
-                                       banned_ids=(PAD, BOS))
+                    return beam_search(
+                        decoder, args.sentences, BOS, EOS, max_len, beam, min_len=args.tgt_len, banned_ids=(PAD, BOS)
+                    )
+
             return run
 
         for name in s2s:  # warm-up and the length check
             for beam in args.beams:
                 lengths = {len(hyp) for hyp in translate(name, beam)()}
                 if lengths != {args.tgt_len}:
-                    print(f"\nFAIL: {name}, beam {beam}: hypotheses of lengths {sorted(lengths)}, expected {args.tgt_len}")
+                    print(
+                        f"\nFAIL: {name}, beam {beam}: hypotheses of lengths {sorted(lengths)}, expected {args.tgt_len}"
+                    )
                     failed = True
         times = {}
         for _ in range(args.rounds):
@@ -169,11 +195,16 @@ def main() -> int:
                     times.setdefault((name, beam), []).append(timed(translate(name, beam))[0])
         med = {k: statistics.median(v) for k, v in times.items()}
 
-        print(f"\nBeam search of the encoder-decoder: {args.enc_layers} encoder layers (scheme below) + {args.dec_layers} "
-              f"euler decoder layers x {args.d_model}, d_ff {4 * args.d_model}, vocab {args.vocab_size}; {args.sentences} "
-              f"sources of {args.src_len} tokens, exactly {args.tgt_len} tokens + eos decoded per sentence.\n")
+        print(
+            f"\nBeam search of the encoder-decoder: {args.enc_layers} encoder layers (scheme below) + {args.dec_layers} "
+            f"euler decoder layers x {args.d_model}, d_ff {4 * args.d_model}, vocab {args.vocab_size}; {args.sentences} "
+            f"sources of {args.src_len} tokens, exactly {args.tgt_len} tokens + eos decoded per sentence.\n"
+        )
         absolute = " output tokens/s | sentences/s |" if cuda else ""
-        print("| encoder scheme | beam | output tokens/s vs beam 1 | hypothesis tokens/s vs beam 1 | sentences/s vs euler beam 1 |" + absolute)
+        print(
+            "| encoder scheme | beam | output tokens/s vs beam 1 | hypothesis tokens/s vs beam 1 | sentences/s vs euler beam 1 |"
+            + absolute
+        )
         print("|---|---|---|---|---|" + ("---|---|" if cuda else ""))
         for name in s2s:
             for beam in args.beams:
@@ -181,8 +212,10 @@ def main() -> int:
                 vs_beam1 = med[name, 1] / t if 1 in args.beams else None
                 vs_euler = f"{med['euler', 1] / t:.2f}" if "euler" in s2s and 1 in args.beams else "n/a"
                 cells = f" {args.sentences * args.tgt_len / t:.0f} | {args.sentences / t:.1f} |" if cuda else ""
-                print(f"| {name} | {beam} | {f'{vs_beam1:.2f}' if vs_beam1 else 'n/a'} | "
-                      f"{f'{vs_beam1 * beam:.2f}' if vs_beam1 else 'n/a'} | {vs_euler} |{cells}")
+                print(
+                    f"| {name} | {beam} | {f'{vs_beam1:.2f}' if vs_beam1 else 'n/a'} | "
+                    f"{f'{vs_beam1 * beam:.2f}' if vs_beam1 else 'n/a'} | {vs_euler} |{cells}"
+                )
     return 1 if failed else 0
 
 

@@ -37,7 +37,6 @@ import sys
 from datetime import date
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import (
     SCHEMES,
@@ -112,7 +111,11 @@ def check_cpu_method() -> str | None:
 
     expected = (1 + 2 + 6) * MiB
     measured = cpu_peak(known)
-    return None if measured == expected else f"known allocations peak at {expected} bytes, the profiler method measured {measured}"
+    return (
+        None
+        if measured == expected
+        else f"known allocations peak at {expected} bytes, the profiler method measured {measured}"
+    )
 
 
 def main() -> int:
@@ -137,12 +140,19 @@ def main() -> int:
         if problem:
             print(f"FAIL: the CPU peak-memory method is wrong: {problem}")
             return 1
-        method = ("torch.profiler memory events (profile_memory=True), maximum of the running sum of allocations and "
-                  "frees; checked exact on known allocations in this run")
+        method = (
+            "torch.profiler memory events (profile_memory=True), maximum of the running sum of allocations and "
+            "frees; checked exact on known allocations in this run"
+        )
         peak_of = cpu_peak
 
-    cfg = DecoderConfig(args.vocab_size, args.n_layers, args.d_model, args.n_heads,
-                        max_seq_len=max(args.seq_len, args.prompt + args.new_tokens))
+    cfg = DecoderConfig(
+        args.vocab_size,
+        args.n_layers,
+        args.d_model,
+        args.n_heads,
+        max_seq_len=max(args.seq_len, args.prompt + args.new_tokens),
+    )
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
     prompt = torch.randint(0, cfg.vocab_size, (args.decode_batch, args.prompt), generator=gen).to(device)
@@ -179,18 +189,24 @@ def main() -> int:
 
     where = machine(device)
     base = rows.get("euler")
-    print(f"Peak memory per scheme, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; {args.n_layers} layers x "
-          f"{args.d_model}, {args.n_heads} heads, vocab {args.vocab_size}; training step on batch {args.batch_size} x "
-          f"{args.seq_len}; cached decoding of batch {args.decode_batch}, {args.prompt}-token prompt + {args.new_tokens} "
-          f"new tokens; euler's parameters + buffers ({base[4] / MiB if base else next(iter(rows.values()))[4] / MiB:.1f} MiB) "
-          f"are live before each measurement and not counted. Peak measured by {method}. Command: "
-          f"`python -m benchmarks.memory {shlex.join(sys.argv[1:])}`\n")
-    print("| scheme | F-evals / layer | train step peak (MiB) | vs euler | decode peak (MiB) | vs euler | KV cache (MiB) | vs euler | KV cache / decode peak |")
+    print(
+        f"Peak memory per scheme, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; {args.n_layers} layers x "
+        f"{args.d_model}, {args.n_heads} heads, vocab {args.vocab_size}; training step on batch {args.batch_size} x "
+        f"{args.seq_len}; cached decoding of batch {args.decode_batch}, {args.prompt}-token prompt + {args.new_tokens} "
+        f"new tokens; euler's parameters + buffers ({base[4] / MiB if base else next(iter(rows.values()))[4] / MiB:.1f} MiB) "
+        f"are live before each measurement and not counted. Peak measured by {method}. Command: "
+        f"`python -m benchmarks.memory {shlex.join(sys.argv[1:])}`\n"
+    )
+    print(
+        "| scheme | F-evals / layer | train step peak (MiB) | vs euler | decode peak (MiB) | vs euler | KV cache (MiB) | vs euler | KV cache / decode peak |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (evals, train, dec, cache_bytes, _) in rows.items():
         ratio = (lambda i, v: f"{v / base[i]:.2f}") if base else (lambda i, v: "n/a")
-        print(f"| {name} | {evals:g} | {train / MiB:.1f} | {ratio(1, train)} | {dec / MiB:.1f} | {ratio(2, dec)} | "
-              f"{cache_bytes / MiB:.2f} | {ratio(3, cache_bytes)} | {cache_bytes / dec:.2f} |")
+        print(
+            f"| {name} | {evals:g} | {train / MiB:.1f} | {ratio(1, train)} | {dec / MiB:.1f} | {ratio(2, dec)} | "
+            f"{cache_bytes / MiB:.2f} | {ratio(3, cache_bytes)} | {cache_bytes / dec:.2f} |"
+        )
     return 0
 
 

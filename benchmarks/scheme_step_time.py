@@ -43,7 +43,9 @@ def main() -> None:
 
     device, autocast = device_and_autocast(parser, args)
     cfg = DecoderConfig(args.vocab_size, args.n_layers, args.d_model, args.n_heads, max_seq_len=args.seq_len)
-    batch = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    batch = torch.randint(
+        0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(0)
+    ).to(device)
 
     runs = {}
     for name in args.schemes:
@@ -84,11 +86,15 @@ def main() -> None:
 
     base = statistics.median(times["euler"]) if "euler" in times else None
     where = machine(device)
-    print(f"Training step time per scheme, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; "
-          f"{args.n_layers} layers x {args.d_model}, batch {args.batch_size} x {args.seq_len} tokens; "
-          f"median of {args.rounds} alternating rounds of {args.steps} steps.\n")
-    print("| scheme | F-evals / layer | step time vs euler | per evaluation | vs euler with the same evaluations |"
-          + (" step time (ms) |" if device.type == "cuda" else ""))
+    print(
+        f"Training step time per scheme, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; "
+        f"{args.n_layers} layers x {args.d_model}, batch {args.batch_size} x {args.seq_len} tokens; "
+        f"median of {args.rounds} alternating rounds of {args.steps} steps.\n"
+    )
+    print(
+        "| scheme | F-evals / layer | step time vs euler | per evaluation | vs euler with the same evaluations |"
+        + (" step time (ms) |" if device.type == "cuda" else "")
+    )
     print("|---|---|---|---|---|" + ("---|" if device.type == "cuda" else ""))
     for name, (model, _) in runs.items():
         if name in deep.values():

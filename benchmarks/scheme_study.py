@@ -59,26 +59,48 @@ ARMS: dict[str, Arm] = {
     "euler": Arm(lm("euler"), what="vanilla Transformer++"),
     "iiet": Arm(lm("iiet"), what="IIET r = 3, plain Picard iteration", flops=3),
     "iiet r=2": Arm(lm("iiet_r2"), what="IIET r = 2", flops=2),
-    "iiet anderson": Arm(lm("iiet"), ("--model.ode.iiet_solver", "anderson"), "IIET r = 3, Anderson acceleration", 3, "option"),
-    "iiet relaxation": Arm(lm("iiet"), ("--model.ode.iiet_relaxation", "learned"), "IIET r = 3, learned relaxation per layer", 3, "option"),
+    "iiet anderson": Arm(
+        lm("iiet"), ("--model.ode.iiet_solver", "anderson"), "IIET r = 3, Anderson acceleration", 3, "option"
+    ),
+    "iiet relaxation": Arm(
+        lm("iiet"), ("--model.ode.iiet_relaxation", "learned"), "IIET r = 3, learned relaxation per layer", 3, "option"
+    ),
     "iiet mean": Arm(lm("iiet"), ("--model.ode.iiet_output", "mean"), "IIET r = 3, output y + mean slope", 3, "option"),
     "iiet damping 0.5": Arm(lm("iiet"), ("--model.ode.iiet_damping", "0.5"), "IIET r = 3, damping 0.5", 3, "option"),
-    "iiet sublayer": Arm(lm("iiet"), ("--model.ode.iiet_unit", "sublayer"), "IIET r = 3, attention then FFN solved in turn", 3, "option"),
+    "iiet sublayer": Arm(
+        lm("iiet"), ("--model.ode.iiet_unit", "sublayer"), "IIET r = 3, attention then FFN solved in turn", 3, "option"
+    ),
     "iiet branch_norm": Arm(lm("iiet"), ("--model.ode.branch_norm", "true"), "IIET r = 3, RMSNorm on G", 3, "option"),
     "rk2": Arm(lm("rk2"), what="ODE Transformer RK2", flops=2),
     "rk2_gated": Arm(lm("rk2_gated"), what="ODE Transformer RK2, gated", flops=2),
     "rk4": Arm(lm("rk4"), what="ODE Transformer RK4", flops=4),
     "pcformer": Arm(lm("pcformer"), what="PCformer", flops=3),
     "euler 3x steps": Arm(lm("euler"), ("--trainer.max_steps", "1800"), "vanilla, 1800 steps", 3, "flops"),
-    "euler 12 layers": Arm(lm("euler"), ("--model.arch.n_layers", "12"), "vanilla, 12 layers (3x parameters)", 3, "flops"),
+    "euler 12 layers": Arm(
+        lm("euler"), ("--model.arch.n_layers", "12"), "vanilla, 12 layers (3x parameters)", 3, "flops"
+    ),
 }
 # The scale of the stream entering the stack (DecoderConfig.embed_scale), for both models: the screen that chose
 # the shipped value, and the rows without it (embed_scale 1, Llama's).
 for scale in ("1.0", "4.0", "11.3", "16.0", "32.0"):
-    ARMS[f"euler stream {scale}"] = Arm(lm("euler"), (f"--model.arch.embed_scale={scale}",), f"vanilla, embed_scale {scale}", 1, "stream")
-    ARMS[f"iiet stream {scale}"] = Arm(lm("iiet"), (f"--model.arch.embed_scale={scale}",), f"IIET r = 3, embed_scale {scale}", 3, "stream")
-DEFAULT_ARMS = ["euler", "iiet", "iiet r=2", "rk2", "rk4", "pcformer", "euler 3x steps", "euler 12 layers",
-                "euler stream 1.0", "iiet stream 1.0"]
+    ARMS[f"euler stream {scale}"] = Arm(
+        lm("euler"), (f"--model.arch.embed_scale={scale}",), f"vanilla, embed_scale {scale}", 1, "stream"
+    )
+    ARMS[f"iiet stream {scale}"] = Arm(
+        lm("iiet"), (f"--model.arch.embed_scale={scale}",), f"IIET r = 3, embed_scale {scale}", 3, "stream"
+    )
+DEFAULT_ARMS = [
+    "euler",
+    "iiet",
+    "iiet r=2",
+    "rk2",
+    "rk4",
+    "pcformer",
+    "euler 3x steps",
+    "euler 12 layers",
+    "euler stream 1.0",
+    "iiet stream 1.0",
+]
 
 
 def slug(text: str) -> str:
@@ -97,8 +119,16 @@ class Run:
 
     def __post_init__(self) -> None:
         a = ARMS[self.arm]
-        self.args = ["--config", a.config, *a.overrides, *self.extra, "--model.optim.lr", repr(self.lr),
-                     "--seed_everything", str(self.seed)]
+        self.args = [
+            "--config",
+            a.config,
+            *a.overrides,
+            *self.extra,
+            "--model.optim.lr",
+            repr(self.lr),
+            "--seed_everything",
+            str(self.seed),
+        ]
 
     @property
     def dir(self) -> Path:
@@ -125,7 +155,15 @@ class Run:
 
     def command(self, threads: int) -> list[str]:
         spec = {"arm": self.arm, "lr": self.lr, "seed": self.seed, "out": str(self.out), "extra": list(self.extra)}
-        return [sys.executable, "-m", "benchmarks.scheme_study", "--run_one", json.dumps(spec), "--threads", str(threads)]
+        return [
+            sys.executable,
+            "-m",
+            "benchmarks.scheme_study",
+            "--run_one",
+            json.dumps(spec),
+            "--threads",
+            str(threads),
+        ]
 
 
 def run_one(spec: dict, threads: int) -> None:
@@ -136,12 +174,20 @@ def run_one(spec: dict, threads: int) -> None:
     run = Run(spec["arm"], spec["lr"], spec["seed"], Path(spec["out"]), tuple(spec["extra"]))
     outcome = fit_and_test(run.args, run.dir)
     result = {
-        "arm": run.arm, "lr": run.lr, "seed": run.seed, "threads": threads,
+        "arm": run.arm,
+        "lr": run.lr,
+        "seed": run.seed,
+        "threads": threads,
         "command": "python -m lit_iiet fit " + " ".join(run.args),
         "fingerprint": run.fingerprint(),
-        "val_loss": outcome["val_loss"], "val_curve": outcome["val_curve"], "test_loss": outcome["test_loss"],
-        "evals_per_token": outcome["iiet"]["iiet/evals_per_token"], "fit_seconds": outcome["fit_seconds"],
-        "convergence": {k: v for k, v in outcome["iiet"].items() if k.startswith(("iiet/increment/", "iiet/contraction/"))},
+        "val_loss": outcome["val_loss"],
+        "val_curve": outcome["val_curve"],
+        "test_loss": outcome["test_loss"],
+        "evals_per_token": outcome["iiet"]["iiet/evals_per_token"],
+        "fit_seconds": outcome["fit_seconds"],
+        "convergence": {
+            k: v for k, v in outcome["iiet"].items() if k.startswith(("iiet/increment/", "iiet/contraction/"))
+        },
         "date": date.today().isoformat(),
     }
     tmp = run.dir / "result.json.tmp"
@@ -160,7 +206,13 @@ def execute(runs: list[Run], jobs: int, threads: int) -> None:
             run.dir.mkdir(parents=True, exist_ok=True)
             log = open(run.dir / "log.txt", "a")
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-            active.append((run, subprocess.Popen(run.command(threads), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), time.time()))
+            active.append(
+                (
+                    run,
+                    subprocess.Popen(run.command(threads), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env),
+                    time.time(),
+                )
+            )
         time.sleep(2)
         for item in list(active):
             run, proc, started = item
@@ -170,10 +222,15 @@ def execute(runs: list[Run], jobs: int, threads: int) -> None:
             if proc.returncode != 0:
                 for _, other, _ in active:
                     other.terminate()
-                raise SystemExit(f"scheme_study: run {run.dir} failed (exit {proc.returncode}); see {run.dir / 'log.txt'}")
+                raise SystemExit(
+                    f"scheme_study: run {run.dir} failed (exit {proc.returncode}); see {run.dir / 'log.txt'}"
+                )
             r = run.result()
-            print(f"  {run.arm:18s} lr {run.lr:g} seed {run.seed}: val {r['val_loss']:.4f} test {r['test_loss']:.4f} "
-                  f"({time.time() - started:.0f} s)", flush=True)
+            print(
+                f"  {run.arm:18s} lr {run.lr:g} seed {run.seed}: val {r['val_loss']:.4f} test {r['test_loss']:.4f} "
+                f"({time.time() - started:.0f} s)",
+                flush=True,
+            )
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -188,9 +245,24 @@ def fmt(values: list[float]) -> str:
 class Study:
     """The runs of a study and their results: each arm's tuning runs, its chosen lr, its final runs."""
 
-    def __init__(self, arms: list[str], lrs: list[float], tune_seeds: list[int], seeds: list[int], out: Path,
-                 extra: tuple[str, ...] = (), name: str = "study"):
-        self.arms, self.lrs, self.tune_seeds, self.seeds, self.out, self.extra = arms, lrs, tune_seeds, seeds, out, extra
+    def __init__(
+        self,
+        arms: list[str],
+        lrs: list[float],
+        tune_seeds: list[int],
+        seeds: list[int],
+        out: Path,
+        extra: tuple[str, ...] = (),
+        name: str = "study",
+    ):
+        self.arms, self.lrs, self.tune_seeds, self.seeds, self.out, self.extra = (
+            arms,
+            lrs,
+            tune_seeds,
+            seeds,
+            out,
+            extra,
+        )
         self.name = name
 
     def run(self, arm: str, lr: float, seed: int) -> Run:
@@ -201,7 +273,9 @@ class Study:
 
     def tuned(self, arm: str) -> dict[float, list[float]]:
         """Final val/loss of each lr of the grid, over the tuning seeds."""
-        return {lr: [self.run(arm, lr, s).result(required=True)["val_loss"] for s in self.tune_seeds] for lr in self.lrs}
+        return {
+            lr: [self.run(arm, lr, s).result(required=True)["val_loss"] for s in self.tune_seeds] for lr in self.lrs
+        }
 
     def chosen_lr(self, arm: str) -> float:
         if len(self.lrs) == 1:
@@ -225,29 +299,51 @@ def report(study: Study) -> None:
     runs = {r.dir: r for r in study.tuning() + [r for a in study.arms for r in study.final(a)]}
     with open(out / f"{study.name}.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["arm", "lr", "seed", "val_loss", "test_loss", "evals_per_token", "fit_seconds", "threads", "command"])
+        writer.writerow(
+            ["arm", "lr", "seed", "val_loss", "test_loss", "evals_per_token", "fit_seconds", "threads", "command"]
+        )
         for run in runs.values():
             r = run.result(required=True)
-            writer.writerow([r["arm"], r["lr"], r["seed"], f"{r['val_loss']:.5f}", f"{r['test_loss']:.5f}",
-                             f"{r['evals_per_token']:.3f}", f"{r['fit_seconds']:.1f}", r["threads"], r["command"]])
+            writer.writerow(
+                [
+                    r["arm"],
+                    r["lr"],
+                    r["seed"],
+                    f"{r['val_loss']:.5f}",
+                    f"{r['test_loss']:.5f}",
+                    f"{r['evals_per_token']:.3f}",
+                    f"{r['fit_seconds']:.1f}",
+                    r["threads"],
+                    r["command"],
+                ]
+            )
     test = {a: [r.result()["test_loss"] for r in study.final(a)] for a in study.arms}
     val = {a: [r.result()["val_loss"] for r in study.final(a)] for a in study.arms}
     extra = f" Every run adds `{' '.join(study.extra)}`." if study.extra else ""
     lines = [
         f"Each arm at its chosen lr, seeds {', '.join(map(str, seeds))}: mean ± std over seeds.{extra} "
-        "\"vs euler\" is the test/loss difference to euler paired by seed (same data order and initial draw).",
+        '"vs euler" is the test/loss difference to euler paired by seed (same data order and initial draw).',
         "",
         "| arm | what | train FLOPs vs euler | lr (chosen on val) | val/loss | test/loss | test vs euler | contraction per layer |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for arm in study.arms:
         gap = fmt([t - b for t, b in zip(test[arm], test["euler"])]) if "euler" in test and arm != "euler" else ""
-        lines.append(f"| {arm} | {ARMS[arm].what} | {ARMS[arm].flops:g} | {study.chosen_lr(arm):g} | "
-                     f"{fmt(val[arm])} | {fmt(test[arm])} | {gap} | {contraction(study.final(arm))} |")
-    lines += ["", "Contraction: `iiet/contraction/<layer>` at the last validation (mean over seeds); at or above 1 that "
-              "layer's iteration does not converge.", "", f"Tuning: final val/loss per peak learning rate (seeds {', '.join(map(str, study.tune_seeds))}); "
-              "the chosen lr in bold.", "",
-              "| arm | " + " | ".join(f"lr {lr:g}" for lr in study.lrs) + " |", "|---|" + "---|" * len(study.lrs)]
+        lines.append(
+            f"| {arm} | {ARMS[arm].what} | {ARMS[arm].flops:g} | {study.chosen_lr(arm):g} | "
+            f"{fmt(val[arm])} | {fmt(test[arm])} | {gap} | {contraction(study.final(arm))} |"
+        )
+    lines += [
+        "",
+        "Contraction: `iiet/contraction/<layer>` at the last validation (mean over seeds); at or above 1 that "
+        "layer's iteration does not converge.",
+        "",
+        f"Tuning: final val/loss per peak learning rate (seeds {', '.join(map(str, study.tune_seeds))}); "
+        "the chosen lr in bold.",
+        "",
+        "| arm | " + " | ".join(f"lr {lr:g}" for lr in study.lrs) + " |",
+        "|---|" + "---|" * len(study.lrs),
+    ]
     for arm in study.arms:
         cells = [f"**{fmt(v)}**" if lr == study.chosen_lr(arm) else fmt(v) for lr, v in study.tuned(arm).items()]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
@@ -283,17 +379,29 @@ def plot(study: Study, test: dict[str, list[float]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/scheme_study", help="study folder: runs/, and the report files")
     parser.add_argument("--name", default="study", help="report files: NAME.csv, NAME.md, NAME.png under --out")
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help=f"arms to run, of: {', '.join(ARMS)}")
-    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3, 8e-3], help="the learning-rate grid of every arm")
-    parser.add_argument("--tune_seeds", nargs="+", type=int, default=[1337], help="seeds that choose the lr (on val/loss)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1337, 7, 42], help="seeds of the final rows, at the chosen lr")
+    parser.add_argument(
+        "--lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3, 8e-3], help="the learning-rate grid of every arm"
+    )
+    parser.add_argument(
+        "--tune_seeds", nargs="+", type=int, default=[1337], help="seeds that choose the lr (on val/loss)"
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[1337, 7, 42], help="seeds of the final rows, at the chosen lr"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
-    parser.add_argument("--override", action="append", metavar="--KEY=VALUE",
-                        help="a fit option added to every run, e.g. --override=--model.arch.embed_scale=16 (repeatable)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        metavar="--KEY=VALUE",
+        help="a fit option added to every run, e.g. --override=--model.arch.embed_scale=16 (repeatable)",
+    )
     parser.add_argument("--report_only", action="store_true", help="write the table from finished runs, run nothing")
     parser.add_argument("--run_one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -305,7 +413,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown arm {unknown[0]!r}; choose from: {', '.join(ARMS)}")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs} must be >= 1")
-    study = Study(args.arms, args.lrs, args.tune_seeds, args.seeds, Path(args.out), tuple(args.override or ()), args.name)
+    study = Study(
+        args.arms, args.lrs, args.tune_seeds, args.seeds, Path(args.out), tuple(args.override or ()), args.name
+    )
     if not args.report_only:
         if len(args.lrs) == 1:  # nothing to choose: tuning and final runs share one queue
             runs = study.tuning() + [r for a in args.arms for r in study.final(a)]

@@ -58,8 +58,13 @@ def padding_fractions(src_lens, tgt_lens, batch_size: int, seed: int = 0) -> dic
     start = time.perf_counter()
     bucketed = token_batches(src, tgt, lo, seed)
     seconds = time.perf_counter() - start
-    return {"random": padded_fraction(src, tgt, random_batches), "bucketed": padded_fraction(src, tgt, bucketed),
-            "max_tokens": lo, "pairs_per_batch": n / len(bucketed), "seconds": seconds}
+    return {
+        "random": padded_fraction(src, tgt, random_batches),
+        "bucketed": padded_fraction(src, tgt, bucketed),
+        "max_tokens": lo,
+        "pairs_per_batch": n / len(bucketed),
+        "seconds": seconds,
+    }
 
 
 def wmt_like_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -87,17 +92,25 @@ def main() -> None:
     parser.add_argument("--wmt_pairs", type=int, default=200_000, help="synthetic WMT-like pairs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    sets = {"Bible fr-en train": (bible_lengths(), 32),
-            "synthetic WMT'14-like": (wmt_like_lengths(args.wmt_pairs, args.seed), 128)}
-    print(f"Padding of one training epoch's batches, {date.today()}; token_batches timed on "
-          f"{machine(torch.device('cpu'))}.\n")
-    print("| pairs | n | mean src / tgt rows | batch_size | padding, random | max_tokens | pairs / batch "
-          "| padding, bucketed | bucketing time |")
+    sets = {
+        "Bible fr-en train": (bible_lengths(), 32),
+        "synthetic WMT'14-like": (wmt_like_lengths(args.wmt_pairs, args.seed), 128),
+    }
+    print(
+        f"Padding of one training epoch's batches, {date.today()}; token_batches timed on "
+        f"{machine(torch.device('cpu'))}.\n"
+    )
+    print(
+        "| pairs | n | mean src / tgt rows | batch_size | padding, random | max_tokens | pairs / batch "
+        "| padding, bucketed | bucketing time |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, ((src, tgt), batch_size) in sets.items():
         r = padding_fractions(src, tgt, batch_size, args.seed)
-        print(f"| {name} | {len(src)} | {src.mean():.1f} / {tgt.mean():.1f} | {batch_size} | {r['random']:.1%} | "
-              f"{r['max_tokens']} | {r['pairs_per_batch']:.1f} | {r['bucketed']:.1%} | {r['seconds']:.2f} s |")
+        print(
+            f"| {name} | {len(src)} | {src.mean():.1f} / {tgt.mean():.1f} | {batch_size} | {r['random']:.1%} | "
+            f"{r['max_tokens']} | {r['pairs_per_batch']:.1f} | {r['bucketed']:.1%} | {r['seconds']:.2f} s |"
+        )
 
 
 if __name__ == "__main__":

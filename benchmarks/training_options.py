@@ -97,9 +97,11 @@ def main() -> int:
         peaks[variant] = cuda_peak(forward_backward, device) if device.type == "cuda" else cpu_peak(forward_backward)
 
     where = machine(device)
-    print(f"Training options, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; iiet r={args.iters}, "
-          f"{args.n_layers} x {args.d_model}, batch {args.batch_size} x {args.seq_len}; median of {args.rounds} alternating "
-          f"rounds of {args.steps} steps. torch.compile took {compile_s:.1f} s (first step, excluded).")
+    print(
+        f"Training options, {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; iiet r={args.iters}, "
+        f"{args.n_layers} x {args.d_model}, batch {args.batch_size} x {args.seq_len}; median of {args.rounds} alternating "
+        f"rounds of {args.steps} steps. torch.compile took {compile_s:.1f} s (first step, excluded)."
+    )
     print(f"Command: python -m benchmarks.training_options {' '.join(sys.argv[1:])}\n")
     print("| variant | step time vs none | peak memory of fwd + bwd (MiB) | vs none |")
     print("|---|---|---|---|")

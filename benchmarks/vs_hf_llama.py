@@ -48,7 +48,6 @@ import time
 from datetime import date
 
 import torch
-import torch.nn.functional as F
 from torch.utils import flop_counter
 
 from benchmarks.common import (
@@ -111,7 +110,9 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=16, help="decoding prompt length")
     parser.add_argument("--new_tokens", type=int, default=128, help="tokens decoded per row")
     parser.add_argument("--decode_batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--gemm_n", type=int, default=None, help="size of the square peak matmul (default 2048 CPU, 8192 CUDA)")
+    parser.add_argument(
+        "--gemm_n", type=int, default=None, help="size of the square peak matmul (default 2048 CPU, 8192 CUDA)"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     add_device_args(parser)
     args = parser.parse_args()
@@ -138,7 +139,9 @@ def main() -> int:
     with torch.no_grad():
         logit_diff = (ours(probe) - hf(input_ids=probe, use_cache=False).logits).abs().max().item()
     if not logit_diff <= 1e-4:
-        print(f"FAIL: ours and HF logits differ by {logit_diff:.3g} > 1e-4 in fp32; the comparison would be meaningless")
+        print(
+            f"FAIL: ours and HF logits differ by {logit_diff:.3g} > 1e-4 in fp32; the comparison would be meaningless"
+        )
         return 1
 
     # --- cached greedy decoding ----------------------------------------------------------------------------
@@ -148,17 +151,25 @@ def main() -> int:
 
     def decode_hf(prompt: torch.Tensor) -> torch.Tensor:
         with autocast:
-            return hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                               max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True)
+            return hf.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                use_cache=True,
+            )
 
-    prompts = {b: torch.randint(0, cfg.vocab_size, (b, args.prompt), generator=gen).to(device) for b in args.decode_batches}
+    prompts = {
+        b: torch.randint(0, cfg.vocab_size, (b, args.prompt), generator=gen).to(device) for b in args.decode_batches
+    }
     agreement: dict[int, float] = {}
     for b, prompt in prompts.items():  # warm-up and the token check
         a, h = decode_ours(prompt), decode_hf(prompt)
         if a.shape != h.shape:
             print(f"FAIL: batch {b}: ours decoded {tuple(a.shape)}, HF {tuple(h.shape)} tokens")
             return 1
-        agreement[b] = (a[:, args.prompt:] == h[:, args.prompt:]).float().mean().item()
+        agreement[b] = (a[:, args.prompt :] == h[:, args.prompt :]).float().mean().item()
         if args.dtype == "fp32" and agreement[b] < 1.0:
             print(f"FAIL: batch {b}: greedy tokens of ours and HF agree on only {100 * agreement[b]:.1f}% in fp32")
             return 1
@@ -226,11 +237,13 @@ def main() -> int:
     peak = 2 * gemm_n**3 / med["gemm"]
     tokens = args.batch_size * args.seq_len
     where = machine(device)
-    print(f"Ours (euler Transformer++) vs Hugging Face LlamaForCausalLM (transformers {transformers.__version__}, sdpa), same weights "
-          f"(max |logit diff| {logit_diff:.1g} in fp32), {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; "
-          f"{args.n_layers} layers x {args.d_model}, {args.n_heads} heads, vocab {args.vocab_size}; "
-          f"median of {args.rounds} alternating rounds. Command: "
-          f"`python -m benchmarks.vs_hf_llama {shlex.join(sys.argv[1:])}`\n")
+    print(
+        f"Ours (euler Transformer++) vs Hugging Face LlamaForCausalLM (transformers {transformers.__version__}, sdpa), same weights "
+        f"(max |logit diff| {logit_diff:.1g} in fp32), {date.today()}, {where}, torch {torch.__version__}, {args.dtype}; "
+        f"{args.n_layers} layers x {args.d_model}, {args.n_heads} heads, vocab {args.vocab_size}; "
+        f"median of {args.rounds} alternating rounds. Command: "
+        f"`python -m benchmarks.vs_hf_llama {shlex.join(sys.argv[1:])}`\n"
+    )
     absolute = " ours tokens/s | HF tokens/s |" if cuda else ""
     print("| measure | ours / HF speed (> 1: ours faster) | greedy tokens agree |" + absolute)
     print("|---|---|---|" + ("---|---|" if cuda else ""))
@@ -238,25 +251,36 @@ def main() -> int:
         t_ours, t_hf = med["ours", b], med["hf", b]
         n = b * args.new_tokens
         cells = f" {n / t_ours:.0f} | {n / t_hf:.0f} |" if cuda else ""
-        print(f"| cached greedy decode, batch {b}, {args.prompt} + {args.new_tokens} tokens | {t_hf / t_ours:.2f} | "
-              f"{100 * agreement[b]:.1f}% |{cells}")
+        print(
+            f"| cached greedy decode, batch {b}, {args.prompt} + {args.new_tokens} tokens | {t_hf / t_ours:.2f} | "
+            f"{100 * agreement[b]:.1f}% |{cells}"
+        )
     cells = f" {tokens / med['ours']:.0f} | {tokens / med['hf']:.0f} |" if cuda else ""
-    print(f"| training step (fwd + bwd + AdamW), batch {args.batch_size} x {args.seq_len} | {med['hf'] / med['ours']:.2f} | n/a |{cells}")
+    print(
+        f"| training step (fwd + bwd + AdamW), batch {args.batch_size} x {args.seq_len} | {med['hf'] / med['ours']:.2f} | n/a |{cells}"
+    )
 
     spec = bf16_peak(where) if cuda and args.dtype == "bf16" else None
     unit, scale = ("TFLOP/s", 1e12) if cuda else ("GFLOP/s", 1e9)
-    print(f"\nTraining-step matmul FLOPs (FlopCounterMode, forward + backward) against the measured {gemm_n}^3 "
-          f"{'bf16' if args.dtype == 'bf16' else 'fp32'} matmul peak of {peak / scale:.1f} {unit}"
-          + (f" and the {where} data-sheet dense bf16 peak of {spec / 1e12:.0f} TFLOP/s" if spec else "") + ".\n")
+    print(
+        f"\nTraining-step matmul FLOPs (FlopCounterMode, forward + backward) against the measured {gemm_n}^3 "
+        f"{'bf16' if args.dtype == 'bf16' else 'fp32'} matmul peak of {peak / scale:.1f} {unit}"
+        + (f" and the {where} data-sheet dense bf16 peak of {spec / 1e12:.0f} TFLOP/s" if spec else "")
+        + ".\n"
+    )
     textbook = textbook_flops(cfg, hf_config.intermediate_size, args.batch_size, args.seq_len)
-    print(f"| model | GFLOP / step (counted) | counted / textbook | achieved {unit} | achieved / measured peak |"
-          + (" MFU (data-sheet bf16 peak) |" if spec else ""))
+    print(
+        f"| model | GFLOP / step (counted) | counted / textbook | achieved {unit} | achieved / measured peak |"
+        + (" MFU (data-sheet bf16 peak) |" if spec else "")
+    )
     print("|---|---|---|---|---|" + ("---|" if spec else ""))
     for name, label in (("ours", "ours"), ("hf", "HF Llama")):
         achieved = flops[name] / med[name]
         mfu = f" {100 * achieved / spec:.1f}% |" if spec else ""
-        print(f"| {label} | {flops[name] / 1e9:.2f} | {flops[name] / textbook:.3f} | {achieved / scale:.1f} | "
-              f"{100 * achieved / peak:.1f}% |{mfu}")
+        print(
+            f"| {label} | {flops[name] / 1e9:.2f} | {flops[name] / textbook:.3f} | {achieved / scale:.1f} | "
+            f"{100 * achieved / peak:.1f}% |{mfu}"
+        )
     return 0
 
 

@@ -27,17 +27,31 @@ def average(paths: list[Path]) -> dict:
     newest = max(checkpoints, key=lambda c: c.get("global_step", 0))
     keys = list(newest["state_dict"])
     for path, ckpt in zip(paths, checkpoints):
-        if list(ckpt["state_dict"]) != keys or any(ckpt["state_dict"][k].shape != newest["state_dict"][k].shape for k in keys):
+        if list(ckpt["state_dict"]) != keys or any(
+            ckpt["state_dict"][k].shape != newest["state_dict"][k].shape for k in keys
+        ):
             raise UserInputError(f"checkpoint {str(path)!r} has another architecture than the others; cannot average")
     state = {}
     for k in keys:
         tensors = [c["state_dict"][k] for c in checkpoints]
-        state[k] = torch.stack([t.double() for t in tensors]).mean(0).to(tensors[0].dtype) if tensors[0].is_floating_point() else tensors[0]
-    tokenizers = [(path, proto) for path, ckpt in zip(paths, checkpoints) if (proto := stored_tokenizer(ckpt, path)) is not None]
+        state[k] = (
+            torch.stack([t.double() for t in tensors]).mean(0).to(tensors[0].dtype)
+            if tensors[0].is_floating_point()
+            else tensors[0]
+        )
+    tokenizers = [
+        (path, proto) for path, ckpt in zip(paths, checkpoints) if (proto := stored_tokenizer(ckpt, path)) is not None
+    ]
     for path, proto in tokenizers[1:]:
         if proto != tokenizers[0][1]:
-            raise UserInputError(f"checkpoints {str(tokenizers[0][0])!r} and {str(path)!r} carry different tokenizers; average one run's checkpoints")
-    out = {key: value for key, value in newest.items() if key not in ("optimizer_states", "lr_schedulers", "loops", "callbacks")}
+            raise UserInputError(
+                f"checkpoints {str(tokenizers[0][0])!r} and {str(path)!r} carry different tokenizers; average one run's checkpoints"
+            )
+    out = {
+        key: value
+        for key, value in newest.items()
+        if key not in ("optimizer_states", "lr_schedulers", "loops", "callbacks")
+    }
     out["state_dict"] = state
     if tokenizers:  # the run's tokenizer, also when the newest checkpoint predates tokenizers in checkpoints
         out[TOKENIZER_KEY] = tokenizers[0][1]
@@ -67,9 +81,14 @@ def select(inputs: list[str], last: int | None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lit_iiet.average_checkpoints", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="checkpoint files, or a directory of them (one per global step, ordered by it)")
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_iiet.average_checkpoints",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "inputs", nargs="+", help="checkpoint files, or a directory of them (one per global step, ordered by it)"
+    )
     parser.add_argument("--last", type=int, default=None, help="average only the N checkpoints of highest step")
     parser.add_argument("--output", required=True, help="file to write; an existing file is never overwritten")
     args = parser.parse_args(argv)

@@ -43,13 +43,18 @@ def stored_tokenizer(checkpoint: dict, source: str | Path) -> bytes | None:
     """The serialized SentencePiece model a loaded checkpoint carries; None for checkpoints of older versions."""
     proto = checkpoint.get(TOKENIZER_KEY)
     if proto is not None and not isinstance(proto, bytes):
-        raise UserInputError(f"checkpoint {str(source)!r}: {TOKENIZER_KEY!r} is a {type(proto).__name__}, not a serialized SentencePiece model")
+        raise UserInputError(
+            f"checkpoint {str(source)!r}: {TOKENIZER_KEY!r} is a {type(proto).__name__}, not a serialized SentencePiece model"
+        )
     return proto
 
 
 def checkpoint_tokenizer(
-    checkpoint: dict, source: str | Path, given: str | Path | Tokenizer | None = None,
-    option: str = "data.tokenizer", cache_dir: str | Path | None = None,
+    checkpoint: dict,
+    source: str | Path,
+    given: str | Path | Tokenizer | None = None,
+    option: str = "data.tokenizer",
+    cache_dir: str | Path | None = None,
 ) -> Tokenizer | None:
     """The tokenizer to use with a loaded checkpoint: the one it carries (restored under cache_dir, see
     `Tokenizer.from_model_proto`), or `given`, which must then be the same model. A checkpoint that carries none

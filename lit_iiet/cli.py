@@ -63,7 +63,12 @@ class IIETCLI(LightningCLI):
         # at an epoch's end.) Only the Trainer sees the product; the saved config.yaml keeps the value as given.
         trainer = self._get(self.config_init, "trainer", default={})
         interval, accumulate = trainer.get("val_check_interval"), trainer.get("accumulate_grad_batches") or 1
-        if isinstance(interval, int) and not isinstance(interval, bool) and isinstance(accumulate, int) and accumulate > 1:
+        if (
+            isinstance(interval, int)
+            and not isinstance(interval, bool)
+            and isinstance(accumulate, int)
+            and accumulate > 1
+        ):
             kwargs.setdefault("val_check_interval", interval * accumulate)
         return super().instantiate_trainer(**kwargs)
 
@@ -103,7 +108,11 @@ class IIETCLI(LightningCLI):
             router_switch = key.endswith(".iiet_policy") and "router" in (value, merged_args[key])
             if any(key == o or key.startswith(o + ".") for o in behaviour) and not router_switch:
                 merged_args[key] = value
-            elif any(f"model.{key}".startswith(k) or f"model.init_args.{key}".startswith(k) for k in explicit if k.startswith("model")):
+            elif any(
+                f"model.{key}".startswith(k) or f"model.init_args.{key}".startswith(k)
+                for k in explicit
+                if k.startswith("model")
+            ):
                 raise UserInputError(
                     f"--model.{key} {value!r} contradicts checkpoint {ckpt_path!r}, whose model has {merged_args[key]!r}; "
                     "options that define the model come from the checkpoint (drop the option, or start a new run from "
@@ -125,7 +134,9 @@ class IIETCLI(LightningCLI):
                 return  # Lightning warns and starts afresh
             ckpt_path = str(max(found, key=lambda p: p.stat().st_mtime))
             checkpoint = load_checkpoint(ckpt_path)
-        tokenizer = checkpoint_tokenizer(checkpoint, ckpt_path, init_args["tokenizer"], "data.tokenizer", init_args.get("cache_dir"))
+        tokenizer = checkpoint_tokenizer(
+            checkpoint, ckpt_path, init_args["tokenizer"], "data.tokenizer", init_args.get("cache_dir")
+        )
         if tokenizer is not None:
             init_args["tokenizer"] = str(tokenizer.path)
 

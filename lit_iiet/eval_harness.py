@@ -127,7 +127,11 @@ class LitIIETLM(TemplateLM):
         state = load_checkpoint(checkpoint) if checkpoint is not None else {}  # one-line errors for a bad file
         tokenizer = checkpoint_tokenizer(state, self.checkpoint, tokenizer, "tokenizer")
         if tokenizer is None:
-            what = "a loaded model" if checkpoint is None else f"checkpoint {self.checkpoint!r}, which carries none (saved by an older version),"
+            what = (
+                "a loaded model"
+                if checkpoint is None
+                else f"checkpoint {self.checkpoint!r}, which carries none (saved by an older version),"
+            )
             raise UserInputError(f"give tokenizer=<path to the run's SentencePiece .model file> with {what}")
         self.tokenizer = tokenizer
         decoder = decoder_from_checkpoint(state, self.checkpoint) if checkpoint is not None else model
@@ -301,8 +305,14 @@ class LitIIETLM(TemplateLM):
             # A later pass re-reads the prompt and what was generated so far in one forward pass, then
             # continues; sampling draws from the same random stream as one long call would.
             tokens = generate(
-                self.model, tokens, min(chunk, end - tokens.shape[1]), decoding.temperature, decoding.top_k,
-                decoding.top_p, eos_id=self.eot_token_id, use_cache=True,
+                self.model,
+                tokens,
+                min(chunk, end - tokens.shape[1]),
+                decoding.temperature,
+                decoding.top_k,
+                decoding.top_p,
+                eos_id=self.eot_token_id,
+                use_cache=True,
             )
             outputs = [self.cut(row[T:], decoding.until) for row in tokens.tolist()]
             if tokens.shape[1] >= end or all(done for _, done in outputs):
@@ -373,21 +383,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Score a lit_iiet LanguageModel checkpoint on lm-evaluation-harness tasks.",
     )
     parser.add_argument("--checkpoint", required=True, help="LanguageModel checkpoint (.ckpt)")
-    parser.add_argument("--tokenizer", help="the run's SentencePiece .model file (default: the one the checkpoint "
-                        "carries; needed for checkpoints of older versions)")
-    parser.add_argument("--tasks", required=True, nargs="+",
-                        help="task, group or tag names, or task YAML files (space- or comma-separated)")
+    parser.add_argument(
+        "--tokenizer",
+        help="the run's SentencePiece .model file (default: the one the checkpoint "
+        "carries; needed for checkpoints of older versions)",
+    )
+    parser.add_argument(
+        "--tasks",
+        required=True,
+        nargs="+",
+        help="task, group or tag names, or task YAML files (space- or comma-separated)",
+    )
     parser.add_argument("--include_path", help="directory of extra task YAML files")
-    parser.add_argument("--no_builtin_tasks", action="store_true",
-                        help="index only --include_path, not lm-eval's ~15k built-in task configs (about 10 s)")
+    parser.add_argument(
+        "--no_builtin_tasks",
+        action="store_true",
+        help="index only --include_path, not lm-eval's ~15k built-in task configs (about 10 s)",
+    )
     parser.add_argument("--num_fewshot", type=int, help="few-shot examples per prompt (default: each task's own)")
     parser.add_argument("--limit", type=float, help="at most this many documents per task (or a fraction below 1)")
     parser.add_argument("--batch_size", default="1", help="sequences per forward pass")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--max_gen_toks", default="256", help="tokens to generate when a task sets no max_gen_toks")
     parser.add_argument("--output", help="write the results as JSON to this new file (never overwrites one)")
-    parser.add_argument("--log_samples", action="store_true",
-                        help="also put every document's requests and responses into --output")
+    parser.add_argument(
+        "--log_samples", action="store_true", help="also put every document's requests and responses into --output"
+    )
     return parser.parse_args(argv)
 
 
@@ -405,15 +426,23 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     limit = int(args.limit) if args.limit is not None and args.limit.is_integer() else args.limit
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UserInputError(f"include_path {args.include_path!r} is not a directory")
-    lm = LitIIETLM(checkpoint=args.checkpoint, tokenizer=args.tokenizer, batch_size=args.batch_size,
-                   device=args.device, max_gen_toks=args.max_gen_toks)
+    lm = LitIIETLM(
+        checkpoint=args.checkpoint,
+        tokenizer=args.tokenizer,
+        batch_size=args.batch_size,
+        device=args.device,
+        max_gen_toks=args.max_gen_toks,
+    )
     task_manager = TaskManager(include_path=args.include_path, include_defaults=not args.no_builtin_tasks)
     tasks = [name for item in args.tasks for name in item.split(",") if name]
     for name in tasks:
         if name not in task_manager.all_tasks and not (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
             close = difflib.get_close_matches(name, task_manager.all_tasks, n=3)
-            hint = (f" (did you mean {', '.join(close)}?)" if close
-                    else " (`lm-eval ls tasks` lists them; add --include_path for your own)")
+            hint = (
+                f" (did you mean {', '.join(close)}?)"
+                if close
+                else " (`lm-eval ls tasks` lists them; add --include_path for your own)"
+            )
             raise UserInputError(f"unknown task {name!r}{hint}")
     results = simple_evaluate(
         model=lm,

@@ -37,8 +37,15 @@ from lit_iiet.nn.ode import ODEConfig
 def decoder_config_from_llama(config: dict, max_seq_len: int | None = None) -> DecoderConfig:
     """Our DecoderConfig for a Llama config.json; anything our Transformer++ cannot express is refused."""
     if config.get("model_type", "llama") not in ("llama", "mistral"):
-        raise UserInputError(f"model_type={config.get('model_type')!r} is not supported; only 'llama' (and 'mistral' without sliding window)")
-    for key, allowed in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False), ("sliding_window", None)):
+        raise UserInputError(
+            f"model_type={config.get('model_type')!r} is not supported; only 'llama' (and 'mistral' without sliding window)"
+        )
+    for key, allowed in (
+        ("hidden_act", "silu"),
+        ("attention_bias", False),
+        ("mlp_bias", False),
+        ("sliding_window", None),
+    ):
         if config.get(key, allowed) != allowed:
             raise UserInputError(f"{key}={config[key]!r} is not supported; only {allowed!r}")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -49,7 +56,9 @@ def decoder_config_from_llama(config: dict, max_seq_len: int | None = None) -> D
     d_model, n_heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or d_model // n_heads
     if head_dim * n_heads != d_model:
-        raise UserInputError(f"head_dim={head_dim} x num_attention_heads={n_heads} != hidden_size={d_model}; not supported")
+        raise UserInputError(
+            f"head_dim={head_dim} x num_attention_heads={n_heads} != hidden_size={d_model}; not supported"
+        )
     return DecoderConfig(
         vocab_size=config["vocab_size"],
         n_layers=config["num_hidden_layers"],
@@ -115,7 +124,9 @@ def to_llama_state(ours: dict[str, Tensor], cfg: DecoderConfig) -> dict[str, Ten
     """Decoder state dict -> Llama weights; the inverse of `from_llama_state`."""
     head_dim, kv_heads = cfg.d_model // cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
     if cfg.embed_scale != 1.0 and cfg.tie_embeddings:
-        raise UserInputError(f"embed_scale={cfg.embed_scale} with tied embeddings has no Llama equivalent (Llama does not scale its embeddings)")
+        raise UserInputError(
+            f"embed_scale={cfg.embed_scale} with tied embeddings has no Llama equivalent (Llama does not scale its embeddings)"
+        )
     # Llama does not scale its embeddings: an untied model's scale folds into the embedding matrix exactly.
     embed = ours["embed.weight"] * cfg.embed_scale if cfg.embed_scale != 1.0 else ours["embed.weight"]
     out = {"model.embed_tokens.weight": embed, "model.norm.weight": ours["norm.weight"]}
@@ -123,12 +134,17 @@ def to_llama_state(ours: dict[str, Tensor], cfg: DecoderConfig) -> dict[str, Ten
         out["lm_head.weight"] = ours["lm_head.weight"]
     for i in range(cfg.n_layers):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
-        wq, wk, wv = ours[q + "attn.qkv.weight"].split([cfg.n_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+        wq, wk, wv = ours[q + "attn.qkv.weight"].split(
+            [cfg.n_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        )
         gate, up = ours[q + "ffn.w13.weight"].chunk(2)
         out |= {
-            p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk, p + "self_attn.v_proj.weight": wv,
+            p + "self_attn.q_proj.weight": wq,
+            p + "self_attn.k_proj.weight": wk,
+            p + "self_attn.v_proj.weight": wv,
             p + "self_attn.o_proj.weight": ours[q + "attn.proj.weight"],
-            p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
             p + "mlp.down_proj.weight": ours[q + "ffn.w2.weight"],
             p + "input_layernorm.weight": ours[q + "norm1.weight"],
             p + "post_attention_layernorm.weight": ours[q + "norm2.weight"],
@@ -149,7 +165,9 @@ def read_llama_dir(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise UserInputError(f"{str(path)!r} has no model.safetensors (.bin checkpoints are not read; convert them to safetensors)")
+        raise UserInputError(
+            f"{str(path)!r} has no model.safetensors (.bin checkpoints are not read; convert them to safetensors)"
+        )
     state: dict[str, Tensor] = {}
     for name in files:
         state |= load_file(path / name)
@@ -157,7 +175,11 @@ def read_llama_dir(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 def import_llama(
-    src: str | Path, out_dir: str | Path, ode: ODEConfig, max_seq_len: int | None = None, tokenizer: str | Path | None = None
+    src: str | Path,
+    out_dir: str | Path,
+    ode: ODEConfig,
+    max_seq_len: int | None = None,
+    tokenizer: str | Path | None = None,
 ) -> Path:
     """Write out_dir/model.ckpt (a LanguageModel checkpoint) and out_dir/model.yaml; returns the checkpoint path.
     The checkpoint carries `tokenizer`, default src/tokenizer.model if that exists."""
@@ -183,13 +205,20 @@ def import_llama(
     module.load_state_dict(state, strict=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "model.ckpt"
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                  "pytorch-lightning_version": lightning.__version__}
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
     if tokenizer is not None:
         checkpoint[TOKENIZER_KEY] = tokenizer.model_proto
     torch.save(checkpoint, ckpt)
-    section = {"model": {"class_path": "lit_iiet.models.LanguageModel",
-                         "init_args": {"arch": asdict(cfg), "ode": asdict(ode), "init_from": str(ckpt)}}}
+    section = {
+        "model": {
+            "class_path": "lit_iiet.models.LanguageModel",
+            "init_args": {"arch": asdict(cfg), "ode": asdict(ode), "init_from": str(ckpt)},
+        }
+    }
     (out_dir / "model.yaml").write_text(_yaml(section))
     return ckpt
 
@@ -228,7 +257,9 @@ def export_llama(ckpt: str | Path, out_dir: str | Path) -> Path:
 
 def _refuse_to_overwrite(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserInputError(f"output {str(out_dir)!r} already exists and is not an empty directory; nothing was written")
+        raise UserInputError(
+            f"output {str(out_dir)!r} already exists and is not an empty directory; nothing was written"
+        )
 
 
 def _yaml(data: dict) -> str:
@@ -238,8 +269,9 @@ def _yaml(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lit_iiet.hf_llama", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_iiet.hf_llama", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="Hugging Face Llama directory -> lit_iiet checkpoint (any scheme)")
     imp.add_argument("src", help="directory with config.json and model.safetensors")
@@ -247,7 +279,11 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("--scheme", default="euler", help="layer-update scheme of the imported model")
     imp.add_argument("--iters", type=int, nargs="+", default=[1], help="iiet iterations: one int or one per layer")
     imp.add_argument("--max_seq_len", type=int, default=None, help="context length (default: max_position_embeddings)")
-    imp.add_argument("--tokenizer", default=None, help="SentencePiece model the checkpoint carries (default: src/tokenizer.model if present)")
+    imp.add_argument(
+        "--tokenizer",
+        default=None,
+        help="SentencePiece model the checkpoint carries (default: src/tokenizer.model if present)",
+    )
     exp = sub.add_parser("export", help="euler lit_iiet checkpoint -> Hugging Face Llama directory")
     exp.add_argument("ckpt", help="a LanguageModel checkpoint (.ckpt)")
     exp.add_argument("out_dir", help="new (or empty) directory for config.json, model.safetensors and tokenizer.model")

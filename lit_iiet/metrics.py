@@ -42,7 +42,10 @@ def compound_split_bleu(hypotheses: list[str], references: list[str]) -> dict[st
     refs = [compound_split(tokenize(r)) for r in references]
     bleu = BLEU(tokenize="none", smooth_method="none", force=True)
     score = bleu.corpus_score(hyps, [refs])
-    return {"bleu_compound_split": score.score, "bleu_compound_split_signature": f"pre:13a+compound_split|{bleu.get_signature()}"}
+    return {
+        "bleu_compound_split": score.score,
+        "bleu_compound_split_signature": f"pre:13a+compound_split|{bleu.get_signature()}",
+    }
 
 
 def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:

@@ -7,14 +7,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A small model on the shipped corpus: a CLI run of a few steps takes seconds on a 2-core CPU.
 TINY = [
-    "--config", "conf/lm/shakespeare_iiet.yaml",
-    "--model.arch.n_layers", "2", "--model.arch.d_model", "32", "--model.arch.n_heads", "2",
-    "--model.arch.vocab_size", "512", "--data.vocab_size", "512",
-    "--data.seq_len", "32", "--data.batch_size", "4",
-    "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
-    "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--model.sampling.max_new_tokens", "8",
+    "--config",
+    "conf/lm/shakespeare_iiet.yaml",
+    "--model.arch.n_layers",
+    "2",
+    "--model.arch.d_model",
+    "32",
+    "--model.arch.n_heads",
+    "2",
+    "--model.arch.vocab_size",
+    "512",
+    "--data.vocab_size",
+    "512",
+    "--data.seq_len",
+    "32",
+    "--data.batch_size",
+    "4",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.limit_test_batches",
+    "2",
+    "--trainer.val_check_interval",
+    "3",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--model.sampling.max_new_tokens",
+    "8",
 ]
 
 
@@ -34,3 +56,18 @@ def shared_cache(tmp_path_factory):
 def in_repo_root(monkeypatch):
     """Configs name data/ and conf/ relative to the repository root, as users run them."""
     monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture
+def hf_offline(tmp_path, monkeypatch):
+    """`datasets` in offline mode with its caches under tmp_path, whenever it was first imported."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-home" / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return datasets

@@ -45,13 +45,16 @@ def counts_of(model) -> dict[int, torch.Tensor]:
 
 def replaying(model, decisions: dict[int, torch.Tensor]) -> None:
     """Replace the model's policy by recorded decisions ({layer: iterations per token}): a test double."""
-    model.update.decider = lambda layer: (lambda k, z, z_prev, active: (decisions[layer] > k, None))
+    model.update.decider = lambda layer: lambda k, z, z_prev, active: (decisions[layer] > k, None)
 
 
 @torch.no_grad()
 def test_always_continue_reproduces_fixed_iterations():
     x, fixed = tokens(), make(ODEConfig("iiet", 3))
-    for ode in (ODEConfig("iiet", 3, iiet_policy="residual", iiet_threshold=0.0), ODEConfig("iiet", 3, iiet_policy="fixed")):
+    for ode in (
+        ODEConfig("iiet", 3, iiet_policy="residual", iiet_threshold=0.0),
+        ODEConfig("iiet", 3, iiet_policy="fixed"),
+    ):
         model = make(ode)
         torch.testing.assert_close(model(x), fixed(x), atol=1e-5, rtol=0)  # residual: the adaptive code path
         assert all(bool((c == 3).all()) for c in model.update.counts.values())
@@ -173,23 +176,51 @@ def test_bad_policy_options():
         with pytest.raises(UserInputError, match=message):
             ODEConfig("iiet", 3, **kwargs)
     with pytest.raises(UserInputError, match="iiet_threshold"):
-        Decoder(DecoderConfig(VOCAB, n_layers=3, d_model=16, n_heads=2), ODEConfig("iiet", 2, iiet_policy="residual", iiet_threshold=[0.1, 0.2]))
+        Decoder(
+            DecoderConfig(VOCAB, n_layers=3, d_model=16, n_heads=2),
+            ODEConfig("iiet", 2, iiet_policy="residual", iiet_threshold=[0.1, 0.2]),
+        )
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     run = tmp_path_factory.mktemp("adaptive_teacher")
-    main(["fit", *TINY, "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
-          "--trainer.default_root_dir", str(run)])
+    main(
+        [
+            "fit",
+            *TINY,
+            "--trainer.max_steps",
+            "6",
+            "--trainer.val_check_interval",
+            "6",
+            "--trainer.default_root_dir",
+            str(run),
+        ]
+    )
     return run / "checkpoints" / "last.ckpt"
 
 
 def test_router_distilled_with_iiad_logs_evals_agreement_and_histogram(teacher, tmp_path):
     """The router policy trained by the IIAD callback from the full-iteration teacher, through the CLI."""
-    main(["fit", *TINY, "--model.ode.iiet_policy", "router", "--model.ode.router_capacity", "0.5",
-          "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.default_root_dir", str(tmp_path),
-          "--trainer.callbacks+=lit_iiet.callbacks.IIAD", f"--trainer.callbacks.teacher={teacher}",
-          "--trainer.callbacks.threshold=0.0"])
+    main(
+        [
+            "fit",
+            *TINY,
+            "--model.ode.iiet_policy",
+            "router",
+            "--model.ode.router_capacity",
+            "0.5",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.callbacks+=lit_iiet.callbacks.IIAD",
+            f"--trainer.callbacks.teacher={teacher}",
+            "--trainer.callbacks.threshold=0.0",
+        ]
+    )
     scalars = read_scalars(tmp_path)
     for tag in ("train/router_aux", "train/kd", "iiet/evals_per_token", "iiet/agreement"):
         assert tag in scalars, tag
@@ -207,10 +238,27 @@ def test_router_distilled_with_iiad_logs_evals_agreement_and_histogram(teacher, 
 @pytest.mark.slow
 def test_ddp_with_routers_that_a_batch_leaves_unused(tmp_path):
     """Layer 1 runs one iteration, so its router never decides anything; DDP must not fail on it."""
-    cmd = [sys.executable, "-m", "lit_iiet", "fit", *TINY, "--config", "conf/trainer/ddp_cpu.yaml",
-           "--model.ode.iiet_policy", "router", "--model.ode.iters", "[3, 1]", "--trainer.max_steps", "2",
-           "--trainer.val_check_interval", "2", "--model.val_sample_prompt", "null",
-           "--trainer.default_root_dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lit_iiet",
+        "fit",
+        *TINY,
+        "--config",
+        "conf/trainer/ddp_cpu.yaml",
+        "--model.ode.iiet_policy",
+        "router",
+        "--model.ode.iters",
+        "[3, 1]",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--model.val_sample_prompt",
+        "null",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

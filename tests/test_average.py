@@ -12,8 +12,22 @@ from lit_iiet.cli import main
 def test_last_n_of_a_fit_folder_counts_each_step_once(tmp_path, capsys):
     """The folder holds step checkpoints and last.ckpt, a copy of the newest: --last 2 averages the two newest
     steps, each once, and keeps no optimizer state."""
-    main(["fit", *TINY, "--trainer.max_steps", "9", "--model.val_sample_prompt", "null", "--trainer.default_root_dir",
-          str(tmp_path), "--checkpoint.save_top_k", "-1", "--checkpoint.every_n_train_steps", "3"])
+    main(
+        [
+            "fit",
+            *TINY,
+            "--trainer.max_steps",
+            "9",
+            "--model.val_sample_prompt",
+            "null",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--checkpoint.save_top_k",
+            "-1",
+            "--checkpoint.every_n_train_steps",
+            "3",
+        ]
+    )
     folder = tmp_path / "checkpoints"
     names = sorted(p.name for p in folder.glob("*.ckpt"))
     assert names == ["best-step=3.ckpt", "best-step=6.ckpt", "best-step=9.ckpt", "last.ckpt"], names

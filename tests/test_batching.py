@@ -40,9 +40,16 @@ def files(tmp_path_factory):
 
 
 def datamodule(files, **kwargs) -> TranslationDataModule:
-    dm = TranslationDataModule(train=str(files["train"]), val=str(files["val"]), test=str(files["test"]),
-                               tokenizer=str(files["tokenizer"]), max_src_len=128, max_tgt_len=128,
-                               cache_dir=str(files["cache"]), **kwargs)
+    dm = TranslationDataModule(
+        train=str(files["train"]),
+        val=str(files["val"]),
+        test=str(files["test"]),
+        tokenizer=str(files["tokenizer"]),
+        max_src_len=128,
+        max_tgt_len=128,
+        cache_dir=str(files["cache"]),
+        **kwargs,
+    )
     dm.setup()
     return dm
 
@@ -68,9 +75,12 @@ def test_token_batches_fit_the_budget_and_take_every_pair_once():
         # Greedy: the next pair would not have fitted.
         for b, nxt in zip(batches, batches[1:]):
             assert (len(b) + 1) * max(src[b].max(), tgt[b].max(), src[nxt[0]], tgt[nxt[0]]) > budget
-    random_pads = sum(len(b) * (src[b].max() + tgt[b].max()) for b in np.array_split(rng.permutation(500), len(batches)))
+    random_pads = sum(
+        len(b) * (src[b].max() + tgt[b].max()) for b in np.array_split(rng.permutation(500), len(batches))
+    )
     bucketed_pads = sum(len(b) * (src[b].max() + tgt[b].max()) for b in batches)
     assert bucketed_pads < 0.7 * random_pads
+
     def cut(seed):
         return [b.tolist() for b in token_batches(src, tgt, 128, seed)]
 
@@ -113,7 +123,9 @@ def test_two_ranks_get_disjoint_batches_covering_the_epoch(files, budget):
     assert len(batches) % 2 == 0
     ranks = []
     for rank in (0, 1):
-        sampler = ResumableSampler(BatchedPairs(ds, batches, dm.collate), num_replicas=2, rank=rank, shuffle=True, seed=5)
+        sampler = ResumableSampler(
+            BatchedPairs(ds, batches, dm.collate), num_replicas=2, rank=rank, shuffle=True, seed=5
+        )
         sampler.set_epoch(1)
         ranks.append([i for k in sampler for i in batches[k].tolist()])
     assert len(ranks[0]) + len(ranks[1]) == 150 and sorted(ranks[0] + ranks[1]) == list(range(150))
@@ -140,7 +152,10 @@ def test_eval_batches_are_length_sorted_and_cover_the_split_once(files):
 
 
 def test_too_small_budget_is_refused(files):
-    with pytest.raises(UserInputError, match=r"^max_tokens=63 is smaller than the longest allowed pair \(max_src_len=64, max_tgt_len=40\)"):
+    with pytest.raises(
+        UserInputError,
+        match=r"^max_tokens=63 is smaller than the longest allowed pair \(max_src_len=64, max_tgt_len=40\)",
+    ):
         TranslationDataModule(max_src_len=64, max_tgt_len=40, max_tokens=63)
     with pytest.raises(UserInputError, match=r"max_tokens=90 .*max_src_len=32, max_tgt_len=100"):
         TranslationDataModule(max_src_len=32, max_tgt_len=100, max_tokens=90)
@@ -165,12 +180,28 @@ class _Recorder(L.LightningModule):
 
 def fit_indices(files, tmp_path, stop: str | None = None) -> dict:
     """3 epochs of token-budget batches; with `stop`, crash there and resume. Epoch -> batches, both runs together."""
+
     def run(module, callbacks=(), ckpt_path=None):
-        dm = TranslationDataModule(train=str(files["train"]), val=None, test=None, tokenizer=str(files["tokenizer"]),
-                                   max_src_len=128, max_tgt_len=128, max_tokens=BUDGET, cache_dir=str(files["cache"]))
-        trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                            callbacks=list(callbacks))
+        dm = TranslationDataModule(
+            train=str(files["train"]),
+            val=None,
+            test=None,
+            tokenizer=str(files["tokenizer"]),
+            max_src_len=128,
+            max_tgt_len=128,
+            max_tokens=BUDGET,
+            cache_dir=str(files["cache"]),
+        )
+        trainer = L.Trainer(
+            max_epochs=3,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=list(callbacks),
+        )
         trainer.fit(module, dm, ckpt_path=ckpt_path)
 
     first = _Recorder()
@@ -199,23 +230,74 @@ def test_resumed_run_trains_the_uninterrupted_token_batches(files, tmp_path, mon
 
 def tiny_mt(files, run) -> list[str]:
     return [
-        "--config", "conf/mt/bible_fr_en_iiet.yaml", "--data.train", str(files["train"]), "--data.val", str(files["val"]),
-        "--data.test", str(files["test"]), "--data.tokenizer", str(files["tokenizer"]), "--data.cache_dir", str(files["cache"]),
-        "--model.arch.vocab_size", "400", "--model.arch.d_model", "32", "--model.arch.n_heads", "2",
-        "--model.arch.enc_layers", "1", "--model.arch.dec_layers", "1", "--model.arch.d_ff", "64",
-        "--data.max_src_len", "128", "--data.max_tgt_len", "128", "--data.batch_size", "4", "--model.decoding.beam", "2",
-        "--model.decoding.max_len_a", "0.25", "--model.decoding.max_len_b", "2",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(run),
+        "--config",
+        "conf/mt/bible_fr_en_iiet.yaml",
+        "--data.train",
+        str(files["train"]),
+        "--data.val",
+        str(files["val"]),
+        "--data.test",
+        str(files["test"]),
+        "--data.tokenizer",
+        str(files["tokenizer"]),
+        "--data.cache_dir",
+        str(files["cache"]),
+        "--model.arch.vocab_size",
+        "400",
+        "--model.arch.d_model",
+        "32",
+        "--model.arch.n_heads",
+        "2",
+        "--model.arch.enc_layers",
+        "1",
+        "--model.arch.dec_layers",
+        "1",
+        "--model.arch.d_ff",
+        "64",
+        "--data.max_src_len",
+        "128",
+        "--data.max_tgt_len",
+        "128",
+        "--data.batch_size",
+        "4",
+        "--model.decoding.beam",
+        "2",
+        "--model.decoding.max_len_a",
+        "0.25",
+        "--model.decoding.max_len_b",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.default_root_dir",
+        str(run),
     ]
 
 
 @pytest.mark.slow
 def test_val_check_interval_counts_optimizer_steps(files, tmp_path):
     run = tmp_path / "run"
-    main(["fit", *tiny_mt(files, run), "--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "2",
-          "--trainer.max_steps", "6", "--trainer.limit_val_batches", "1", "--model.val_decode_batches", "0",
-          "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1"])
+    main(
+        [
+            "fit",
+            *tiny_mt(files, run),
+            "--trainer.accumulate_grad_batches",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.max_steps",
+            "6",
+            "--trainer.limit_val_batches",
+            "1",
+            "--model.val_decode_batches",
+            "0",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.log_every_n_steps",
+            "1",
+        ]
+    )
     scalars = read_scalars(run)
     # Lightning logs at the 0-based index of the latest optimizer step: train/loss at 0..5 for the 6 steps, and
     # a validation after optimizer steps 2, 4 and 6 at 1, 3 and 5 (every batch, 0..5, before this rule).
@@ -234,7 +316,9 @@ def test_token_budget_test_outputs_stay_in_input_order(files, tmp_path):
     for name, extra in (("pairs", []), ("tokens", ["--data.max_tokens", "384"])):
         main(["test", *tiny_mt(files, tmp_path / name), *extra])
         out = next((tmp_path / name).rglob("test.hyp.txt")).parent
-        outputs[name] = {f: (out / f"test.{f}.txt").read_text(encoding="utf-8").splitlines() for f in ("hyp", "ref", "src")}
+        outputs[name] = {
+            f: (out / f"test.{f}.txt").read_text(encoding="utf-8").splitlines() for f in ("hyp", "ref", "src")
+        }
     rows = bible_rows("test", 16)
     assert outputs["tokens"]["src"] == [r["fr"] for r in rows] and outputs["tokens"]["ref"] == [r["en"] for r in rows]
     assert outputs["tokens"] == outputs["pairs"]
@@ -245,7 +329,9 @@ def test_padding_benchmark_counts_pads_and_matches_pairs_per_batch():
     from benchmarks.seq2seq_padding import padded_fraction, padding_fractions, wmt_like_lengths
 
     src, tgt = np.array([2, 4, 5]), np.array([3, 3, 7])
-    assert padded_fraction(src, tgt, [np.array([0, 1]), np.array([2])]) == pytest.approx(1 - 24 / 26)  # 2 x (4 + 3) + 12
+    assert padded_fraction(src, tgt, [np.array([0, 1]), np.array([2])]) == pytest.approx(
+        1 - 24 / 26
+    )  # 2 x (4 + 3) + 12
     src, tgt = wmt_like_lengths(4000)
     assert 28 < src.mean() < 34 and src.max() <= 251 and tgt.max() <= 251
     r = padding_fractions(src, tgt, batch_size=32)

@@ -7,12 +7,23 @@ import sys
 import pytest
 from conftest import ROOT
 
-TINY_STUDY = [f"--override={option}" for option in (
-    "--model.arch.n_layers=2", "--model.arch.d_model=32", "--model.arch.n_heads=2", "--model.arch.vocab_size=512",
-    "--data.vocab_size=512", "--data.seq_len=32", "--data.batch_size=4", "--trainer.max_steps=4",
-    "--trainer.val_check_interval=4", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
-    "--model.optim.warmup_steps=1",
-)]
+TINY_STUDY = [
+    f"--override={option}"
+    for option in (
+        "--model.arch.n_layers=2",
+        "--model.arch.d_model=32",
+        "--model.arch.n_heads=2",
+        "--model.arch.vocab_size=512",
+        "--data.vocab_size=512",
+        "--data.seq_len=32",
+        "--data.batch_size=4",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=4",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=2",
+        "--model.optim.warmup_steps=1",
+    )
+]
 
 
 def study(tmp_path, *args):
@@ -32,11 +43,22 @@ def test_scheme_study_tunes_on_validation_resumes_and_refuses_changed_runs(tmp_p
     rows = list(csv.DictReader(open(tmp_path / "study.csv")))
     # 2 arms x 2 learning rates with seed 1, then seed 2 at each arm's chosen lr: 4 steps at 1e-5 barely move a model.
     assert sorted((r["arm"], float(r["lr"]), int(r["seed"])) for r in rows) == [
-        ("euler", 1e-5, 1), ("euler", 3e-2, 1), ("euler", 3e-2, 2), ("iiet", 1e-5, 1), ("iiet", 3e-2, 1), ("iiet", 3e-2, 2)]
+        ("euler", 1e-5, 1),
+        ("euler", 3e-2, 1),
+        ("euler", 3e-2, 2),
+        ("iiet", 1e-5, 1),
+        ("iiet", 3e-2, 1),
+        ("iiet", 3e-2, 2),
+    ]
     table = (tmp_path / "study.md").read_text()
-    assert "| euler | vanilla Transformer++ | 1 | 0.03 |" in table and "| iiet | IIET r = 3, plain Picard iteration | 3 | 0.03 |" in table
+    assert (
+        "| euler | vanilla Transformer++ | 1 | 0.03 |" in table
+        and "| iiet | IIET r = 3, plain Picard iteration | 3 | 0.03 |" in table
+    )
     iiet_row = next(line for line in table.splitlines() if line.startswith("| iiet |"))
-    assert iiet_row.count("±") == 3 and len(iiet_row.split("|")[-2].split("/")) == 2  # val, test, gap; 2 layers' contraction
+    assert (
+        iiet_row.count("±") == 3 and len(iiet_row.split("|")[-2].split("/")) == 2
+    )  # val, test, gap; 2 layers' contraction
     assert (tmp_path / "study.png").stat().st_size > 10_000
     again = study(tmp_path, *grid)
     assert again.returncode == 0 and "4 of 4 runs finished before; running 0" in again.stdout

@@ -35,8 +35,13 @@ def test_config_parses_and_builds(path, capsys):
     with torch.device("meta"):
         model = getattr(importlib.import_module(module), name)(**config["model"]["init_args"])
     n_params = sum(p.numel() for p in model.parameters())
-    expected = {"340m": (3.0e8, 4.0e8), "740m": (7.0e8, 8.0e8), "1.3b": (1.25e9, 1.4e9), "wmt14_en_de_euler": (5.5e7, 7.5e7),
-                "iiet_big": (2.0e8, 2.6e8)}
+    expected = {
+        "340m": (3.0e8, 4.0e8),
+        "740m": (7.0e8, 8.0e8),
+        "1.3b": (1.25e9, 1.4e9),
+        "wmt14_en_de_euler": (5.5e7, 7.5e7),
+        "iiet_big": (2.0e8, 2.6e8),
+    }
     for key, (low, high) in expected.items():
         if key in path.name:
             assert low < n_params < high, n_params
@@ -78,8 +83,19 @@ def test_help_shows_docstrings(capsys):
 def trained_run(tmp_path_factory):
     """A real `python -m lit_iiet fit` of 6 steps (a separate process, exactly as a user runs it)."""
     run_dir = tmp_path_factory.mktemp("run")
-    cmd = [sys.executable, "-m", "lit_iiet", "fit", *TINY, "--trainer.max_steps", "6",
-           "--model.val_sample_prompt", "ROMEO:", "--trainer.default_root_dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lit_iiet",
+        "fit",
+        *TINY,
+        "--trainer.max_steps",
+        "6",
+        "--model.val_sample_prompt",
+        "ROMEO:",
+        "--trainer.default_root_dir",
+        str(run_dir),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
@@ -90,8 +106,16 @@ def test_fit_writes_checkpoints_and_tensorboard_logs(trained_run):
     assert list((trained_run / "checkpoints").glob("best-step=*.ckpt"))
     assert (trained_run / "lightning_logs" / "version_0" / "config.yaml").is_file()
     scalars = read_scalars(trained_run)
-    for tag in ("train/loss", "train/lr", "val/loss", "val/ppl", "perf/tokens_per_sec", "perf/step_time", "perf/flops_per_sec",
-                "iiet/evals_per_token"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "val/loss",
+        "val/ppl",
+        "perf/tokens_per_sec",
+        "perf/step_time",
+        "perf/flops_per_sec",
+        "iiet/evals_per_token",
+    ):
         assert tag in scalars, tag
     assert [step for step, _ in scalars["val/loss"]] == [2, 5]  # validated after steps 3 and 6
     val = [v for _, v in scalars["val/loss"]]
@@ -136,7 +160,18 @@ def test_resume_reaches_the_same_step_and_loss(tmp_path):
     common = [*TINY, "--model.ode.iters", "2", "--trainer.val_check_interval", "4", "--model.optim.total_steps", "8"]
     main(["fit", *common, "--trainer.max_steps", "8", "--trainer.default_root_dir", str(tmp_path / "straight")])
     main(["fit", *common, "--trainer.max_steps", "4", "--trainer.default_root_dir", str(tmp_path / "resumed")])
-    main(["fit", *common, "--trainer.max_steps", "8", "--trainer.default_root_dir", str(tmp_path / "resumed"), "--ckpt_path", "last"])
+    main(
+        [
+            "fit",
+            *common,
+            "--trainer.max_steps",
+            "8",
+            "--trainer.default_root_dir",
+            str(tmp_path / "resumed"),
+            "--ckpt_path",
+            "last",
+        ]
+    )
     straight = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
     assert straight["global_step"] == resumed["global_step"] == 8
@@ -150,8 +185,20 @@ def test_resume_reaches_the_same_step_and_loss(tmp_path):
 
 def test_vanilla_checkpoint_loads_into_iiet(tmp_path):
     """Two-stage training and IIAD rely on it: euler weights in an IIET model; at r = 1 the logits are identical."""
-    main(["fit", *TINY, "--model.ode.scheme", "euler", "--model.ode.iters", "1", "--trainer.max_steps", "3",
-          "--trainer.default_root_dir", str(tmp_path / "euler")])
+    main(
+        [
+            "fit",
+            *TINY,
+            "--model.ode.scheme",
+            "euler",
+            "--model.ode.iters",
+            "1",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.default_root_dir",
+            str(tmp_path / "euler"),
+        ]
+    )
     ckpt = tmp_path / "euler" / "checkpoints" / "last.ckpt"
     vanilla = LanguageModel.load_from_checkpoint(ckpt).eval()
     iiet1 = LanguageModel.load_from_checkpoint(ckpt, ode={"scheme": "iiet", "iters": 1}).eval()
@@ -160,21 +207,55 @@ def test_vanilla_checkpoint_loads_into_iiet(tmp_path):
     assert torch.equal(iiet1(idx), vanilla(idx))
     assert iiet3.model.schedule == [3, 2] and not torch.allclose(iiet3(idx), vanilla(idx))
     # The same through the CLI: init_from loads the weights and IIET training starts from them.
-    main(["fit", *TINY, "--model.init_from", str(ckpt), "--trainer.max_steps", "2",
-          "--trainer.default_root_dir", str(tmp_path / "iiet")])
-    assert torch.load(tmp_path / "iiet/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]["ode"]["iters"] == 3
+    main(
+        [
+            "fit",
+            *TINY,
+            "--model.init_from",
+            str(ckpt),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path / "iiet"),
+        ]
+    )
+    assert (
+        torch.load(tmp_path / "iiet/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]["ode"]["iters"] == 3
+    )
     # A learned relaxation is not in the vanilla weights: it starts at iiet_damping (1.0), as from scratch.
-    main(["fit", *TINY, "--model.init_from", str(ckpt), "--model.ode.iiet_relaxation", "learned", "--trainer.max_steps", "1",
-          "--trainer.default_root_dir", str(tmp_path / "relaxed")])
-    assert "model.update.relaxation" in torch.load(tmp_path / "relaxed/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    main(
+        [
+            "fit",
+            *TINY,
+            "--model.init_from",
+            str(ckpt),
+            "--model.ode.iiet_relaxation",
+            "learned",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path / "relaxed"),
+        ]
+    )
+    assert (
+        "model.update.relaxation"
+        in torch.load(tmp_path / "relaxed/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    )
 
 
 def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*.ckpt"))}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*.ckpt"))
+    }
 
 
 def write_bad_files(tmp_path: Path) -> dict[str, Path]:
-    files = {"empty": tmp_path / "empty.txt", "latin1": tmp_path / "latin1.txt", "truncated": tmp_path / "truncated.ckpt"}
+    files = {
+        "empty": tmp_path / "empty.txt",
+        "latin1": tmp_path / "latin1.txt",
+        "truncated": tmp_path / "truncated.ckpt",
+    }
     files["empty"].write_text("")
     files["latin1"].write_bytes("Café au lait, naïve façade.\n".encode("latin-1"))
     return files
@@ -186,18 +267,38 @@ BAD_INPUTS = {
     "negative lr": (["--model.optim.lr", "-1"], "model.optim.lr=-1.0: must be a number > 0"),
     "beta of 1": (["--model.optim.betas", "[0.9, 1.0]"], "model.optim.betas=[0.9, 1.0]: must be two numbers in [0, 1)"),
     "schedule length": (["--model.ode.iters", "[3, 1, 2]"], "schedule [3, 1, 2] has 3 entries; the stack has 2 layers"),
-    "missing data file": (["--data.train", "data/shakespeare/nope.txt"], "train data file 'data/shakespeare/nope.txt' does not exist"),
+    "missing data file": (
+        ["--data.train", "data/shakespeare/nope.txt"],
+        "train data file 'data/shakespeare/nope.txt' does not exist",
+    ),
     "empty data file": (["--data.train", "{empty}"], "is empty"),
-    "not UTF-8": (["--data.train", "{latin1}", "--data.vocab_size", "300", "--model.arch.vocab_size", "300"], "is not UTF-8 text"),
-    "vocab too small": (["--model.arch.vocab_size", "300"], "model.arch.vocab_size=300 is smaller than the tokenizer's vocabulary (512)"),
+    "not UTF-8": (
+        ["--data.train", "{latin1}", "--data.vocab_size", "300", "--model.arch.vocab_size", "300"],
+        "is not UTF-8 text",
+    ),
+    "vocab too small": (
+        ["--model.arch.vocab_size", "300"],
+        "model.arch.vocab_size=300 is smaller than the tokenizer's vocabulary (512)",
+    ),
     "sequence too long": (["--data.seq_len", "300"], "data.seq_len=300 is longer than model.arch.max_seq_len=256"),
     "truncated checkpoint": (["--ckpt_path", "{truncated}"], "is truncated or not a torch checkpoint"),
     "missing checkpoint": (["--ckpt_path", "runs/none.ckpt"], "checkpoint 'runs/none.ckpt' does not exist"),
-    "other architecture": (["--model.init_from", "{other}"], "does not fit this model's architecture: shape of model.embed.weight"),
-    "other embedding scale": (["--model.init_from", "{last}", "--model.arch.embed_scale", "1"],
-                              "was trained with embed_scale=5.65685, this model has embed_scale=1; set --model.arch.embed_scale 5.65685"),
-    "bad embedding scale": (["--model.arch.embed_scale", "-1"], "embed_scale=-1.0 must be a number > 0 or 'sqrt_d_model'"),
-    "anderson with mean": (["--model.ode.iiet_solver", "anderson", "--model.ode.iiet_output", "mean"], "iiet_solver='anderson' mixes its own"),
+    "other architecture": (
+        ["--model.init_from", "{other}"],
+        "does not fit this model's architecture: shape of model.embed.weight",
+    ),
+    "other embedding scale": (
+        ["--model.init_from", "{last}", "--model.arch.embed_scale", "1"],
+        "was trained with embed_scale=5.65685, this model has embed_scale=1; set --model.arch.embed_scale 5.65685",
+    ),
+    "bad embedding scale": (
+        ["--model.arch.embed_scale", "-1"],
+        "embed_scale=-1.0 must be a number > 0 or 'sqrt_d_model'",
+    ),
+    "anderson with mean": (
+        ["--model.ode.iiet_solver", "anderson", "--model.ode.iiet_output", "mean"],
+        "iiet_solver='anderson' mixes its own",
+    ),
 }
 
 
@@ -209,8 +310,20 @@ def test_bad_input_gets_a_short_error_and_nothing_is_overwritten(case, trained_r
     files["last"] = last
     files["other"] = trained_run / "other.ckpt"
     if not files["other"].exists():  # a checkpoint of a wider model
-        main(["fit", *TINY, "--model.arch.d_model", "64", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-              "--trainer.default_root_dir", str(tmp_path / "wide")])
+        main(
+            [
+                "fit",
+                *TINY,
+                "--model.arch.d_model",
+                "64",
+                "--trainer.max_steps",
+                "1",
+                "--trainer.limit_val_batches",
+                "0",
+                "--trainer.default_root_dir",
+                str(tmp_path / "wide"),
+            ]
+        )
         files["other"].write_bytes((tmp_path / "wide/checkpoints/last.ckpt").read_bytes())
     capsys.readouterr()
     before = snapshot(trained_run)
@@ -227,7 +340,10 @@ def test_bad_input_gets_a_short_error_and_nothing_is_overwritten(case, trained_r
 
 def test_loading_a_checkpoint_into_another_architecture_fails_clearly(trained_run):
     with pytest.raises(UserInputError, match="does not fit this model's architecture"):
-        LanguageModel.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt", arch={"n_layers": 3, "d_model": 32, "n_heads": 2, "vocab_size": 512})
+        LanguageModel.load_from_checkpoint(
+            trained_run / "checkpoints" / "last.ckpt",
+            arch={"n_layers": 3, "d_model": 32, "n_heads": 2, "vocab_size": 512},
+        )
 
 
 # --- --ckpt_path: the model from the checkpoint, behaviour from the command line --------------------------------
@@ -251,22 +367,57 @@ def test_ckpt_path_honours_behaviour_options(trained_run, tmp_path):
     validation (every token stops after one iteration), and the sampling temperature of predict (greedy: the
     same text whatever the seed)."""
     ckpt = str(trained_run / "checkpoints" / "last.ckpt")
-    main(["validate", *TINY, "--model.ode.iiet_policy", "residual", "--model.ode.iiet_threshold", "1e9",
-          "--trainer.default_root_dir", str(tmp_path / "v"), "--ckpt_path", ckpt])
+    main(
+        [
+            "validate",
+            *TINY,
+            "--model.ode.iiet_policy",
+            "residual",
+            "--model.ode.iiet_threshold",
+            "1e9",
+            "--trainer.default_root_dir",
+            str(tmp_path / "v"),
+            "--ckpt_path",
+            ckpt,
+        ]
+    )
     assert [v for _, v in read_scalars(tmp_path / "v")["iiet/evals_per_token"]] == [1.0]
     texts = []
     for seed in ("1", "2"):
-        main(["predict", *TINY, "--model.sampling.temperature", "0", "--seed_everything", seed, "--data.prompts",
-              '["ROMEO:"]', "--trainer.default_root_dir", str(tmp_path / seed), "--ckpt_path", ckpt])
+        main(
+            [
+                "predict",
+                *TINY,
+                "--model.sampling.temperature",
+                "0",
+                "--seed_everything",
+                seed,
+                "--data.prompts",
+                '["ROMEO:"]',
+                "--trainer.default_root_dir",
+                str(tmp_path / seed),
+                "--ckpt_path",
+                ckpt,
+            ]
+        )
         texts.append((tmp_path / seed / "predictions.txt").read_text())
     assert texts[0] == texts[1] and len(texts[0]) > len("ROMEO:")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model.optim.lr", "0"], "model.optim.lr=0.0: must be a number > 0"),
-    (["--model.enc_ode.iiet_policy", "router"], "model.enc_ode: iiet_policy='router' and kv_mode='exact' are not supported"),
-    (["--model.enc_ode.kv_mode", "shared"], "model.enc_ode: iiet_policy='fixed' and kv_mode='shared' are not supported"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.optim.lr", "0"], "model.optim.lr=0.0: must be a number > 0"),
+        (
+            ["--model.enc_ode.iiet_policy", "router"],
+            "model.enc_ode: iiet_policy='router' and kv_mode='exact' are not supported",
+        ),
+        (
+            ["--model.enc_ode.kv_mode", "shared"],
+            "model.enc_ode: iiet_policy='fixed' and kv_mode='shared' are not supported",
+        ),
+    ],
+)
 def test_encoder_decoder_refuses_what_it_does_not_support(args, message, capsys):
     """The translation model checks its optimizer options, and refuses per-token policies and the shared KV
     cache, which only the language model implements (before, they were accepted and silently not honoured)."""

@@ -45,8 +45,13 @@ def tok(tmp_path_factory) -> Tokenizer:
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory) -> LMDataModule:
     """The shipped corpus, tokenizer (vocab 512) trained once for the module, prepared and set up."""
-    dm = LMDataModule(vocab_size=512, seq_len=64, batch_size=4, shuffle=True,
-                      cache_dir=str(tmp_path_factory.mktemp("shakespeare-cache")))
+    dm = LMDataModule(
+        vocab_size=512,
+        seq_len=64,
+        batch_size=4,
+        shuffle=True,
+        cache_dir=str(tmp_path_factory.mktemp("shakespeare-cache")),
+    )
     dm.prepare_data()
     dm.setup()
     return dm
@@ -286,8 +291,14 @@ def test_glob_pattern_and_all_splits(tmp_path, tok):
     (tmp_path / "train" / "part0" / "skip.csv").write_text("a,b\n")
     (tmp_path / "val.txt").write_text("validation text\n")
     (tmp_path / "test.txt").write_text("test text\n")
-    dm = local_dm(tmp_path, tok, train=str(tmp_path / "train" / "**" / "*.txt"), val=str(tmp_path / "val*.txt"),
-                  test=str(tmp_path / "t?st.txt"), seq_len=2)
+    dm = local_dm(
+        tmp_path,
+        tok,
+        train=str(tmp_path / "train" / "**" / "*.txt"),
+        val=str(tmp_path / "val*.txt"),
+        test=str(tmp_path / "t?st.txt"),
+        seq_len=2,
+    )
     assert split_documents(dm, "train") == DOCS
     assert split_documents(dm, "val") == ["validation text\n"]
     assert split_documents(dm, "test") == ["test text\n"]
@@ -346,28 +357,16 @@ def numbered_docs(n: int) -> list[str]:
 # --- `datasets` sources ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def hf_offline(tmp_path, monkeypatch):
-    """`datasets` in offline mode with its caches under tmp_path, whenever it was first imported."""
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    import datasets
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-home" / "datasets")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return datasets
-
-
 def test_hf_dataset_saved_to_disk(tmp_path, tok, hf_offline):
     """A DatasetDict written by save_to_disk loads all three splits, from the chosen text column."""
     datasets = hf_offline
-    rows = {split: [f"{split} row {i}.\nSecond line of {split} {i}." for i in range(12)]
-            for split in ("train", "validation", "test")}
-    dd = datasets.DatasetDict({split: datasets.Dataset.from_dict({"content": r, "other": [0] * len(r)})
-                               for split, r in rows.items()})
+    rows = {
+        split: [f"{split} row {i}.\nSecond line of {split} {i}." for i in range(12)]
+        for split in ("train", "validation", "test")
+    }
+    dd = datasets.DatasetDict(
+        {split: datasets.Dataset.from_dict({"content": r, "other": [0] * len(r)}) for split, r in rows.items()}
+    )
     dd.save_to_disk(str(tmp_path / "ds"))
     dm = local_dm(tmp_path, tok, train=None, hf_dataset=str(tmp_path / "ds"), text_field="content")
     assert split_documents(dm, "train") == rows["train"]
@@ -380,8 +379,9 @@ def test_hf_dataset_saved_to_disk(tmp_path, tok, hf_offline):
 def test_hf_dataset_without_the_text_column(tmp_path, tok, hf_offline):
     """A dataset without the text_field column is a UserInputError naming the column and the ones it has."""
     datasets = hf_offline
-    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"body": ["some text"] * 4})
-                               for s in ("train", "validation", "test")})
+    dd = datasets.DatasetDict(
+        {s: datasets.Dataset.from_dict({"body": ["some text"] * 4}) for s in ("train", "validation", "test")}
+    )
     dd.save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(UserInputError, match=r"no string column 'text' \(columns: body;"):
         local_dm(tmp_path, tok, train=None, hf_dataset=str(tmp_path / "ds"))
@@ -529,8 +529,9 @@ def test_split_too_short_for_seq_len(tmp_path, tok):
 # --- ResumableSampler ---------------------------------------------------------------------------------------------
 
 
-def order(n: int, skip: int = 0, epoch: int = 0, seed: int = 7, replicas: int = 1, rank: int = 0,
-          shuffle: bool = True) -> list[int]:
+def order(
+    n: int, skip: int = 0, epoch: int = 0, seed: int = 7, replicas: int = 1, rank: int = 0, shuffle: bool = True
+) -> list[int]:
     """The indices a ResumableSampler over range(n) yields in one epoch."""
     sampler = ResumableSampler(range(n), num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed, skip=skip)
     sampler.set_epoch(epoch)
@@ -576,8 +577,11 @@ def test_sampler_replicas_are_disjoint_and_cover(n):
 
 def trainer_test(test):
     """Marks an end-to-end test under a Lightning Trainer: slow, and quiet about Lightning's own warnings."""
-    marks = (pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
-             pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning"))
+    marks = (
+        pytest.mark.slow,
+        pytest.mark.filterwarnings("ignore::UserWarning"),
+        pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning"),
+    )
     for mark in marks:
         test = mark(test)
     return test
@@ -635,11 +639,26 @@ def fit_windows(tmp_path: Path, tok: Tokenizer, stop: str | None = None, **train
     (tmp_path / "a.txt").write_text(TEXT)
 
     def run(module, callbacks=(), ckpt_path=None):
-        dm = LMDataModule(train=str(tmp_path / "a.txt"), val=None, test=None, tokenizer=str(tok.path), seq_len=16,
-                          batch_size=2, cache_dir=str(tmp_path / "cache"))
-        trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                            callbacks=list(callbacks), **trainer_kwargs)
+        dm = LMDataModule(
+            train=str(tmp_path / "a.txt"),
+            val=None,
+            test=None,
+            tokenizer=str(tok.path),
+            seq_len=16,
+            batch_size=2,
+            cache_dir=str(tmp_path / "cache"),
+        )
+        trainer = L.Trainer(
+            max_epochs=3,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=list(callbacks),
+            **trainer_kwargs,
+        )
         trainer.fit(module, dm, ckpt_path=ckpt_path)
         assert trainer.num_training_batches == batches_per_epoch(tok)
 

@@ -17,8 +17,20 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     main(["fit", *TINY, *STEPS, "--data.batch_size", "8", "--trainer.default_root_dir", str(tmp_path / "single")])
     # Two processes (conf/trainer/ddp_cpu.yaml: gloo), 4 windows each. Our sampler deals rank r the windows r, r+2,
     # ... of the same shuffled order, so the two halves make up the single process's batch.
-    cmd = [sys.executable, "-m", "lit_iiet", "fit", *TINY, *STEPS, "--config", "conf/trainer/ddp_cpu.yaml",
-           "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lit_iiet",
+        "fit",
+        *TINY,
+        *STEPS,
+        "--config",
+        "conf/trainer/ddp_cpu.yaml",
+        "--data.batch_size",
+        "4",
+        "--trainer.default_root_dir",
+        str(tmp_path / "ddp"),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout

@@ -143,5 +143,16 @@ def test_scheme_parameters_and_evaluation_counts():
     assert n["pcformer"] > n["euler"]
     assert n["iiet_anderson"] == n["euler"] and n["iiet_relaxation"] == n["euler"] + 3  # one relaxation per layer
     evals = {name: make(ode).update.total_evals() for name, ode in CASES.items()}
-    assert evals == {"euler": 3, "iiet_r3": 9, "iiet_schedule": 6, "iiet_sublayer": 6, "iiet_mean_damped": 9,
-                     "iiet_anderson": 9, "iiet_relaxation": 9, "rk2": 6, "rk2_gated": 6, "rk4": 12, "pcformer": 9}
+    assert evals == {
+        "euler": 3,
+        "iiet_r3": 9,
+        "iiet_schedule": 6,
+        "iiet_sublayer": 6,
+        "iiet_mean_damped": 9,
+        "iiet_anderson": 9,
+        "iiet_relaxation": 9,
+        "rk2": 6,
+        "rk2_gated": 6,
+        "rk4": 12,
+        "pcformer": 9,
+    }

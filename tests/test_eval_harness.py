@@ -63,10 +63,25 @@ def run(tmp_path_factory) -> SimpleNamespace:
         ode=ODEConfig(scheme="iiet", iters=2),
         optim=OptimConfig(lr=2e-2, warmup_steps=2),
     )
-    data = LMDataModule(train=str(tmp / "train.txt"), val=None, test=None, tokenizer=str(tokenizer.path), seq_len=32,
-                        batch_size=8, cache_dir=str(tmp / "cache"))
-    trainer = L.Trainer(max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
+    data = LMDataModule(
+        train=str(tmp / "train.txt"),
+        val=None,
+        test=None,
+        tokenizer=str(tokenizer.path),
+        seq_len=32,
+        batch_size=8,
+        cache_dir=str(tmp / "cache"),
+    )
+    trainer = L.Trainer(
+        max_steps=20,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp,
+    )
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp / "tiny.ckpt")
     return SimpleNamespace(tmp=tmp, checkpoint=tmp / "tiny.ckpt", tokenizer=tokenizer)
@@ -253,8 +268,23 @@ def test_simple_evaluate_on_local_tasks_scores_with_our_forward(run, decoder):
 
 def test_command_line_runs_and_refuses_to_overwrite(run, tmp_path, capsys):
     output = tmp_path / "results.json"
-    args = ["--checkpoint", str(run.checkpoint), "--tokenizer", str(run.tokenizer.path), "--tasks", "shakespeare_cloze",
-            "--include_path", TASKS, "--no_builtin_tasks", "--limit", "4", "--batch_size", "3", "--output", str(output)]
+    args = [
+        "--checkpoint",
+        str(run.checkpoint),
+        "--tokenizer",
+        str(run.tokenizer.path),
+        "--tasks",
+        "shakespeare_cloze",
+        "--include_path",
+        TASKS,
+        "--no_builtin_tasks",
+        "--limit",
+        "4",
+        "--batch_size",
+        "3",
+        "--output",
+        str(output),
+    ]
     main(args)
     assert "|shakespeare_cloze|" in capsys.readouterr().out.replace(" ", "")
     results = json.loads(output.read_text())
@@ -276,12 +306,18 @@ def test_bad_input_is_one_line(run, tmp_path, capsys):
     torch.save({k: v for k, v in torch.load(run.checkpoint, weights_only=True).items() if k != TOKENIZER_KEY}, old)
     base = ["--include_path", TASKS, "--no_builtin_tasks"]
     for extra, message in [
-        (["--checkpoint", str(old), "--tokenizer", str(big.path), "--tasks", "shakespeare_cloze"],
-         f"tokenizer {str(big.path)!r} has 400 tokens, more than the model's vocab_size=320"),
-        (["--checkpoint", str(run.checkpoint), "--tokenizer", str(big.path), "--tasks", "shakespeare_cloze"],
-         f"tokenizer {str(big.path)!r} is not the tokenizer stored in checkpoint {str(run.checkpoint)!r}"),
-        (["--checkpoint", str(run.checkpoint), "--tasks", "shakespeare_clozee"],
-         "unknown task 'shakespeare_clozee' (did you mean shakespeare_cloze"),
+        (
+            ["--checkpoint", str(old), "--tokenizer", str(big.path), "--tasks", "shakespeare_cloze"],
+            f"tokenizer {str(big.path)!r} has 400 tokens, more than the model's vocab_size=320",
+        ),
+        (
+            ["--checkpoint", str(run.checkpoint), "--tokenizer", str(big.path), "--tasks", "shakespeare_cloze"],
+            f"tokenizer {str(big.path)!r} is not the tokenizer stored in checkpoint {str(run.checkpoint)!r}",
+        ),
+        (
+            ["--checkpoint", str(run.checkpoint), "--tasks", "shakespeare_clozee"],
+            "unknown task 'shakespeare_clozee' (did you mean shakespeare_cloze",
+        ),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(base + extra)
@@ -297,9 +333,23 @@ def test_command_line_missing_checkpoint_exits_2(run, tmp_path):
     """`python -m lit_iiet.eval_harness` as a user runs it: a missing checkpoint is one line, exit code 2."""
     missing = tmp_path / "missing.ckpt"
     proc = subprocess.run(
-        [sys.executable, "-m", "lit_iiet.eval_harness", "--checkpoint", str(missing),
-         "--tokenizer", str(run.tokenizer.path), "--tasks", "shakespeare_cloze"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, **OFFLINE}, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "lit_iiet.eval_harness",
+            "--checkpoint",
+            str(missing),
+            "--tokenizer",
+            str(run.tokenizer.path),
+            "--tasks",
+            "shakespeare_cloze",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OFFLINE},
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"lit_iiet: error: checkpoint {str(missing)!r} does not exist"

@@ -23,9 +23,17 @@ def save_llama(path, tie=False, vocab=512, **overrides):
     """A small randomly initialised Llama (GQA, a non-default RoPE base) saved with save_pretrained."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=tie, **overrides,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        **overrides,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # random norms too, so that a swapped norm weight cannot go unnoticed
@@ -52,8 +60,14 @@ def test_import_reproduces_llama_logits(tmp_path, tie, ode):
         torch.testing.assert_close(ours.model(x), hf_logits(llama, x), atol=1e-4, rtol=0)
     # the original model's greedy continuation, decoded through our cache
     prompt = x[:1, :8]
-    greedy = llama.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)
+    greedy = llama.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert torch.equal(generate(ours.model, prompt, 12, temperature=0.0), greedy)
 
 
@@ -142,15 +156,33 @@ def test_import_refuses_what_transformer_pp_cannot_express(tmp_path):
 def test_commands_import_then_up_train_into_iiet(tmp_path):
     """The documented commands: import a Llama into IIET, then fit from it with the emitted model.yaml."""
     save_llama(tmp_path / "hf")
-    cmd = [sys.executable, "-m", "lit_iiet.hf_llama", "import", str(tmp_path / "hf"), str(tmp_path / "iiet"),
-           "--scheme", "iiet", "--iters", "2", "--max_seq_len", "64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lit_iiet.hf_llama",
+        "import",
+        str(tmp_path / "hf"),
+        str(tmp_path / "iiet"),
+        "--scheme",
+        "iiet",
+        "--iters",
+        "2",
+        "--max_seq_len",
+        "64",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and again.stderr.startswith("lit_iiet: error: output"), again.stderr
     fit = [
-        "fit", *TINY, "--config", str(tmp_path / "iiet" / "model.yaml"), "--trainer.max_steps", "2",
-        "--trainer.default_root_dir", str(tmp_path / "run"),
+        "fit",
+        *TINY,
+        "--config",
+        str(tmp_path / "iiet" / "model.yaml"),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
     ]
     main(fit)
     trained = LanguageModel.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu")

@@ -5,13 +5,13 @@ import torch
 from conftest import TINY
 from lightning.pytorch import Callback
 
+from lit_iiet.analysis.convergence import solver_residuals
 from lit_iiet.analysis.influence import (
     ablation_influence,
     iteration_stats,
     relative_compute,
     schedule_from_influence,
 )
-from lit_iiet.analysis.convergence import solver_residuals
 from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.callbacks import IIAD, TwoStage
 from lit_iiet.callbacks.influence import heatmap_image
@@ -32,8 +32,19 @@ THREE_LAYERS = ["--model.arch.n_layers", "3", "--model.ode.iters", "3", "--model
 def teacher(tmp_path_factory):
     """A real IIET (r = 3) checkpoint: 12 steps of the CLI on the shipped corpus."""
     run = tmp_path_factory.mktemp("teacher")
-    main(["fit", *TINY, *THREE_LAYERS, "--trainer.max_steps", "12", "--trainer.val_check_interval", "12",
-          "--trainer.default_root_dir", str(run)])
+    main(
+        [
+            "fit",
+            *TINY,
+            *THREE_LAYERS,
+            "--trainer.max_steps",
+            "12",
+            "--trainer.val_check_interval",
+            "12",
+            "--trainer.default_root_dir",
+            str(run),
+        ]
+    )
     return run / "checkpoints" / "last.ckpt"
 
 
@@ -71,12 +82,13 @@ def test_measures_on_known_iterates():
     assert stats.increments[0][0] == pytest.approx(((z1 - y).norm(dim=-1) / y.norm(dim=-1)).mean().item(), rel=1e-5)
 
 
-
 def test_picard_residual_after_n_evaluations_is_the_next_increment():
     """||Phi(z_n) - z_n|| = ||z_(n+1) - z_n||: the solver comparison and the logged increments agree for Picard,
     and Anderson's residual differs (it is another iterate) while n = 1 is the same vanilla step for both."""
     torch.manual_seed(0)
-    model = Decoder(DecoderConfig(64, n_layers=2, d_model=16, n_heads=2, max_seq_len=16, embed_scale=8.0), ODEConfig("iiet", 3))
+    model = Decoder(
+        DecoderConfig(64, n_layers=2, d_model=16, n_heads=2, max_seq_len=16, embed_scale=8.0), ODEConfig("iiet", 3)
+    )
     batches = [torch.randint(0, 64, (2, 11))]
     increments = iteration_stats(model, batches).increments
     residuals = solver_residuals(model, batches, max_evals=3)
@@ -84,6 +96,7 @@ def test_picard_residual_after_n_evaluations_is_the_next_increment():
         assert residuals["picard"][layer][:2] == pytest.approx(increments[layer][1:], rel=1e-4)
         assert residuals["anderson"][layer][0] == pytest.approx(residuals["picard"][layer][0], rel=1e-6)
         assert residuals["anderson"][layer][2] != pytest.approx(residuals["picard"][layer][2], rel=1e-3)
+
 
 def test_relative_compute_equals_counted_evaluations(monkeypatch):
     calls = []
@@ -124,17 +137,32 @@ def test_distillation_loss_is_zero_when_student_equals_teacher(teacher):
 def test_iiad_prunes_distils_and_never_touches_the_teacher(teacher, tmp_path):
     before = {k: v.clone() for k, v in torch.load(teacher, weights_only=True)["state_dict"].items()}
     run = tmp_path / "eiiet"
-    main(["fit", *TINY, *THREE_LAYERS, "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
-          "--trainer.default_root_dir", str(run),
-          "--trainer.callbacks+=lit_iiet.callbacks.IIAD", f"--trainer.callbacks.teacher={teacher}",
-          "--trainer.callbacks.threshold=0.999", "--trainer.callbacks.hidden_mse_weight=0.1",
-          "--trainer.callbacks+=lit_iiet.callbacks.InfluenceLogger"])
+    main(
+        [
+            "fit",
+            *TINY,
+            *THREE_LAYERS,
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "4",
+            "--trainer.default_root_dir",
+            str(run),
+            "--trainer.callbacks+=lit_iiet.callbacks.IIAD",
+            f"--trainer.callbacks.teacher={teacher}",
+            "--trainer.callbacks.threshold=0.999",
+            "--trainer.callbacks.hidden_mse_weight=0.1",
+            "--trainer.callbacks+=lit_iiet.callbacks.InfluenceLogger",
+        ]
+    )
     after = torch.load(teacher, weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)  # the teacher file is unchanged
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     schedule = ckpt["hyper_parameters"]["ode"]["iters"]
     assert sorted(schedule) == [1, 1, 3]
-    assert ckpt[TOKENIZER_KEY] == torch.load(teacher, weights_only=True)[TOKENIZER_KEY]  # the data's tokenizer travels on
+    assert (
+        ckpt[TOKENIZER_KEY] == torch.load(teacher, weights_only=True)[TOKENIZER_KEY]
+    )  # the data's tokenizer travels on
     assert any(not torch.equal(before[k], ckpt["state_dict"][k]) for k in before)  # the student trained
     scalars = read_scalars(run)
     for tag in ("train/ce", "train/kd", "train/hidden_mse", "train/loss", "iiet/influence/0", "iiet/influence/2"):
@@ -143,8 +171,10 @@ def test_iiad_prunes_distils_and_never_touches_the_teacher(teacher, tmp_path):
     student = LanguageModel.load_from_checkpoint(run / "checkpoints/last.ckpt").eval()
     assert student.model.schedule == schedule and [len(s) for s in student.model.init_cache(1, 8)] == schedule
     prompt = torch.tensor([[5, 6, 7]])
-    assert torch.equal(generate(student.model, prompt, 6, temperature=0.0),
-                       generate(student.model, prompt, 6, temperature=0.0, use_cache=False))
+    assert torch.equal(
+        generate(student.model, prompt, 6, temperature=0.0),
+        generate(student.model, prompt, 6, temperature=0.0, use_cache=False),
+    )
 
 
 def test_teacher_gets_no_gradient(teacher):
@@ -175,18 +205,38 @@ class ScheduleRecorder(Callback):
 
 
 def test_two_stage_switches_at_the_right_step_and_is_vanilla_before(tmp_path):
-    from lit_iiet.cli import IIETCLI
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    cli = IIETCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                  parser_kwargs={"parser_mode": "omegaconf"},
-                  args=[*TINY, *THREE_LAYERS, "--trainer.max_steps", "8", "--trainer.default_root_dir", str(tmp_path),
-                        "--trainer.limit_val_batches", "0"])
+    from lit_iiet.cli import IIETCLI
+
+    cli = IIETCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=[
+            *TINY,
+            *THREE_LAYERS,
+            "--trainer.max_steps",
+            "8",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.limit_val_batches",
+            "0",
+        ],
+    )
     recorder, two_stage = ScheduleRecorder(), TwoStage(switch_fraction=0.75)
     cli.trainer.callbacks += [two_stage, recorder]
     optimizer_ids = []
-    cli.trainer.callbacks.append(type("OptimizerSpy", (Callback,), {
-        "on_train_batch_start": lambda self, trainer, *a: optimizer_ids.append(id(trainer.optimizers[0]))})())
+    cli.trainer.callbacks.append(
+        type(
+            "OptimizerSpy",
+            (Callback,),
+            {"on_train_batch_start": lambda self, trainer, *a: optimizer_ids.append(id(trainer.optimizers[0]))},
+        )()
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert recorder.schedules == [[1, 1, 1]] * 6 + [[3, 3, 3]] * 2
     assert len(set(optimizer_ids)) == 1  # one optimizer throughout: its state carries over the switch

@@ -9,7 +9,9 @@ def test_iteration_influence_notebook_runs(tmp_path, monkeypatch):
     # No checkpoint given: the notebook trains its tiny IIET (under runs/, as a user's first run would).
     monkeypatch.setenv("IIET_CHECKPOINT", str(tmp_path / "none.ckpt"))
     notebook = nbformat.read(ROOT / "notebooks" / "iteration_influence.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]

@@ -156,8 +156,11 @@ def test_anderson_reaches_a_residual_in_fewer_evaluations_than_picard():
 
     y = torch.randn(5, DIM, generator=g, dtype=torch.float64)
     residual = lambda z: ((z - y - G(z, 0)).norm() / z.norm()).item()  # noqa: E731
-    solvers = {"picard": lambda r: fixed_point(y, G, r), "anderson m=3": lambda r: anderson(y, G, r, memory=3),
-               "anderson m=5": lambda r: anderson(y, G, r, memory=5)}
+    solvers = {
+        "picard": lambda r: fixed_point(y, G, r),
+        "anderson m=3": lambda r: anderson(y, G, r, memory=3),
+        "anderson m=5": lambda r: anderson(y, G, r, memory=5),
+    }
     needed = {name: next(r for r in range(1, 200) if residual(solve(r)) < 1e-6) for name, solve in solvers.items()}
     assert needed["anderson m=3"] < needed["picard"] and needed["anderson m=5"] * 2 < needed["picard"], needed
 
@@ -203,7 +206,9 @@ def test_convergence_meter_on_a_scalar_linear_map():
     assert meter.increments() == [pytest.approx([0.5**k / partial[k - 1] for k in (1, 2, 3)])]
     assert meter.contraction() == [pytest.approx([0.5, 0.5])]
     metrics = meter.metrics()
-    assert metrics["iiet/contraction/0"] == pytest.approx(0.5) and metrics["iiet/increment/0/3"] == pytest.approx(0.125 / 0.75)
+    assert metrics["iiet/contraction/0"] == pytest.approx(0.5) and metrics["iiet/increment/0/3"] == pytest.approx(
+        0.125 / 0.75
+    )
 
 
 def test_mean_output_with_two_iterations_is_heun():
@@ -273,7 +278,9 @@ def tiny_decoder(scheme: str, iters=1, **ode) -> Decoder:
     return Decoder(cfg, ODEConfig(scheme=scheme, iters=iters, **ode)).eval()
 
 
-@pytest.mark.parametrize("ode", [{}, {"iiet_output": "mean"}, {"iiet_solver": "anderson"}, {"iiet_relaxation": "learned"}])
+@pytest.mark.parametrize(
+    "ode", [{}, {"iiet_output": "mean"}, {"iiet_solver": "anderson"}, {"iiet_relaxation": "learned"}]
+)
 def test_iiet_r1_equals_euler_on_the_same_weights(ode):
     """Iteration 1 of the implicit Euler solve is the vanilla layer: same weights, identical logits (a learned
     relaxation starts at b = 1)."""

@@ -39,8 +39,18 @@ MT = [*TINY_MT, "--model.decoding.max_len_a", "0.25", "--model.decoding.max_len_
 def mt_run(tmp_path_factory):
     """A tiny Bible model fitted for 4 steps, one validation with 2 TEXT samples and compound-split BLEU."""
     root = tmp_path_factory.mktemp("mt_predict")
-    main(["fit", *MT, "--trainer.default_root_dir", str(root), "--model.val_text_samples", "2",
-          "--model.compound_split_bleu", "true"])
+    main(
+        [
+            "fit",
+            *MT,
+            "--trainer.default_root_dir",
+            str(root),
+            "--model.val_text_samples",
+            "2",
+            "--model.compound_split_bleu",
+            "true",
+        ]
+    )
     return root, root / "checkpoints" / "last.ckpt"
 
 
@@ -57,7 +67,9 @@ def mt_predicted(mt_run, tmp_path_factory):
     root, ckpt = mt_run
     sources = tmp_path_factory.mktemp("sources") / "verses.fr.txt"
     sources.write_text("".join(s + "\n" for s in SOURCES), encoding="utf-8")
-    out = predict(MT, root, ckpt, "--data.predict", str(sources), "--data.batch_size", "3", "--model.decoding.beam", "5")
+    out = predict(
+        MT, root, ckpt, "--data.predict", str(sources), "--data.batch_size", "3", "--model.decoding.beam", "5"
+    )
     return sources, out, (root / "predictions.txt").read_text(encoding="utf-8").splitlines()
 
 
@@ -75,13 +87,15 @@ def test_mt_predict_writes_outputs_in_input_order_with_the_command_lines_beam(mt
     # A second run writes a new file; the first stays as it was.
     out = predict(MT, root, ckpt, "--data.predict", str(sources), "--model.decoding.beam", "1")
     assert "beam=1 " in out and (root / "predictions.txt").read_text(encoding="utf-8").splitlines() == lines
-    assert (root / "predictions-v1.txt").read_text(encoding="utf-8").splitlines() == model.generate_text(SOURCES, beam=1)
+    assert (root / "predictions-v1.txt").read_text(encoding="utf-8").splitlines() == model.generate_text(
+        SOURCES, beam=1
+    )
 
 
 def test_readme_python_snippet_gives_what_predict_writes(mt_run, mt_predicted):
     section = (ROOT / "README.md").read_text(encoding="utf-8").split("### Translating and summarizing new text", 1)[1]
     snippet = re.search(r"```python\n(.+?)```", section, re.S).group(1)
-    assert 'generate_text([SOURCE], beam=5)'.replace("SOURCE", repr(SOURCES[0]).replace("'", '"')) in snippet
+    assert "generate_text([SOURCE], beam=5)".replace("SOURCE", repr(SOURCES[0]).replace("'", '"')) in snippet
     with contextlib.redirect_stdout(io.StringIO()) as out:
         exec(snippet.replace("runs/bible_fr_en_iiet/checkpoints/last.ckpt", str(mt_run[1])), {})
     assert out.getvalue().strip() == repr(mt_predicted[2][:1])
@@ -94,7 +108,11 @@ def test_validation_logs_text_samples_and_compound_split_bleu(mt_run):
         first, second = (json.loads(next(f)) for _ in range(2))
     assert samples.count("source:") == samples.count("reference:") == samples.count("hypothesis:") == 2
     for i, pair in enumerate((first, second)):
-        assert f"**#{i}**" in samples and f"source:     {pair['fr']}\n" in samples and f"reference:  {pair['en']}\n" in samples
+        assert (
+            f"**#{i}**" in samples
+            and f"source:     {pair['fr']}\n" in samples
+            and f"reference:  {pair['en']}\n" in samples
+        )
     scalars = read_scalars(root)
     assert "val/bleu_compound_split" in scalars and "val/bleu" in scalars
     (signature,) = read_texts(root, "val/bleu_compound_split_signature")
@@ -102,13 +120,44 @@ def test_validation_logs_text_samples_and_compound_split_bleu(mt_run):
 
 
 SUM = [
-    "--config", "conf/sum/aclsum_iiet.yaml",
-    "--model.arch.d_model", "32", "--model.arch.n_heads", "2", "--model.arch.enc_layers", "1", "--model.arch.dec_layers", "1",
-    "--model.arch.d_ff", "64", "--model.arch.vocab_size", "600", "--data.vocab_size", "600", "--data.batch_size", "2",
-    "--model.arch.max_src_len", "64", "--data.max_src_len", "64", "--model.val_decode_batches", "0",
-    "--model.decoding.beam", "2", "--model.decoding.min_len", "2", "--model.decoding.max_len_b", "12",
-    "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
-    "--trainer.enable_progress_bar", "false",
+    "--config",
+    "conf/sum/aclsum_iiet.yaml",
+    "--model.arch.d_model",
+    "32",
+    "--model.arch.n_heads",
+    "2",
+    "--model.arch.enc_layers",
+    "1",
+    "--model.arch.dec_layers",
+    "1",
+    "--model.arch.d_ff",
+    "64",
+    "--model.arch.vocab_size",
+    "600",
+    "--data.vocab_size",
+    "600",
+    "--data.batch_size",
+    "2",
+    "--model.arch.max_src_len",
+    "64",
+    "--data.max_src_len",
+    "64",
+    "--model.val_decode_batches",
+    "0",
+    "--model.decoding.beam",
+    "2",
+    "--model.decoding.min_len",
+    "2",
+    "--model.decoding.max_len_b",
+    "12",
+    "--trainer.max_steps",
+    "1",
+    "--trainer.val_check_interval",
+    "1",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
 ]
 
 
@@ -120,8 +169,12 @@ def test_summarization_predict_from_jsonl_in_input_order(tmp_path, capsys):
         documents = [json.loads(next(f))["document"] for _ in range(3)]
     papers = tmp_path / "papers.jsonl.gz"
     with gzip.open(papers, "wt", encoding="utf-8") as f:
-        f.write("".join(json.dumps({"document": d, "id": k}) + "\n\n" for k, d in enumerate(documents)))  # blank lines skipped
-    with pytest.warns(UserWarning, match="3 of 3 predict sources are longer than max_src_len=64 tokens and were truncated"):
+        f.write(
+            "".join(json.dumps({"document": d, "id": k}) + "\n\n" for k, d in enumerate(documents))
+        )  # blank lines skipped
+    with pytest.warns(
+        UserWarning, match="3 of 3 predict sources are longer than max_src_len=64 tokens and were truncated"
+    ):
         out = predict(SUM, root, ckpt, "--data.predict", str(papers), "--model.decoding.max_len_b", "6")
     assert "decoding 3 sources: beam=2 " in out
     lines = (root / "predictions.txt").read_text(encoding="utf-8").splitlines()

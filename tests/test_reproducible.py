@@ -13,8 +13,18 @@ def test_two_identical_runs_give_identical_losses(tmp_path, monkeypatch):
     runs = []
     for name in ("a", "b"):
         monkeypatch.setenv("LIT_IIET_CACHE", str(tmp_path / name / "cache"))
-        main(["fit", *TINY, "--trainer.max_steps", "6", "--model.val_sample_prompt", "null",
-              "--trainer.default_root_dir", str(tmp_path / name)])
+        main(
+            [
+                "fit",
+                *TINY,
+                "--trainer.max_steps",
+                "6",
+                "--model.val_sample_prompt",
+                "null",
+                "--trainer.default_root_dir",
+                str(tmp_path / name),
+            ]
+        )
         runs.append(read_scalars(tmp_path / name))
     for tag in ("train/loss", "val/loss"):
         assert len(runs[0][tag]) >= 2 and runs[0][tag] == runs[1][tag], tag

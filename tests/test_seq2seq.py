@@ -37,7 +37,9 @@ SCHEMES = {
 
 def make(enc: ODEConfig, dec: ODEConfig) -> Seq2Seq:
     torch.manual_seed(0)
-    cfg = Seq2SeqConfig(V, d_model=32, n_heads=4, enc_layers=2, dec_layers=2, d_ff=64, dropout=0.0, max_src_len=40, max_tgt_len=40)
+    cfg = Seq2SeqConfig(
+        V, d_model=32, n_heads=4, enc_layers=2, dec_layers=2, d_ff=64, dropout=0.0, max_src_len=40, max_tgt_len=40
+    )
     model = Seq2Seq(cfg, enc, dec).eval()
     with torch.no_grad():  # larger weights than the init, so that iterations and cache slots really differ
         for p in model.parameters():
@@ -89,9 +91,19 @@ def test_beam_output_does_not_depend_on_batch_or_padding(name):
     together = beam_search(model.decoder_for(src, mask), 4, BOS, EOS, max_len, beam=4, lenpen=0.7)
     for b in range(4):
         n = int(mask[b].sum())
-        alone = beam_search(model.decoder_for(src[b : b + 1, :n], mask[b : b + 1, :n]), 1, BOS, EOS, max_len[b : b + 1], beam=4, lenpen=0.7)
+        alone = beam_search(
+            model.decoder_for(src[b : b + 1, :n], mask[b : b + 1, :n]),
+            1,
+            BOS,
+            EOS,
+            max_len[b : b + 1],
+            beam=4,
+            lenpen=0.7,
+        )
         padded_src = torch.cat([src[b : b + 1, :n], torch.zeros(1, 6, dtype=torch.long)], 1)
-        padded = beam_search(model.decoder_for(padded_src, padded_src != 0), 1, BOS, EOS, max_len[b : b + 1], beam=4, lenpen=0.7)
+        padded = beam_search(
+            model.decoder_for(padded_src, padded_src != 0), 1, BOS, EOS, max_len[b : b + 1], beam=4, lenpen=0.7
+        )
         assert together[b] == alone[0] == padded[0]
 
 
@@ -99,8 +111,9 @@ def test_beam_constraints_length_and_no_repeat_ngram():
     model = make(*SCHEMES["euler"])
     src, mask = batch_of([6, 6], seed=4)
     max_len = torch.tensor([9, 5])
-    hyps = beam_search(model.decoder_for(src, mask), 2, BOS, EOS, max_len, beam=3, min_len=4, no_repeat_ngram=2,
-                       banned_ids=(0, BOS))
+    hyps = beam_search(
+        model.decoder_for(src, mask), 2, BOS, EOS, max_len, beam=3, min_len=4, no_repeat_ngram=2, banned_ids=(0, BOS)
+    )
     for hyp, limit in zip(hyps, max_len.tolist()):
         assert 4 <= len(hyp) <= limit
         bigrams = list(zip(hyp, hyp[1:]))
@@ -144,7 +157,9 @@ def test_beam_search_equals_the_reference_for_every_decoder_scheme(name):
     """Decoder schemes with several F-evaluations per layer: every cache slot is reordered and shrunk."""
     model = make(*SCHEMES[name])
     src, mask = batch_of([8, 3, 6, 5, 7], seed=6)
-    same_as_reference(model.decoder_for(src, mask), 5, torch.tensor([6, 9, 4, 12, 8]), beam=4, lenpen=0.8, no_repeat_ngram=2)
+    same_as_reference(
+        model.decoder_for(src, mask), 5, torch.tensor([6, 9, 4, 12, 8]), beam=4, lenpen=0.8, no_repeat_ngram=2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +172,17 @@ def bible_sources(bible):
     for b, row in enumerate(ids):
         src[b, : len(row)] = torch.tensor(row)
     torch.manual_seed(0)
-    cfg = Seq2SeqConfig(tok.vocab_size, d_model=32, n_heads=4, enc_layers=2, dec_layers=2, d_ff=64, dropout=0.0,
-                        max_src_len=40, max_tgt_len=40)
+    cfg = Seq2SeqConfig(
+        tok.vocab_size,
+        d_model=32,
+        n_heads=4,
+        enc_layers=2,
+        dec_layers=2,
+        d_ff=64,
+        dropout=0.0,
+        max_src_len=40,
+        max_tgt_len=40,
+    )
     model = Seq2Seq(cfg, ODEConfig("iiet", 2), ODEConfig("euler")).eval()
     with torch.no_grad():
         model.embed.weight[tok.eos_id] *= 12  # tied output row: eos competes with the other tokens
@@ -196,7 +220,9 @@ def test_kv_cache_reorder_moves_rows_and_shrinks():
     cache.reorder(torch.tensor([3, 0]), 5)  # a shorter index: finished sentences leave, the cache shrinks
     assert torch.equal(cache.prefix(5)[0], k[[3, 0]]) and cache.k.shape == (2, 2, 6, 3)
     cache(5, torch.ones(2, 2, 1, 3), torch.ones(2, 2, 1, 3))  # positions past the reordered ones are still writable
-    assert torch.equal(cache.prefix(6)[1][:, :, :5], v[[3, 0]]) and torch.equal(cache.prefix(6)[1][:, :, 5], torch.ones(2, 2, 3))
+    assert torch.equal(cache.prefix(6)[1][:, :, :5], v[[3, 0]]) and torch.equal(
+        cache.prefix(6)[1][:, :, 5], torch.ones(2, 2, 3)
+    )
 
 
 def test_top_candidates_equal_topk():
@@ -269,7 +295,11 @@ def read_jsonl(path):
 def test_bible_splits_are_disjoint_by_book_and_verse():
     splits = {s: read_jsonl(ROOT / f"data/bible/fr-en.{s}.jsonl.gz") for s in ("train", "valid", "test")}
     books = {s: {r["book"] for r in rows} for s, rows in splits.items()}
-    assert not books["train"] & books["valid"] and not books["train"] & books["test"] and not books["valid"] & books["test"]
+    assert (
+        not books["train"] & books["valid"]
+        and not books["train"] & books["test"]
+        and not books["valid"] & books["test"]
+    )
     ids = [r["id"] for rows in splits.values() for r in rows]
     assert len(ids) == len(set(ids))
     assert all(r["fr"].strip() and r["en"].strip() for rows in splits.values() for r in rows)
@@ -288,8 +318,13 @@ def test_aclsum_splits_are_disjoint():
 
 @pytest.fixture(scope="module")
 def bible(tmp_path_factory):
-    dm = TranslationDataModule(vocab_size=1000, max_src_len=64, max_tgt_len=64, batch_size=4,
-                               cache_dir=str(tmp_path_factory.mktemp("bible_cache")))
+    dm = TranslationDataModule(
+        vocab_size=1000,
+        max_src_len=64,
+        max_tgt_len=64,
+        batch_size=4,
+        cache_dir=str(tmp_path_factory.mktemp("bible_cache")),
+    )
     dm.prepare_data()
     dm.setup()
     return dm
@@ -309,19 +344,40 @@ def test_bible_loads_and_round_trips_through_the_joint_tokenizer(bible):
     assert torch.equal(batch["tgt_in"][:, 1:][shifted], batch["tgt_out"][:, :-1][shifted])
 
 
-@pytest.mark.parametrize("config, fields", [("conf/sum/aclsum_iiet.yaml", ("document", "summary")),
-                                             ("conf/sum/cnn_dailymail_iiet.yaml", ("article", "highlights")),
-                                             ("conf/mt/bible_fr_en_iiet.yaml", ("fr", "en"))])
+@pytest.mark.parametrize(
+    "config, fields",
+    [
+        ("conf/sum/aclsum_iiet.yaml", ("document", "summary")),
+        ("conf/sum/cnn_dailymail_iiet.yaml", ("article", "highlights")),
+        ("conf/mt/bible_fr_en_iiet.yaml", ("fr", "en")),
+    ],
+)
 def test_data_fields_resolve_through_the_cli(config, fields):
     """Defaults that subclasses derive (schema or language -> field names) survive LightningCLI's instantiation."""
     from lightning.pytorch import LightningDataModule, LightningModule
 
     from lit_iiet.cli import IIETCLI
 
-    cli = IIETCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                  parser_kwargs={"parser_mode": "omegaconf"},
-                  args=["--config", config, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-                        "--trainer.precision", "32-true", "--trainer.strategy", "auto"])
+    cli = IIETCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=[
+            "--config",
+            config,
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.strategy",
+            "auto",
+        ],
+    )
     assert (cli.datamodule.src_field, cli.datamodule.tgt_field) == fields
 
 
@@ -356,7 +412,9 @@ def test_empty_source_or_target_is_rejected(tmp_path):
 def test_parallel_files_must_align(tmp_path):
     (tmp_path / "train.fr").write_text("un\ndeux\ntrois\n", encoding="utf-8")
     (tmp_path / "train.en").write_text("one\ntwo\n", encoding="utf-8")
-    dm = TranslationDataModule(train=str(tmp_path / "train"), val=None, test=None, vocab_size=300, cache_dir=str(tmp_path))
+    dm = TranslationDataModule(
+        train=str(tmp_path / "train"), val=None, test=None, vocab_size=300, cache_dir=str(tmp_path)
+    )
     with pytest.raises(UserInputError, match=r"train.fr has 3 lines but .*train.en has 2"):
         dm.pairs("train")
     (tmp_path / "train.en").write_text("one\ntwo\nthree\n", encoding="utf-8")
@@ -368,11 +426,15 @@ def test_long_sources_truncate_with_a_count_or_are_rejected(tmp_path):
     train = write_jsonl(tmp_path / "long.jsonl", rows)
     common = dict(train=train, val=None, test=None, vocab_size=270, max_src_len=16, cache_dir=str(tmp_path))
     dm = TranslationDataModule(**common)
-    with pytest.warns(UserWarning, match="60 of 120 train sources are longer than max_src_len=16 tokens and were truncated"):
+    with pytest.warns(
+        UserWarning, match="60 of 120 train sources are longer than max_src_len=16 tokens and were truncated"
+    ):
         dm.prepare_data()
     dm.setup()
     assert max(len(dm.datasets["train"][i][1]) for i in range(120)) == 16
-    with pytest.raises(UserInputError, match=r"train pair 1 has a source of \d+ tokens, more than max_src_len=16 \(60 such pairs"):
+    with pytest.raises(
+        UserInputError, match=r"train pair 1 has a source of \d+ tokens, more than max_src_len=16 \(60 such pairs"
+    ):
         TranslationDataModule(**common, long_source="reject").prepare_data()
 
 
@@ -394,13 +456,44 @@ def test_unavailable_datasets_source_says_how_to_provide_it(tmp_path, monkeypatc
 # --- the CLI, end to end ------------------------------------------------------------------------------------
 
 TINY_MT = [
-    "--config", "conf/mt/bible_fr_en_iiet.yaml",
-    "--model.arch.d_model", "32", "--model.arch.n_heads", "2", "--model.arch.enc_layers", "2", "--model.arch.dec_layers", "1",
-    "--model.arch.d_ff", "64", "--model.arch.vocab_size", "600", "--data.vocab_size", "600", "--data.batch_size", "8",
-    "--data.max_src_len", "48", "--data.max_tgt_len", "48", "--model.decoding.beam", "2",
-    "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2",
-    "--trainer.limit_test_batches", "2", "--model.val_decode_batches", "1", "--trainer.enable_progress_bar", "false",
-    "--trainer.log_every_n_steps", "1",
+    "--config",
+    "conf/mt/bible_fr_en_iiet.yaml",
+    "--model.arch.d_model",
+    "32",
+    "--model.arch.n_heads",
+    "2",
+    "--model.arch.enc_layers",
+    "2",
+    "--model.arch.dec_layers",
+    "1",
+    "--model.arch.d_ff",
+    "64",
+    "--model.arch.vocab_size",
+    "600",
+    "--data.vocab_size",
+    "600",
+    "--data.batch_size",
+    "8",
+    "--data.max_src_len",
+    "48",
+    "--data.max_tgt_len",
+    "48",
+    "--model.decoding.beam",
+    "2",
+    "--trainer.max_steps",
+    "4",
+    "--trainer.val_check_interval",
+    "4",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.limit_test_batches",
+    "2",
+    "--model.val_decode_batches",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.log_every_n_steps",
+    "1",
 ]
 
 

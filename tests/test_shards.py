@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from test_data import _Recorder, _SaveAndStop, _Stop, hf_offline, numbered_docs, read_corpus, trainer_test  # noqa: F401
+from test_data import _Recorder, _SaveAndStop, _Stop, numbered_docs, read_corpus, trainer_test
 
 from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.data.lm import LMDataModule, ResumableSampler
@@ -41,16 +41,29 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def shards(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "out"
-    prepare(str(out), train=str(corpus / "train"), val=str(corpus / "val.txt"), test=str(corpus / "test.txt"),
-            vocab_size=300, workers=1)
+    prepare(
+        str(out),
+        train=str(corpus / "train"),
+        val=str(corpus / "val.txt"),
+        test=str(corpus / "test.txt"),
+        vocab_size=300,
+        workers=1,
+    )
     return out
 
 
 def test_shards_hold_the_in_memory_token_stream(shards, corpus, tmp_path):
     """Every split read from its shards (one file per corpus file, windows across file ends) is the stream that
     LMDataModule tokenizes into memory from the same text and tokenizer; the files are plain .npy arrays."""
-    dm = LMDataModule(train=str(corpus / "train"), val=str(corpus / "val.txt"), test=str(corpus / "test.txt"),
-                      tokenizer=str(shards / "tokenizer.model"), seq_len=16, batch_size=2, cache_dir=str(tmp_path))
+    dm = LMDataModule(
+        train=str(corpus / "train"),
+        val=str(corpus / "val.txt"),
+        test=str(corpus / "test.txt"),
+        tokenizer=str(shards / "tokenizer.model"),
+        seq_len=16,
+        batch_size=2,
+        cache_dir=str(tmp_path),
+    )
     dm.prepare_data()
     dm.setup()
     sharded = ShardedLMDataModule(str(shards), seq_len=16, batch_size=2, num_workers=0)
@@ -67,8 +80,19 @@ def test_shards_hold_the_in_memory_token_stream(shards, corpus, tmp_path):
 def test_shards_do_not_depend_on_the_number_of_workers(shards, corpus, tmp_path):
     """Two worker processes write byte-identical files and the same counts as one."""
     out = tmp_path / "two"
-    prepare_main([str(out), "--train", str(corpus / "train"), "--val", str(corpus / "val.txt"),
-                  "--tokenizer", str(shards / "tokenizer.model"), "--workers", "2"])
+    prepare_main(
+        [
+            str(out),
+            "--train",
+            str(corpus / "train"),
+            "--val",
+            str(corpus / "val.txt"),
+            "--tokenizer",
+            str(shards / "tokenizer.model"),
+            "--workers",
+            "2",
+        ]
+    )
     one, two = (json.loads((d / "manifest.json").read_text()) for d in (shards, out))
     assert one["splits"]["train"] == two["splits"]["train"] and one["splits"]["val"] == two["splits"]["val"]
     for part in one["splits"]["train"]["files"]:
@@ -128,9 +152,16 @@ def fit_shard_windows(tmp_path: Path, shards: Path, stop: str | None = None) -> 
 
     def run(module, callbacks=(), ckpt_path=None):
         dm = ShardedLMDataModule(str(shards), seq_len=16, batch_size=2, num_workers=0, shuffle_block=4)
-        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                            callbacks=list(callbacks))
+        trainer = L.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=list(callbacks),
+        )
         trainer.fit(module, dm, ckpt_path=ckpt_path)
 
     first = _Recorder()
@@ -157,14 +188,50 @@ def test_resume_from_shards_sees_the_uninterrupted_batches(tmp_path, shards, mon
 def test_two_process_ddp_resumes_from_shards_exactly(tmp_path, shards):
     """`fit --data ShardedLMDataModule` on 2 gloo processes: resuming from the step-3 checkpoint gives the same
     losses and the same final weights as the uninterrupted 6 steps (both ranks' data enter the weights)."""
-    args = ["--config", "conf/lm/shakespeare_iiet.yaml", "--config", "conf/trainer/ddp_cpu.yaml",
-            "--model.arch.n_layers", "2", "--model.arch.d_model", "32", "--model.arch.n_heads", "2",
-            "--model.arch.vocab_size", "320", "--model.val_sample_prompt", "null",
-            "--data", "lit_iiet.data.ShardedLMDataModule", "--data.path", str(shards), "--data.seq_len", "16",
-            "--data.batch_size", "2", "--data.num_workers", "1", "--data.shuffle_block", "8",
-            "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
-            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-            "--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "null", "--checkpoint.filename", "{step}"]
+    args = [
+        "--config",
+        "conf/lm/shakespeare_iiet.yaml",
+        "--config",
+        "conf/trainer/ddp_cpu.yaml",
+        "--model.arch.n_layers",
+        "2",
+        "--model.arch.d_model",
+        "32",
+        "--model.arch.n_heads",
+        "2",
+        "--model.arch.vocab_size",
+        "320",
+        "--model.val_sample_prompt",
+        "null",
+        "--data",
+        "lit_iiet.data.ShardedLMDataModule",
+        "--data.path",
+        str(shards),
+        "--data.seq_len",
+        "16",
+        "--data.batch_size",
+        "2",
+        "--data.num_workers",
+        "1",
+        "--data.shuffle_block",
+        "8",
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--checkpoint.save_top_k",
+        "-1",
+        "--checkpoint.monitor",
+        "null",
+        "--checkpoint.filename",
+        "{step}",
+    ]
 
     def fit(root: Path, *extra: str) -> None:
         cmd = [sys.executable, "-m", "lit_iiet", "fit", *args, "--trainer.default_root_dir", str(root), *extra]
@@ -229,12 +296,19 @@ def test_prepare_from_a_saved_dataset(tmp_path, hf_offline):
     """A `datasets` copy on disk is cut into row ranges; the shards hold the in-memory stream of the same rows."""
     datasets = hf_offline
     rows = {s: [f"{s} row {i}.\nSecond line {i}." for i in range(40)] for s in ("train", "validation")}
-    datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": r}) for s, r in rows.items()}).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": r}) for s, r in rows.items()}).save_to_disk(
+        str(tmp_path / "ds")
+    )
     tok = Tokenizer.train(iter(numbered_docs(60)), tmp_path / "tok.model", vocab_size=300)
     prepare(str(tmp_path / "out"), hf_dataset=str(tmp_path / "ds"), tokenizer=str(tok.path), workers=2)
     sharded = ShardedLMDataModule(str(tmp_path / "out"), seq_len=8)
-    dm = LMDataModule(train=None, hf_dataset=str(tmp_path / "ds"), tokenizer=str(tok.path), seq_len=8,
-                      cache_dir=str(tmp_path / "cache"))
+    dm = LMDataModule(
+        train=None,
+        hf_dataset=str(tmp_path / "ds"),
+        tokenizer=str(tok.path),
+        seq_len=8,
+        cache_dir=str(tmp_path / "cache"),
+    )
     dm.prepare_data()
     dm.setup()
     for split in ("train", "val"):

@@ -27,8 +27,17 @@ from lit_iiet.hf_llama import export_llama, import_llama
 from lit_iiet.nn.ode import ODEConfig
 
 # Euler (so that it exports to Llama), greedy prediction (so that two runs give the same text).
-RUN = [*TINY, "--model.ode.scheme", "euler", "--model.ode.iters", "1", "--model.sampling.temperature", "0",
-       "--data.prompts", '["ROMEO:"]']
+RUN = [
+    *TINY,
+    "--model.ode.scheme",
+    "euler",
+    "--model.ode.iters",
+    "1",
+    "--model.sampling.temperature",
+    "0",
+    "--data.prompts",
+    '["ROMEO:"]',
+]
 
 
 def shakespeare(split: str) -> str:
@@ -105,12 +114,24 @@ def test_a_different_tokenizer_is_refused_naming_both(run, elsewhere, capsys, ck
     other = trained_elsewhere(elsewhere)
     subcommand, ckpt = ("validate", str(run.ckpt)) if ckpt_path == "file" else ("fit", "last")  # "last": a resume
     with pytest.raises(SystemExit) as exit_info:
-        main([subcommand, *RUN, "--ckpt_path", ckpt, "--data.tokenizer", str(other.path),
-              "--trainer.default_root_dir", str(run.root)])
+        main(
+            [
+                subcommand,
+                *RUN,
+                "--ckpt_path",
+                ckpt,
+                "--data.tokenizer",
+                str(other.path),
+                "--trainer.default_root_dir",
+                str(run.root),
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"lit_iiet: error: data.tokenizer {str(other.path)!r} is not the tokenizer stored in checkpoint "
-                       f"{str(run.ckpt)!r}; leave data.tokenizer unset to use the checkpoint's")
+    assert err[-1] == (
+        f"lit_iiet: error: data.tokenizer {str(other.path)!r} is not the tokenizer stored in checkpoint "
+        f"{str(run.ckpt)!r}; leave data.tokenizer unset to use the checkpoint's"
+    )
 
 
 def test_lm_eval_adapter_from_the_checkpoint_alone(run, elsewhere):
@@ -121,9 +142,14 @@ def test_lm_eval_adapter_from_the_checkpoint_alone(run, elsewhere):
     assert alone.tokenizer.model_proto == run.tokenizer.model_proto
     pairs = [("ROMEO:\nBut, soft! what light", " through yonder window breaks?"), ("KING HENRY:", "\nOnce more")]
     requests = [(None, alone.tok_encode(c), alone.tok_encode(x)) for c, x in pairs]
-    assert alone._loglikelihood_tokens(requests, disable_tqdm=True) == given._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert alone._loglikelihood_tokens(requests, disable_tqdm=True) == given._loglikelihood_tokens(
+        requests, disable_tqdm=True
+    )
     other = trained_elsewhere(elsewhere)
-    with pytest.raises(UserInputError, match=rf"^tokenizer {re.escape(repr(str(other.path)))} is not the tokenizer stored in checkpoint {re.escape(repr(str(moved)))}"):
+    with pytest.raises(
+        UserInputError,
+        match=rf"^tokenizer {re.escape(repr(str(other.path)))} is not the tokenizer stored in checkpoint {re.escape(repr(str(moved)))}",
+    ):
         LitIIETLM(checkpoint=moved, tokenizer=other.path, device="cpu")
 
 
@@ -165,10 +191,24 @@ def llama_style(tmp_path_factory) -> Tokenizer:
     path = tmp_path_factory.mktemp("llama_tok") / "tokenizer.model"
     lines = [line for line in shakespeare("valid").splitlines() if line.strip()]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(path.with_suffix("")), model_type="bpe", vocab_size=1000,
-        add_dummy_prefix=True, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", character_coverage=0.99995,
-        max_sentence_length=4192, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_prefix=str(path.with_suffix("")),
+        model_type="bpe",
+        vocab_size=1000,
+        add_dummy_prefix=True,
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=0.99995,
+        max_sentence_length=4192,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=2,
+        minloglevel=2,
     )
     return Tokenizer(path)
 

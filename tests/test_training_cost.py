@@ -54,7 +54,9 @@ def test_seq2seq_flops_equal_torch_flop_counter(ffn):
 
 def gradients(ode: ODEConfig, checkpointing: str, dropout: float = 0.1) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = Decoder(DecoderConfig(vocab_size=50, n_layers=2, d_model=32, n_heads=2, max_seq_len=32, dropout=dropout), ode)
+    model = Decoder(
+        DecoderConfig(vocab_size=50, n_layers=2, d_model=32, n_heads=2, max_seq_len=32, dropout=dropout), ode
+    )
     model.checkpointing = checkpointing
     x = torch.randint(0, 50, (2, 12))
     torch.manual_seed(1)  # the same dropout masks in every run; checkpointing must replay them on recomputation
@@ -64,8 +66,12 @@ def gradients(ode: ODEConfig, checkpointing: str, dropout: float = 0.1) -> dict[
 
 @pytest.mark.parametrize(
     "ode, mode",
-    [(ODEConfig("iiet", 3), "layer"), (ODEConfig("iiet", 3), "iteration"), (ODEConfig("pcformer", branch_norm=True), "iteration"),
-     (ODEConfig("rk4"), "layer")],
+    [
+        (ODEConfig("iiet", 3), "layer"),
+        (ODEConfig("iiet", 3), "iteration"),
+        (ODEConfig("pcformer", branch_norm=True), "iteration"),
+        (ODEConfig("rk4"), "layer"),
+    ],
     ids=["iiet-layer", "iiet-iteration", "pcformer-iteration", "rk4-layer"],
 )
 def test_activation_checkpointing_keeps_gradients(ode, mode):
@@ -75,7 +81,9 @@ def test_activation_checkpointing_keeps_gradients(ode, mode):
 
 
 def test_activation_checkpointing_bad_values():
-    with pytest.raises(UserInputError, match="activation_checkpointing='layers'; choose 'none', 'layer' or 'iteration'"):
+    with pytest.raises(
+        UserInputError, match="activation_checkpointing='layers'; choose 'none', 'layer' or 'iteration'"
+    ):
         LanguageModel(activation_checkpointing="layers")
     with pytest.raises(UserInputError, match="does not support scheme 'pcformer'"):
         LanguageModel(ode=ODEConfig("pcformer"), activation_checkpointing="layer")

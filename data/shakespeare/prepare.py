@@ -428,14 +428,11 @@ def write_gzip(path: Path, text: str) -> bytes:
 # --------------------------------------------------------------------------
 
 
-def provenance(
-    wheel_name: str, wheel_sha: str, plays: list[Play], splits: dict, summary: dict
-) -> str:
+def provenance(wheel_name: str, wheel_sha: str, plays: list[Play], splits: dict, summary: dict) -> str:
     """The text of PROVENANCE.md."""
     totals = sum((p.stats for p in plays), collections.Counter())
     rows = "\n".join(
-        f"| {name} | {len(splits[name])} | {s['chars']:,} | {s['lines']:,} | "
-        f"{s['gz_bytes']:,} | `{s['gz_sha256']}` |"
+        f"| {name} | {len(splits[name])} | {s['chars']:,} | {s['lines']:,} | {s['gz_bytes']:,} | `{s['gz_sha256']}` |"
         for name, s in summary.items()
     )
     lists = "\n".join(
@@ -542,12 +539,8 @@ characters of the decompressed text.
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--wheel", type=Path, help=f"use this {WHEEL_NAME} instead of downloading it"
-    )
-    parser.add_argument(
-        "--verbose", action="store_true", help="list the non-direction lines dropped"
-    )
+    parser.add_argument("--wheel", type=Path, help=f"use this {WHEEL_NAME} instead of downloading it")
+    parser.add_argument("--verbose", action="store_true", help="list the non-direction lines dropped")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -570,9 +563,7 @@ def main(argv: list[str] | None = None) -> None:
             "gz_sha256": sha256_bytes(data),
         }
 
-    (OUT_DIR / "PROVENANCE.md").write_text(
-        provenance(wheel.name, wheel_sha, plays, splits, summary), encoding="utf-8"
-    )
+    (OUT_DIR / "PROVENANCE.md").write_text(provenance(wheel.name, wheel_sha, plays, splits, summary), encoding="utf-8")
 
     # Summary on stdout.
     totals: collections.Counter = collections.Counter()

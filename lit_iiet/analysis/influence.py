@@ -76,7 +76,9 @@ def iteration_stats(model, batches: list[Tensor]) -> IterationStats:
     """
     update = model.update
     if update.cfg.scheme != "iiet" or update.cfg.iiet_unit != "layer":
-        raise UserInputError(f"iteration influence needs scheme 'iiet' with iiet_unit 'layer', not {update.cfg.scheme!r}/{update.cfg.iiet_unit!r}")
+        raise UserInputError(
+            f"iteration influence needs scheme 'iiet' with iiet_unit 'layer', not {update.cfg.scheme!r}/{update.cfg.iiet_unit!r}"
+        )
     was_training = model.training
     model.eval()
     L = len(update.schedule)
@@ -165,7 +167,9 @@ def schedule_from_influence(
         return [r if v > threshold else 1 for r, v in zip(full, normalized(influence))]
     floor = relative_compute([1] * len(full), full)
     if not floor <= target_compute <= 1.0:
-        raise UserInputError(f"target_compute={target_compute} must lie in [{floor:.3f}, 1] (one iteration everywhere .. all)")
+        raise UserInputError(
+            f"target_compute={target_compute} must lie in [{floor:.3f}, 1] (one iteration everywhere .. all)"
+        )
     schedule = [1] * len(full)
     for layer in sorted(range(len(full)), key=lambda i: -influence[i]):
         trial = schedule[:layer] + [full[layer]] + schedule[layer + 1 :]

@@ -94,7 +94,9 @@ class IIAD(Callback):
 
         self.teacher = LanguageModel.load_from_checkpoint(self.teacher_path, map_location="cpu", weights_only=True)
         if self.teacher.model.update.cfg.scheme != "iiet":
-            raise UserInputError(f"IIAD teacher {self.teacher_path!r} has scheme {self.teacher.model.update.cfg.scheme!r}, not 'iiet'")
+            raise UserInputError(
+                f"IIAD teacher {self.teacher_path!r} has scheme {self.teacher.model.update.cfg.scheme!r}, not 'iiet'"
+            )
         # The student starts as the teacher (on resume, the checkpoint's weights replace these afterwards) ...
         pl_module.load_weights(self.teacher.state_dict(), self.teacher_path)
         pl_module.check_embed_scale(self.teacher.hparams["arch"], self.teacher_path)

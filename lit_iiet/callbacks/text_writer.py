@@ -13,7 +13,9 @@ def fresh_path(path: Path) -> Path:
     candidate = path
     while candidate.exists():
         version += 1
-        candidate = path.with_name(f"{path.name.removesuffix(''.join(path.suffixes))}-v{version}{''.join(path.suffixes)}")
+        candidate = path.with_name(
+            f"{path.name.removesuffix(''.join(path.suffixes))}-v{version}{''.join(path.suffixes)}"
+        )
     return candidate
 
 
@@ -76,5 +78,7 @@ class TextPredictionWriter(BasePredictionWriter):
         if self._aligned is None:
             return
         if self._pending:  # a gap: an input position that never came back
-            raise RuntimeError(f"predict: no output for input {self._next}; {len(self._pending)} later outputs were not written")
+            raise RuntimeError(
+                f"predict: no output for input {self._next}; {len(self._pending)} later outputs were not written"
+            )
         print(f"{self._next} outputs, in input order: {self._aligned}", flush=True)

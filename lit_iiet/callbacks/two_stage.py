@@ -42,7 +42,9 @@ class TwoStage(Callback):
         self.full = list(update.schedule)
         if not self.switched:
             update.set_schedule([1] * len(self.full))
-            rank_zero_info(f"TwoStage: one iteration per layer until step {self.switch_step(trainer)}, then {self.full}")
+            rank_zero_info(
+                f"TwoStage: one iteration per layer until step {self.switch_step(trainer)}, then {self.full}"
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if not self.switched and trainer.global_step >= self.switch_step(trainer):

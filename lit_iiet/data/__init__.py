@@ -3,5 +3,11 @@ from lit_iiet.data.seq2seq import Seq2SeqDataModule, SummarizationDataModule, Tr
 from lit_iiet.data.shards import ShardedLMDataModule
 from lit_iiet.data.tokenizer import Tokenizer
 
-__all__ = ["LMDataModule", "Seq2SeqDataModule", "ShardedLMDataModule", "SummarizationDataModule", "Tokenizer",
-           "TranslationDataModule"]
+__all__ = [
+    "LMDataModule",
+    "Seq2SeqDataModule",
+    "ShardedLMDataModule",
+    "SummarizationDataModule",
+    "Tokenizer",
+    "TranslationDataModule",
+]

@@ -46,7 +46,9 @@ def token_cache_path(cache_dir: Path, name: str, tokenizer: Path, source_id: tup
     return cache_dir / "tokens" / f"{name}-{fingerprint(source_id, str(tokenizer.resolve()), stamp, *key)}.pt"
 
 
-def ensure_tokenizer(path: Path, given: bool, lines: Iterator[str], vocab_size: int, max_lines: int = 2_000_000) -> Tokenizer:
+def ensure_tokenizer(
+    path: Path, given: bool, lines: Iterator[str], vocab_size: int, max_lines: int = 2_000_000
+) -> Tokenizer:
     """The tokenizer at path: a given model must exist; a cached one is trained on `lines` the first time."""
     if not path.exists():
         if given:

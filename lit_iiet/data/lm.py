@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import glob
-import itertools
 import gzip
+import itertools
 import json
 import os
 from pathlib import Path
@@ -14,7 +14,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lit_iiet.data.cache import SPLITS, atomic_save, ensure_tokenizer, load_hf_split, token_cache_path, tokenizer_cache_path
+from lit_iiet.data.cache import (
+    SPLITS,
+    atomic_save,
+    ensure_tokenizer,
+    load_hf_split,
+    token_cache_path,
+    tokenizer_cache_path,
+)
 from lit_iiet.data.tokenizer import ENCODING_VERSION, Tokenizer, default_cache_dir
 from lit_iiet.errors import UserInputError
 
@@ -153,7 +160,9 @@ class TextCorpus:
     def source_id(self) -> tuple:
         if self.hf_dataset is not None:
             return (self.hf_dataset, self.hf_name, sorted(self.hf_splits.items()), self.text_field)
-        files = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for fs in self.files.values() for f in fs)
+        files = tuple(
+            (str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for fs in self.files.values() for f in fs
+        )
         return files + (self.text_field,)
 
     # --- units of work for `lit_iiet.data.prepare` ----------------------------------------------------------
@@ -203,8 +212,16 @@ class ResumableSampler(DistributedSampler):
 
     BLOCK = 1 << 16  # items per shuffle block: 134M tokens of 2048-token windows, 512 KB of indices
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int, skip: int = 0,
-                 block: int = BLOCK) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        shuffle: bool,
+        seed: int,
+        skip: int = 0,
+        block: int = BLOCK,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.skip = skip  # samples of this rank already consumed in the current epoch
         self.block = block
@@ -225,7 +242,9 @@ class ResumableSampler(DistributedSampler):
             first, size = b * self.block, min(self.block, n - b * self.block)
             if position + size > start:
                 g.manual_seed((self.seed + self.epoch) * 1_000_003 + b)  # each block's own stream: jump to any
-                for i in (torch.randperm(size, generator=g) + first)[max(0, start - position) : end - position].tolist():
+                for i in (torch.randperm(size, generator=g) + first)[
+                    max(0, start - position) : end - position
+                ].tolist():
                     yield i
             position += size
             if position >= end:
@@ -279,7 +298,9 @@ class PackedLMData(L.LightningDataModule):
         dataset = PackedDataset(self.token_stream(split), h.seq_len)
         if split != "train":
             return DataLoader(dataset, shuffle=False, **kwargs)
-        sampler = ResumableSampler.for_training(self.trainer, dataset, h.shuffle, h.batch_size, block=self.shuffle_block)
+        sampler = ResumableSampler.for_training(
+            self.trainer, dataset, h.shuffle, h.batch_size, block=self.shuffle_block
+        )
         return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
@@ -367,22 +388,34 @@ class LMDataModule(PackedLMData):
         h = self.hparams
         if h.tokenizer is not None:
             return Path(h.tokenizer)
-        return tokenizer_cache_path(self.cache_dir, "bpe", h.vocab_size, self.corpus.source_id(), h.vocab_size, h.tokenizer_max_lines)
+        return tokenizer_cache_path(
+            self.cache_dir, "bpe", h.vocab_size, self.corpus.source_id(), h.vocab_size, h.tokenizer_max_lines
+        )
 
     def token_path(self, split: str) -> Path:
-        return token_cache_path(self.cache_dir, split, self.tokenizer_path(), self.corpus.source_id(), split, ENCODING_VERSION)
+        return token_cache_path(
+            self.cache_dir, split, self.tokenizer_path(), self.corpus.source_id(), split, ENCODING_VERSION
+        )
 
     def prepare_data(self) -> None:
         """Train the tokenizer and tokenize the in-memory splits once (rank 0); later runs read the cache."""
         h = self.hparams
-        tokenizer = ensure_tokenizer(self.tokenizer_path(), h.tokenizer is not None, self.corpus.training_lines(),
-                                     h.vocab_size, h.tokenizer_max_lines)
+        tokenizer = ensure_tokenizer(
+            self.tokenizer_path(),
+            h.tokenizer is not None,
+            self.corpus.training_lines(),
+            h.vocab_size,
+            h.tokenizer_max_lines,
+        )
         for split in SPLITS:
             out = self.token_path(split)
             if not self.has_split(split) or out.exists():
                 continue
             # int32 per document, not one Python list of ints (28 bytes per token)
-            ids = [torch.tensor(encode_document(tokenizer, text), dtype=torch.int32) for text in self.corpus.documents(split)]
+            ids = [
+                torch.tensor(encode_document(tokenizer, text), dtype=torch.int32)
+                for text in self.corpus.documents(split)
+            ]
             atomic_save(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32), out)
 
     def setup(self, stage: str | None = None) -> None:

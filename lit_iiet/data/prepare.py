@@ -132,7 +132,10 @@ def prepare(
     jobs = []
     for split in splits:
         (out / split).mkdir()
-        jobs += [(corpus, str(tokenizer_file), split, i, piece, str(out), dtype) for i, piece in enumerate(corpus.pieces(split))]
+        jobs += [
+            (corpus, str(tokenizer_file), split, i, piece, str(out), dtype)
+            for i, piece in enumerate(corpus.pieces(split))
+        ]
     if workers == 1:
         parts = [tokenize_piece(job) for job in jobs]
     else:
@@ -141,15 +144,24 @@ def prepare(
     seconds = time.perf_counter() - tokenizing
 
     manifest = {
-        "format": FORMAT, "version": VERSION, "dtype": dtype.name,
-        "tokenizer_sha256": file_sha256(tokenizer_file), "vocab_size": vocab,
-        "splits": {}, "source": repr(corpus.source_id()),
-        "encoding_version": ENCODING_VERSION, "tokenize_seconds": round(seconds, 3), "workers": workers,
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.name,
+        "tokenizer_sha256": file_sha256(tokenizer_file),
+        "vocab_size": vocab,
+        "splits": {},
+        "source": repr(corpus.source_id()),
+        "encoding_version": ENCODING_VERSION,
+        "tokenize_seconds": round(seconds, 3),
+        "workers": workers,
     }
     for split in splits:
         files = [part for job, part in zip(jobs, parts) if job[2] == split]
-        manifest["splits"][split] = {"tokens": sum(p["tokens"] for p in files),
-                                     "documents": sum(p["documents"] for p in files), "files": files}
+        manifest["splits"][split] = {
+            "tokens": sum(p["tokens"] for p in files),
+            "documents": sum(p["documents"] for p in files),
+            "files": files,
+        }
     tmp = out / f"{MANIFEST}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(out / MANIFEST)  # last: its presence marks a finished folder
@@ -157,8 +169,10 @@ def prepare(
     total = sum(info["tokens"] for info in manifest["splits"].values())
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['tokens']:,} tokens, {info['documents']:,} documents, {len(info['files'])} files")
-    print(f"{total:,} tokens in {seconds:.1f} s ({total / max(seconds, 1e-9):,.0f} tokens/s with {workers} workers); "
-          f"{time.perf_counter() - started:.1f} s in all -> {out}")
+    print(
+        f"{total:,} tokens in {seconds:.1f} s ({total / max(seconds, 1e-9):,.0f} tokens/s with {workers} workers); "
+        f"{time.perf_counter() - started:.1f} s in all -> {out}"
+    )
     return manifest
 
 

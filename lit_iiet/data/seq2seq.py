@@ -15,8 +15,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from lit_iiet.data.cache import (
+    SPLITS,
+    atomic_save,
+    ensure_tokenizer,
+    load_hf_split,
+    token_cache_path,
+    tokenizer_cache_path,
+)
 from lit_iiet.data.lm import ResumableSampler
-from lit_iiet.data.cache import SPLITS, atomic_save, ensure_tokenizer, load_hf_split, token_cache_path, tokenizer_cache_path
 from lit_iiet.data.tokenizer import Tokenizer, default_cache_dir
 from lit_iiet.errors import UserInputError
 
@@ -59,14 +66,20 @@ class PairDataset(Dataset):
         return len(self.src_off) - 1
 
     def __getitem__(self, i: int):
-        return i, self.src[self.src_off[i] : self.src_off[i + 1]].long(), self.tgt[self.tgt_off[i] : self.tgt_off[i + 1]].long()
+        return (
+            i,
+            self.src[self.src_off[i] : self.src_off[i + 1]].long(),
+            self.tgt[self.tgt_off[i] : self.tgt_off[i + 1]].long(),
+        )
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """Padded row lengths of every pair in a batch: the source (with eos), the target + 1 (bos / eos)."""
         return self.src_off.diff().numpy(), self.tgt_off.diff().numpy() + 1
 
 
-def token_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: int, seed: int | None = None) -> list[np.ndarray]:
+def token_batches(
+    src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: int, seed: int | None = None
+) -> list[np.ndarray]:
     """Pair indices cut into batches of similar lengths whose padded tensors hold at most max_tokens each.
 
     The pairs are ordered by source length, then by target length (fewer pads than ordering by the longer side:
@@ -135,7 +148,12 @@ def pack(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode_sources(
-    texts: Sequence[str], tokenizer: Tokenizer, max_src_len: int, long_source: str, split: str, item: str = "pair",
+    texts: Sequence[str],
+    tokenizer: Tokenizer,
+    max_src_len: int,
+    long_source: str,
+    split: str,
+    item: str = "pair",
     option: str = "data.long_source",
 ) -> list[list[int]]:
     """Source ids + eos, at most max_src_len of them. Longer sources are truncated (counted in a warning) or, with
@@ -150,7 +168,9 @@ def encode_sources(
             f"({len(long)} such {item}s; set {option}=truncate to cut them)"
         )
     if long:
-        rank_zero_warn(f"{len(long)} of {len(ids)} {split} sources are longer than max_src_len={max_src_len} tokens and were truncated")
+        rank_zero_warn(
+            f"{len(long)} of {len(ids)} {split} sources are longer than max_src_len={max_src_len} tokens and were truncated"
+        )
     return [s[: max_src_len - 1] + [tokenizer.eos_id] for s in ids]
 
 
@@ -286,13 +306,17 @@ class Seq2SeqDataModule(L.LightningDataModule):
         if long_source not in ("truncate", "reject"):
             raise UserInputError(f"long_source={long_source!r}; choose 'truncate' or 'reject'")
         if max_src_len < 2 or max_tgt_len < 2 or batch_size < 1:
-            raise UserInputError(f"max_src_len={max_src_len}, max_tgt_len={max_tgt_len} must be >= 2 and batch_size={batch_size} >= 1")
+            raise UserInputError(
+                f"max_src_len={max_src_len}, max_tgt_len={max_tgt_len} must be >= 2 and batch_size={batch_size} >= 1"
+            )
         if vocab_size < 260:
             raise UserInputError(f"vocab_size={vocab_size}: at least 260 are needed (256 byte tokens + 4 specials)")
         # Sources hold at most max_src_len tokens, target rows max_tgt_len (<bos> + max_tgt_len - 1 tokens).
         if max_tokens is not None and max_tokens < max(max_src_len, max_tgt_len):
-            raise UserInputError(f"max_tokens={max_tokens} is smaller than the longest allowed pair (max_src_len={max_src_len}, "
-                                 f"max_tgt_len={max_tgt_len}); set it to at least {max(max_src_len, max_tgt_len)}")
+            raise UserInputError(
+                f"max_tokens={max_tokens} is smaller than the longest allowed pair (max_src_len={max_src_len}, "
+                f"max_tgt_len={max_tgt_len}); set it to at least {max(max_src_len, max_tgt_len)}"
+            )
         self.specs = {"train": train, "val": val, "test": test}
         self.predict_file = self._predict_file(predict) if predict is not None else None
         if hf_dataset is None:
@@ -300,7 +324,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
                 if spec is not None:
                     self._files(split, spec)  # fail now, before anything runs, if a file is missing
             if train is None and tokenizer is None:
-                raise UserInputError("data.train is not set: give training pairs, or a tokenizer model with data.tokenizer")
+                raise UserInputError(
+                    "data.train is not set: give training pairs, or a tokenizer model with data.tokenizer"
+                )
         self.hf_splits = {"train": "train", "val": "validation", "test": "test", **(hf_splits or {})}
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.tokenizer: Tokenizer | None = None
@@ -379,7 +405,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
             return (h.hf_dataset, h.hf_name, sorted(self.hf_splits.items()), self.src_field, self.tgt_field)
         stats = tuple(
             (str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
-            for split, spec in self.specs.items() if spec is not None for f in self._files(split, spec)
+            for split, spec in self.specs.items()
+            if spec is not None
+            for f in self._files(split, spec)
         )
         return stats + (self.src_field, self.tgt_field)
 
@@ -388,12 +416,22 @@ class Seq2SeqDataModule(L.LightningDataModule):
     def tokenizer_path(self) -> Path:
         if self.hparams.tokenizer is not None:
             return Path(self.hparams.tokenizer)
-        return tokenizer_cache_path(self.cache_dir, "joint", self.hparams.vocab_size, "joint", self._source_id(), self.hparams.vocab_size)
+        return tokenizer_cache_path(
+            self.cache_dir, "joint", self.hparams.vocab_size, "joint", self._source_id(), self.hparams.vocab_size
+        )
 
     def token_path(self, split: str) -> Path:
         h = self.hparams
-        return token_cache_path(self.cache_dir, f"pairs-{split}", self.tokenizer_path(), self._source_id(),
-                                h.max_src_len, h.max_tgt_len, h.long_source, split)
+        return token_cache_path(
+            self.cache_dir,
+            f"pairs-{split}",
+            self.tokenizer_path(),
+            self._source_id(),
+            h.max_src_len,
+            h.max_tgt_len,
+            h.long_source,
+            split,
+        )
 
     def _training_lines(self) -> Iterator[str]:
         for src, tgt in self.pairs("train"):
@@ -411,8 +449,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
         return {"src": src, "src_offsets": src_off, "tgt": tgt, "tgt_offsets": tgt_off}
 
     def prepare_data(self) -> None:
-        tokenizer = ensure_tokenizer(self.tokenizer_path(), self.hparams.tokenizer is not None, self._training_lines(),
-                                     self.hparams.vocab_size)
+        tokenizer = ensure_tokenizer(
+            self.tokenizer_path(), self.hparams.tokenizer is not None, self._training_lines(), self.hparams.vocab_size
+        )
         if self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING:
             return  # predict reads its own sources in setup; the pairs need no token ids
         for split in SPLITS:
@@ -425,10 +464,14 @@ class Seq2SeqDataModule(L.LightningDataModule):
         self.tokenizer = Tokenizer(self.tokenizer_path())
         if stage == "predict":
             if self.predict_file is None:
-                raise UserInputError("no predict data configured (set data.predict to a .txt or .jsonl file of sources)")
+                raise UserInputError(
+                    "no predict data configured (set data.predict to a .txt or .jsonl file of sources)"
+                )
             sources = read_sources(self.predict_file, self.src_field)
             h = self.hparams
-            self.predict_sources = encode_sources(sources, self.tokenizer, h.max_src_len, h.long_source, "predict", "source")
+            self.predict_sources = encode_sources(
+                sources, self.tokenizer, h.max_src_len, h.long_source, "predict", "source"
+            )
             return
         for split in SPLITS:
             if split in self.datasets or not self.has_split(split):
@@ -462,8 +505,12 @@ class Seq2SeqDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         if self.hparams.max_tokens is not None:
             return self._token_loader(split, dataset)
-        kwargs = dict(batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers, collate_fn=self.collate,
-                      persistent_workers=self.hparams.num_workers > 0)
+        kwargs = dict(
+            batch_size=self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self.collate,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
         if split != "train":
             return DataLoader(dataset, shuffle=False, **kwargs)
         sampler = ResumableSampler.for_training(self.trainer, dataset, self.hparams.shuffle, self.hparams.batch_size)
@@ -506,8 +553,12 @@ class Seq2SeqDataModule(L.LightningDataModule):
             raise UserInputError(f"predict runs on one device (trainer.devices=1), not {self.trainer.world_size}")
         h = self.hparams
         batches = source_batches([len(s) for s in self.predict_sources], h.batch_size, h.max_tokens)
-        return DataLoader(SourceBatches(self.predict_sources, batches, self.tokenizer.pad_id), batch_size=1,
-                          collate_fn=_only_item, num_workers=h.num_workers)
+        return DataLoader(
+            SourceBatches(self.predict_sources, batches, self.tokenizer.pad_id),
+            batch_size=1,
+            collate_fn=_only_item,
+            num_workers=h.num_workers,
+        )
 
 
 class TranslationDataModule(Seq2SeqDataModule):
@@ -543,7 +594,9 @@ class TranslationDataModule(Seq2SeqDataModule):
         if src_lang == tgt_lang:
             raise UserInputError(f"src_lang and tgt_lang are both {src_lang!r}")
         self.src_lang, self.tgt_lang = src_lang, tgt_lang
-        super().__init__(train=train, val=val, test=test, src_field=src_field or src_lang, tgt_field=tgt_field or tgt_lang, **kwargs)
+        super().__init__(
+            train=train, val=val, test=test, src_field=src_field or src_lang, tgt_field=tgt_field or tgt_lang, **kwargs
+        )
 
     def _parallel(self, spec: str) -> tuple[Path, Path] | None:
         for suffix in ("", ".gz"):
@@ -589,7 +642,11 @@ class TranslationDataModule(Seq2SeqDataModule):
             yield f"{src_path}:{n}", {self.src_field: s, self.tgt_field: t}
 
 
-SUMMARIZATION_SCHEMAS = {"cnn_dailymail": ("article", "highlights"), "xsum": ("document", "summary"), "aclsum": ("document", "summary")}
+SUMMARIZATION_SCHEMAS = {
+    "cnn_dailymail": ("article", "highlights"),
+    "xsum": ("document", "summary"),
+    "aclsum": ("document", "summary"),
+}
 
 
 class SummarizationDataModule(Seq2SeqDataModule):
@@ -621,5 +678,11 @@ class SummarizationDataModule(Seq2SeqDataModule):
         if schema not in SUMMARIZATION_SCHEMAS:
             raise UserInputError(f"schema={schema!r}; choose one of {', '.join(SUMMARIZATION_SCHEMAS)}")
         default_src, default_tgt = SUMMARIZATION_SCHEMAS[schema]
-        super().__init__(train=train, val=val, test=test, src_field=src_field or default_src,
-                         tgt_field=tgt_field or default_tgt, **kwargs)
+        super().__init__(
+            train=train,
+            val=val,
+            test=test,
+            src_field=src_field or default_src,
+            tgt_field=tgt_field or default_tgt,
+            **kwargs,
+        )

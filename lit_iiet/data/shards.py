@@ -42,11 +42,15 @@ def read_manifest(folder: str | Path) -> dict:
     """The manifest of a finished shard folder, with every file it names checked; one-line errors otherwise."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserInputError(f"shard folder {str(folder)!r} does not exist (write it with python -m lit_iiet.data.prepare)")
+        raise UserInputError(
+            f"shard folder {str(folder)!r} does not exist (write it with python -m lit_iiet.data.prepare)"
+        )
     path = folder / MANIFEST
     if not path.is_file():
         if not any(folder.iterdir()):
-            raise UserInputError(f"shard folder {str(folder)!r} is empty (write it with python -m lit_iiet.data.prepare)")
+            raise UserInputError(
+                f"shard folder {str(folder)!r} is empty (write it with python -m lit_iiet.data.prepare)"
+            )
         raise UserInputError(
             f"shard folder {str(folder)!r} has no {MANIFEST}: its prepare did not finish; run it again into an empty folder"
         )
@@ -144,7 +148,9 @@ class ShardedLMDataModule(PackedLMData):
         super().__init__()
         self.save_hyperparameters()
         if seq_len < 1 or batch_size < 1 or shuffle_block < 1:
-            raise UserInputError(f"seq_len={seq_len}, batch_size={batch_size} and shuffle_block={shuffle_block} must be >= 1")
+            raise UserInputError(
+                f"seq_len={seq_len}, batch_size={batch_size} and shuffle_block={shuffle_block} must be >= 1"
+            )
         self.folder = Path(path)
         self.manifest = read_manifest(self.folder)
         self.shuffle_block = shuffle_block

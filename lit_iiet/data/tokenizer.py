@@ -90,7 +90,11 @@ class Tokenizer:
         # piece_to_id gives <unk> for a piece the model lacks, and <unk> is no user-defined piece.
         newline = proto.pieces[self.sp.piece_to_id("\n")]
         user_defined = newline.piece == "\n" and newline.type == pb.ModelProto.SentencePiece.USER_DEFINED
-        return user_defined and not proto.normalizer_spec.add_dummy_prefix and not proto.normalizer_spec.remove_extra_whitespaces
+        return (
+            user_defined
+            and not proto.normalizer_spec.add_dummy_prefix
+            and not proto.normalizer_spec.remove_extra_whitespaces
+        )
 
     @functools.cached_property
     def _newline_id(self) -> int:

@@ -22,7 +22,13 @@ OPTIONAL_PARAMS = ("model.update.routers.", "model.update.relaxation")
 def precision_dtype(precision: str) -> torch.dtype:
     """The matmul dtype of a Trainer precision setting ("bf16-mixed" -> bfloat16, "32-true" -> float32)."""
     precision = str(precision)
-    return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else torch.float32
+    return (
+        torch.bfloat16
+        if precision.startswith("bf16")
+        else torch.float16
+        if precision.startswith("16")
+        else torch.float32
+    )
 
 
 def check_adam_options(cfg) -> None:
@@ -33,7 +39,12 @@ def check_adam_options(cfg) -> None:
         ("eps", cfg.eps, math.isfinite(cfg.eps) and cfg.eps > 0, "a number > 0"),
         ("weight_decay", cfg.weight_decay, math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "a number >= 0"),
         ("warmup_steps", cfg.warmup_steps, cfg.warmup_steps >= 0, "an integer >= 0"),
-        ("betas", list(cfg.betas), len(cfg.betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.betas), "two numbers in [0, 1)"),
+        (
+            "betas",
+            list(cfg.betas),
+            len(cfg.betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.betas),
+            "two numbers in [0, 1)",
+        ),
     ]
     for name, value, ok, allowed in checks:
         if not ok:
@@ -111,8 +122,11 @@ class ODEModule(L.LightningModule):
         wrong = [k for k in own if k in state and state[k].shape != own[k]]
         if missing or extra or wrong:
             what = (
-                f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, the model has {tuple(own[wrong[0]])}" if wrong
-                else f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+                f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, the model has {tuple(own[wrong[0]])}"
+                if wrong
+                else f"missing {missing[:3]}"
+                if missing
+                else f"unexpected {extra[:3]}"
             )
             raise UserInputError(f"checkpoint {source!r} does not fit this model's architecture: {what}")
 

@@ -71,8 +71,14 @@ class LanguageModel(ODEModule):
     """Next-token prediction with a Transformer++ whose layers follow the chosen ODE scheme."""
 
     # See ODEModule: sampling, and how an IIET runs its iterations at inference (policy, threshold, cache).
-    runtime_options = ("sampling", "val_sample_prompt", "ode.iiet_policy", "ode.iiet_threshold",
-                       "ode.early_exit_compaction", "ode.kv_mode")
+    runtime_options = (
+        "sampling",
+        "val_sample_prompt",
+        "ode.iiet_policy",
+        "ode.iiet_threshold",
+        "ode.early_exit_compaction",
+        "ode.kv_mode",
+    )
 
     def __init__(
         self,
@@ -105,7 +111,9 @@ class LanguageModel(ODEModule):
         self.init_from, self.val_sample_prompt = init_from, val_sample_prompt
         self.model = Decoder(arch, ode)
         if activation_checkpointing not in ("none", "layer", "iteration"):
-            raise UserInputError(f"activation_checkpointing={activation_checkpointing!r}; choose 'none', 'layer' or 'iteration'")
+            raise UserInputError(
+                f"activation_checkpointing={activation_checkpointing!r}; choose 'none', 'layer' or 'iteration'"
+            )
         if activation_checkpointing == "layer" and ode.scheme == "pcformer":
             raise UserInputError("activation_checkpointing='layer' does not support scheme 'pcformer'; use 'iteration'")
         self.model.checkpointing, self.compile_model = activation_checkpointing, compile
@@ -124,7 +132,9 @@ class LanguageModel(ODEModule):
         self.check_vocab(self.model.cfg.vocab_size)
         seq_len = getattr(getattr(self.datamodule, "hparams", None), "seq_len", None)
         if seq_len is not None and seq_len > self.model.cfg.max_seq_len:
-            raise UserInputError(f"data.seq_len={seq_len} is longer than model.arch.max_seq_len={self.model.cfg.max_seq_len}")
+            raise UserInputError(
+                f"data.seq_len={seq_len} is longer than model.arch.max_seq_len={self.model.cfg.max_seq_len}"
+            )
         super().setup(stage)
 
     def configure_model(self) -> None:
@@ -136,7 +146,9 @@ class LanguageModel(ODEModule):
         optimizer = torch.optim.AdamW(self.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
         total = o.total_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
-            raise UserInputError("set trainer.max_steps, trainer.max_epochs or model.optim.total_steps for the LR schedule")
+            raise UserInputError(
+                "set trainer.max_steps, trainer.max_epochs or model.optim.total_steps for the LR schedule"
+            )
         total = int(total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, o.warmup_steps, total, o.min_lr_ratio)
@@ -175,7 +187,11 @@ class LanguageModel(ODEModule):
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         update = self.model.update
         # How every layer's fixed-point iteration converges, reduced on the fly.
-        observing = update.observe(self.convergence.observer(update.schedule)) if update.cfg.scheme == "iiet" else contextlib.nullcontext()
+        observing = (
+            update.observe(self.convergence.observer(update.schedule))
+            if update.cfg.scheme == "iiet"
+            else contextlib.nullcontext()
+        )
         with observing:
             logits = self.model(batch[:, :-1])
         loss = next_token_loss(logits, batch)
@@ -204,7 +220,9 @@ class LanguageModel(ODEModule):
             if not self.trainer.sanity_checking and self.trainer.is_global_zero:
                 for logger in self.loggers:
                     if hasattr(logger.experiment, "add_histogram"):
-                        logger.experiment.add_histogram("iiet/evals_per_token", torch.cat(self._val_evals_hist), self.global_step)
+                        logger.experiment.add_histogram(
+                            "iiet/evals_per_token", torch.cat(self._val_evals_hist), self.global_step
+                        )
         else:
             self.log("iiet/evals_per_token", update.total_evals() / self.model.cfg.n_layers)
         self.val_evals.reset()
@@ -235,13 +253,23 @@ class LanguageModel(ODEModule):
         s = self.sampling
         max_new = min(s.max_new_tokens, self.model.cfg.max_seq_len - len(ids))
         if max_new < 1:
-            raise UserInputError(f"prompt of {len(ids)} tokens leaves no room within max_seq_len={self.model.cfg.max_seq_len}")
+            raise UserInputError(
+                f"prompt of {len(ids)} tokens leaves no room within max_seq_len={self.model.cfg.max_seq_len}"
+            )
         was_training = self.training
         self.eval()
-        out = generate(self.model, torch.tensor([ids], device=self.device), max_new, s.temperature, s.top_k, s.top_p,
-                       eos_id=tokenizer.eos_id, generator=generator)
+        out = generate(
+            self.model,
+            torch.tensor([ids], device=self.device),
+            max_new,
+            s.temperature,
+            s.top_k,
+            s.top_p,
+            eos_id=tokenizer.eos_id,
+            generator=generator,
+        )
         self.train(was_training)
-        return prompt + tokenizer.decode(t for t in out[0, len(ids):].tolist() if t != tokenizer.eos_id)
+        return prompt + tokenizer.decode(t for t in out[0, len(ids) :].tolist() if t != tokenizer.eos_id)
 
     def predict_step(self, batch: list[str], batch_idx: int) -> list[str]:
         return [self.sample(prompt) for prompt in batch]

@@ -67,12 +67,16 @@ def check_decoding(decoding: BeamConfig) -> None:
     if decoding.beam < 1:
         raise UserInputError(f"decoding.beam={decoding.beam} must be >= 1")
     if decoding.min_len < 0 or decoding.no_repeat_ngram < 0:
-        raise UserInputError(f"decoding.min_len={decoding.min_len} and decoding.no_repeat_ngram={decoding.no_repeat_ngram} must be >= 0")
+        raise UserInputError(
+            f"decoding.min_len={decoding.min_len} and decoding.no_repeat_ngram={decoding.no_repeat_ngram} must be >= 0"
+        )
 
 
 def samples_markdown(samples: Sequence[tuple[int, str, str, str]]) -> str:
     """(index, source, reference, hypothesis) triples as TensorBoard markdown, verbatim in code blocks."""
-    return "\n\n".join(f"**#{i}**\n\n```\nsource:     {src}\nreference:  {ref}\nhypothesis: {hyp}\n```" for i, src, ref, hyp in samples)
+    return "\n\n".join(
+        f"**#{i}**\n\n```\nsource:     {src}\nreference:  {ref}\nhypothesis: {hyp}\n```" for i, src, ref, hyp in samples
+    )
 
 
 def inverse_sqrt(step: int, warmup: int) -> float:
@@ -135,7 +139,11 @@ class Seq2SeqModel(ODEModule):
             init_from: Checkpoint whose weights initialise the model before `fit` (no optimizer state or step).
         """
         super().__init__()
-        arch, enc_ode, dec_ode = as_config(Seq2SeqConfig, arch), as_config(ODEConfig, enc_ode), as_config(ODEConfig, dec_ode)
+        arch, enc_ode, dec_ode = (
+            as_config(Seq2SeqConfig, arch),
+            as_config(ODEConfig, enc_ode),
+            as_config(ODEConfig, dec_ode),
+        )
         for name, ode in (("enc_ode", enc_ode), ("dec_ode", dec_ode)):  # per-token policies exist in the LM only
             if ode.adaptive or ode.kv_mode != "exact":
                 raise UserInputError(
@@ -162,12 +170,18 @@ class Seq2SeqModel(ODEModule):
         self.check_vocab(self.model.cfg.vocab_size)
         h = getattr(self.datamodule, "hparams", None)
         if h is not None and h.get("max_src_len", 0) > self.model.cfg.max_src_len:
-            raise UserInputError(f"data.max_src_len={h.max_src_len} is longer than model.arch.max_src_len={self.model.cfg.max_src_len}")
+            raise UserInputError(
+                f"data.max_src_len={h.max_src_len} is longer than model.arch.max_src_len={self.model.cfg.max_src_len}"
+            )
         if h is not None and h.get("max_tgt_len", 0) > self.model.cfg.max_tgt_len:
-            raise UserInputError(f"data.max_tgt_len={h.max_tgt_len} is longer than model.arch.max_tgt_len={self.model.cfg.max_tgt_len}")
+            raise UserInputError(
+                f"data.max_tgt_len={h.max_tgt_len} is longer than model.arch.max_tgt_len={self.model.cfg.max_tgt_len}"
+            )
         task = getattr(self.datamodule, "task", "translation")
         if self.compound_split_bleu and task != "translation":
-            raise UserInputError(f"model.compound_split_bleu=true scores translation; this data module's task is {task}")
+            raise UserInputError(
+                f"model.compound_split_bleu=true scores translation; this data module's task is {task}"
+            )
         super().setup(stage)
 
     def configure_optimizers(self):
@@ -201,7 +215,9 @@ class Seq2SeqModel(ODEModule):
         """The data module's tokenizer in a Trainer; outside one, the checkpoint's that `from_checkpoint` restored."""
         tokenizer = getattr(self.datamodule, "tokenizer", None) or self._own_tokenizer
         if tokenizer is None:
-            raise UserInputError("this model has no tokenizer: load it with Seq2SeqModel.from_checkpoint(path), or run it in a Trainer with its data module")
+            raise UserInputError(
+                "this model has no tokenizer: load it with Seq2SeqModel.from_checkpoint(path), or run it in a Trainer with its data module"
+            )
         return tokenizer
 
     def decoding_with(self, **overrides) -> BeamConfig:
@@ -222,8 +238,16 @@ class Seq2SeqModel(ODEModule):
         src_len = src_mask.sum(1).float()
         max_len = (d.max_len_a * src_len + d.max_len_b).long().clamp(max=self.model.cfg.max_tgt_len - 1)
         ids = beam_search(
-            self.model.decoder_for(src, src_mask), src.shape[0], tok.bos_id, tok.eos_id, max_len, d.beam,
-            d.min_len, d.lenpen, d.no_repeat_ngram, banned_ids=(tok.pad_id, tok.bos_id),
+            self.model.decoder_for(src, src_mask),
+            src.shape[0],
+            tok.bos_id,
+            tok.eos_id,
+            max_len,
+            d.beam,
+            d.min_len,
+            d.lenpen,
+            d.no_repeat_ngram,
+            banned_ids=(tok.pad_id, tok.bos_id),
         )
         return [tok.decode(seq) for seq in ids]
 
@@ -236,15 +260,20 @@ class Seq2SeqModel(ODEModule):
 
     def on_predict_start(self) -> None:
         d = self.decoding
-        print(f"decoding {len(self.datamodule.predict_sources)} sources: beam={d.beam} lenpen={d.lenpen} "
-              f"max_len={d.max_len_a}*src+{d.max_len_b} min_len={d.min_len} no_repeat_ngram={d.no_repeat_ngram}", flush=True)
+        print(
+            f"decoding {len(self.datamodule.predict_sources)} sources: beam={d.beam} lenpen={d.lenpen} "
+            f"max_len={d.max_len_a}*src+{d.max_len_b} min_len={d.min_len} no_repeat_ngram={d.no_repeat_ngram}",
+            flush=True,
+        )
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[int, str]:
         # {input position: text}: TextPredictionWriter writes them one per line in input order.
         return self.decode_batch(batch)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> "Seq2SeqModel":
+    def from_checkpoint(
+        cls, path: str | Path, map_location: str | torch.device = "cpu", cache_dir: str | Path | None = None
+    ) -> "Seq2SeqModel":
         """A trained model in eval mode with the tokenizer its checkpoint carries, ready for `generate_text`.
 
         Args:
@@ -255,10 +284,14 @@ class Seq2SeqModel(ODEModule):
         checkpoint = load_checkpoint(path)
         hparams = checkpoint.get("hyper_parameters", {})
         if "arch" not in hparams or "enc_ode" not in hparams:
-            raise UserInputError(f"checkpoint {str(path)!r} is not a Seq2SeqModel checkpoint (no arch / enc_ode hyperparameters)")
+            raise UserInputError(
+                f"checkpoint {str(path)!r} is not a Seq2SeqModel checkpoint (no arch / enc_ode hyperparameters)"
+            )
         tokenizer = checkpoint_tokenizer(checkpoint, path, cache_dir=cache_dir)
         if tokenizer is None:
-            raise UserInputError(f"checkpoint {str(path)!r} carries no tokenizer (it predates them); use `python -m lit_iiet predict` with its data.tokenizer")
+            raise UserInputError(
+                f"checkpoint {str(path)!r} carries no tokenizer (it predates them); use `python -m lit_iiet predict` with its data.tokenizer"
+            )
         accepted = inspect.signature(cls.__init__).parameters
         model = cls(**{k: v for k, v in hparams.items() if k in accepted and k != "init_from"})
         model.check_state_dict(checkpoint["state_dict"], str(path))
@@ -267,7 +300,9 @@ class Seq2SeqModel(ODEModule):
         return model.to(map_location).eval()
 
     @torch.no_grad()
-    def generate_text(self, sources: Sequence[str], batch_size: int = 32, long_source: str = "truncate", **decoding) -> list[str]:
+    def generate_text(
+        self, sources: Sequence[str], batch_size: int = 32, long_source: str = "truncate", **decoding
+    ) -> list[str]:
         """Translations (or summaries) of `sources`, in their order: the tokenizing, length-sorted batching and beam
         search of `predict`. Sources keep at most model.arch.max_src_len tokens.
 
@@ -353,7 +388,9 @@ class Seq2SeqModel(ODEModule):
         texts = {key: value for key, value in scores.items() if key.startswith("bleu") and key.endswith("signature")}
         if split == "val" and self.val_text_samples and outputs and not self.trainer.sanity_checking:
             sources = self.datamodule.texts[split]
-            texts["samples"] = samples_markdown([(i, sources[i][0], ref, hyp) for i, hyp, ref in outputs[: self.val_text_samples]])
+            texts["samples"] = samples_markdown(
+                [(i, sources[i][0], ref, hyp) for i, hyp, ref in outputs[: self.val_text_samples]]
+            )
         if self.trainer.is_global_zero:
             for logger in self.loggers:
                 if hasattr(logger.experiment, "add_text"):
@@ -372,18 +409,27 @@ class Seq2SeqModel(ODEModule):
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         texts = self.datamodule.texts["test"]
-        files = {"test.hyp.txt": [h for _, h, _ in result["outputs"]], "test.ref.txt": [r for _, _, r in result["outputs"]],
-                 "test.src.txt": [texts[i][0] for i, _, _ in result["outputs"]]}
+        files = {
+            "test.hyp.txt": [h for _, h, _ in result["outputs"]],
+            "test.ref.txt": [r for _, _, r in result["outputs"]],
+            "test.src.txt": [texts[i][0] for i, _, _ in result["outputs"]],
+        }
         for name, lines in files.items():
             (out_dir / name).write_text("".join(line.replace("\n", " ") + "\n" for line in lines), encoding="utf-8")
         s = result["scores"]
         if "bleu" in s:
-            print(f"test BLEU = {s['bleu']:.2f}  chrF = {s['chrf']:.2f}  ({len(files['test.hyp.txt'])} segments)\n"
-                  f"  BLEU signature: {s['bleu_signature']}\n  chrF signature: {s['chrf_signature']}\n"
-                  f"  hypotheses: {out_dir / 'test.hyp.txt'}  references: {out_dir / 'test.ref.txt'}")
+            print(
+                f"test BLEU = {s['bleu']:.2f}  chrF = {s['chrf']:.2f}  ({len(files['test.hyp.txt'])} segments)\n"
+                f"  BLEU signature: {s['bleu_signature']}\n  chrF signature: {s['chrf_signature']}\n"
+                f"  hypotheses: {out_dir / 'test.hyp.txt'}  references: {out_dir / 'test.ref.txt'}"
+            )
             if "bleu_compound_split" in s:
-                print(f"test compound-split BLEU = {s['bleu_compound_split']:.2f}  (tokenized, for comparison with papers; README)\n"
-                      f"  signature: {s['bleu_compound_split_signature']}")
+                print(
+                    f"test compound-split BLEU = {s['bleu_compound_split']:.2f}  (tokenized, for comparison with papers; README)\n"
+                    f"  signature: {s['bleu_compound_split_signature']}"
+                )
         else:
-            print(f"test ROUGE-1 = {s['rouge1']:.2f}  ROUGE-2 = {s['rouge2']:.2f}  ROUGE-Lsum = {s['rougeLsum']:.2f}  "
-                  f"({len(files['test.hyp.txt'])} documents; rouge-score, Porter stemmer)\n  hypotheses: {out_dir / 'test.hyp.txt'}")
+            print(
+                f"test ROUGE-1 = {s['rouge1']:.2f}  ROUGE-2 = {s['rouge2']:.2f}  ROUGE-Lsum = {s['rougeLsum']:.2f}  "
+                f"({len(files['test.hyp.txt'])} documents; rouge-score, Porter stemmer)\n  hypotheses: {out_dir / 'test.hyp.txt'}"
+            )

@@ -63,7 +63,9 @@ class DecoderConfig:
             if getattr(self, name) < 1:
                 raise UserInputError(f"{name}={getattr(self, name)} must be >= 1")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise UserInputError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size (RoPE)")
+            raise UserInputError(
+                f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size (RoPE)"
+            )
         if self.n_heads % (self.n_kv_heads or self.n_heads):
             raise UserInputError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.embed_scale == "sqrt_d_model":
@@ -85,7 +87,12 @@ class Block(nn.Module):
         self.dropout = cfg.dropout
 
     def branch(
-        self, cos: Tensor, sin: Tensor, caches: list[KVCache] | None, pos: int, checkpoint: bool = False,
+        self,
+        cos: Tensor,
+        sin: Tensor,
+        caches: list[KVCache] | None,
+        pos: int,
+        checkpoint: bool = False,
         shared_kv: bool = False,
     ) -> Branch:
         """G for the tokens at [pos, pos + T); evaluation e reads and writes cache slot caches[e].
@@ -168,14 +175,19 @@ class Decoder(nn.Module):
         """
         tokens, d = batch * seq_len, self.cfg.d_model
         per_eval = 2 * tokens * linear_weights(self.blocks[0]) + 4 * batch * seq_len * seq_len * d
-        return self.update.total_evals() * per_eval + self.update.flops(tokens) + 2 * tokens * self.lm_head.weight.numel()
+        return (
+            self.update.total_evals() * per_eval + self.update.flops(tokens) + 2 * tokens * self.lm_head.weight.numel()
+        )
 
     def init_cache(self, batch: int, max_len: int | None = None) -> list[list[KVCache]]:
         """Empty KV cache: one slot per (layer, F-evaluation)."""
         c, p = self.cfg, self.embed.weight
         max_len = max_len or c.max_seq_len
         return [
-            [KVCache(batch, c.n_kv_heads or c.n_heads, max_len, c.d_model // c.n_heads, p.device, p.dtype) for _ in range(self.update.slots(layer))]
+            [
+                KVCache(batch, c.n_kv_heads or c.n_heads, max_len, c.d_model // c.n_heads, p.device, p.dtype)
+                for _ in range(self.update.slots(layer))
+            ]
             for layer in range(c.n_layers)
         ]
 
@@ -204,7 +216,9 @@ class Decoder(nn.Module):
                 x = self.update(layer, x, G, history)
         return self.norm(x)
 
-    def forward(self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0, last_only: bool = False) -> Tensor:
+    def forward(
+        self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0, last_only: bool = False
+    ) -> Tensor:
         """Logits (B, T, V), or (B, 1, V) of the last position with last_only (generation's prefill)."""
         h = self.hidden(idx, cache, pos)
         return self.lm_head(h[:, -1:] if last_only else h)

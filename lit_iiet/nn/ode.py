@@ -38,8 +38,12 @@ class Branch:
     """
 
     def __init__(
-        self, sublayers: list[Sublayer], norm: nn.Module | None = None, checkpoint: bool = False,
-        fill: Callable[[Tensor, int, Tensor], None] | None = None, decoding: bool = False,
+        self,
+        sublayers: list[Sublayer],
+        norm: nn.Module | None = None,
+        checkpoint: bool = False,
+        fill: Callable[[Tensor, int, Tensor], None] | None = None,
+        decoding: bool = False,
     ) -> None:
         self.sublayers, self.norm, self.checkpoint = sublayers, norm, checkpoint
         # Per-token early exit while decoding one token per row: `fill(z, e, rows)` writes the KV-cache slot e
@@ -82,7 +86,11 @@ def euler(y: Tensor, G: Branch) -> Tensor:
 
 
 def fixed_point(
-    y: Tensor, f: Sublayer, iters: int, damping: float | Tensor = 1.0, output: str = "last",
+    y: Tensor,
+    f: Sublayer,
+    iters: int,
+    damping: float | Tensor = 1.0,
+    output: str = "last",
     iterates: list[Tensor] | None = None,
 ) -> Tensor:
     """Picard iteration for the implicit Euler step y_next = y + f(y_next), starting from z0 = y.
@@ -104,7 +112,12 @@ def fixed_point(
 
 
 def anderson(
-    y: Tensor, f: Sublayer, iters: int, memory: int = 3, iterates: list[Tensor] | None = None, reg: float = 1e-4,
+    y: Tensor,
+    f: Sublayer,
+    iters: int,
+    memory: int = 3,
+    iterates: list[Tensor] | None = None,
+    reg: float = 1e-4,
     max_step: float = 1.0,
 ) -> Tensor:
     """Anderson acceleration of the same fixed-point problem z = y + f(z), per token.
@@ -136,6 +149,7 @@ def _anderson_step(gs: list[Tensor], rs: list[Tensor], reg: float, max_step: flo
     Written relative to the newest evaluation m: a = (gamma, 1 - sum gamma), so the residual is r_m + D gamma with
     D = [r_i - r_m], and gamma solves (D^T D + lambda I) gamma = -D^T r_m, in fp32 at least.
     """
+
     def wide(t: Tensor) -> Tensor:  # at least fp32 (bf16 / fp16 under autocast are too coarse for the solve)
         return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
@@ -154,8 +168,13 @@ def _anderson_step(gs: list[Tensor], rs: list[Tensor], reg: float, max_step: flo
 
 
 def adaptive_fixed_point(
-    y: Tensor, G: Branch, iters: int, decide: Callable[[int, Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]],
-    fill: bool = True, iterates: list[Tensor] | None = None, compact: str = "ffn",
+    y: Tensor,
+    G: Branch,
+    iters: int,
+    decide: Callable[[int, Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]],
+    fill: bool = True,
+    iterates: list[Tensor] | None = None,
+    compact: str = "ffn",
 ) -> tuple[Tensor, Tensor]:
     """IIET with per-token early exit: the gated iteration z <- z + g (y + G(z) - z) while a token is active.
 
@@ -200,8 +219,15 @@ def adaptive_fixed_point(
 
 
 def iiet(
-    y: Tensor, G: Branch, iters: int, damping: float | Tensor = 1.0, output: str = "last", unit: str = "layer",
-    iterates: list[Tensor] | None = None, solver: str = "picard", memory: int = 3,
+    y: Tensor,
+    G: Branch,
+    iters: int,
+    damping: float | Tensor = 1.0,
+    output: str = "last",
+    unit: str = "layer",
+    iterates: list[Tensor] | None = None,
+    solver: str = "picard",
+    memory: int = 3,
 ) -> Tensor:
     """Iterative implicit Euler. unit="sublayer" iterates each sub-layer's own implicit step in turn.
 
@@ -250,7 +276,13 @@ def pcformer_predictor(y: Tensor, G: Branch, alpha: Tensor) -> Tensor:
 
 
 def pcformer_corrector(
-    history: list[Tensor], prediction: Tensor, G: Branch, w_in: Tensor, w_out: Tensor, norm_p: nn.Module, norm_h: nn.Module
+    history: list[Tensor],
+    prediction: Tensor,
+    G: Branch,
+    w_in: Tensor,
+    w_out: Tensor,
+    norm_p: nn.Module,
+    norm_h: nn.Module,
 ) -> Tensor:
     """Learnable multistep corrector over the layer history (a DLCL-style weighted sum of earlier outputs).
 
@@ -324,7 +356,9 @@ class ODEConfig:
         if bad or not iters:
             raise UserInputError(f"iters={self.iters!r}: every iteration count must be an integer >= 1")
         if self.scheme != "iiet" and iters != [1]:
-            raise UserInputError(f"iters={self.iters!r} is only used by scheme 'iiet'; scheme {self.scheme!r} takes iters=1")
+            raise UserInputError(
+                f"iters={self.iters!r} is only used by scheme 'iiet'; scheme {self.scheme!r} takes iters=1"
+            )
         if self.iiet_output not in ("last", "mean"):
             raise UserInputError(f"iiet_output={self.iiet_output!r}; choose 'last' or 'mean'")
         if self.iiet_unit not in ("layer", "sublayer"):
@@ -337,8 +371,12 @@ class ODEConfig:
             raise UserInputError(f"iiet_solver={self.iiet_solver!r}; choose one of {', '.join(SOLVERS)}")
         if not isinstance(self.anderson_memory, int) or self.anderson_memory < 2:
             raise UserInputError(f"anderson_memory={self.anderson_memory!r} must be an integer >= 2")
-        if self.iiet_solver == "anderson" and (self.iiet_output != "last" or self.iiet_damping != 1.0 or self.iiet_relaxation != "fixed"):
-            raise UserInputError("iiet_solver='anderson' mixes its own iterates: it needs iiet_output 'last', iiet_damping 1.0 and iiet_relaxation 'fixed'")
+        if self.iiet_solver == "anderson" and (
+            self.iiet_output != "last" or self.iiet_damping != 1.0 or self.iiet_relaxation != "fixed"
+        ):
+            raise UserInputError(
+                "iiet_solver='anderson' mixes its own iterates: it needs iiet_output 'last', iiet_damping 1.0 and iiet_relaxation 'fixed'"
+            )
         if self.iiet_policy not in POLICIES:
             raise UserInputError(f"iiet_policy={self.iiet_policy!r}; choose one of {', '.join(POLICIES)}")
         if self.early_exit_compaction not in ("ffn", "all"):
@@ -347,13 +385,20 @@ class ODEConfig:
             raise UserInputError(f"kv_mode={self.kv_mode!r}; choose 'exact' or 'shared'")
         if self.adaptive or self.kv_mode == "shared":
             what = f"iiet_policy={self.iiet_policy!r}" if self.adaptive else "kv_mode='shared'"
-            plain = self.iiet_output == "last" and self.iiet_damping == 1.0 and self.iiet_relaxation == "fixed" and self.iiet_solver == "picard"
+            plain = (
+                self.iiet_output == "last"
+                and self.iiet_damping == 1.0
+                and self.iiet_relaxation == "fixed"
+                and self.iiet_solver == "picard"
+            )
             if self.scheme != "iiet" or self.iiet_unit != "layer" or not plain:
                 raise UserInputError(
                     f"{what} needs scheme 'iiet' with iiet_unit 'layer', iiet_output 'last', iiet_damping 1.0, "
                     "iiet_relaxation 'fixed' and iiet_solver 'picard'"
                 )
-        thresholds = [self.iiet_threshold] if isinstance(self.iiet_threshold, (int, float)) else list(self.iiet_threshold)
+        thresholds = (
+            [self.iiet_threshold] if isinstance(self.iiet_threshold, (int, float)) else list(self.iiet_threshold)
+        )
         if not thresholds or any(not isinstance(t, (int, float)) or t < 0 for t in thresholds):
             raise UserInputError(f"iiet_threshold={self.iiet_threshold!r}: thresholds must be numbers >= 0")
         if not 0.0 < self.router_capacity <= 1.0:
@@ -368,7 +413,9 @@ class ODEConfig:
         if isinstance(self.iiet_threshold, (int, float)):
             return [float(self.iiet_threshold)] * n_layers
         if len(self.iiet_threshold) != n_layers:
-            raise UserInputError(f"iiet_threshold {list(self.iiet_threshold)} has {len(self.iiet_threshold)} entries; the stack has {n_layers} layers")
+            raise UserInputError(
+                f"iiet_threshold {list(self.iiet_threshold)} has {len(self.iiet_threshold)} entries; the stack has {n_layers} layers"
+            )
         return [float(t) for t in self.iiet_threshold]
 
     def schedule(self, n_layers: int) -> list[int]:
@@ -376,7 +423,9 @@ class ODEConfig:
         if isinstance(self.iters, int):
             return [self.iters] * n_layers
         if len(self.iters) != n_layers:
-            raise UserInputError(f"iteration schedule {list(self.iters)} has {len(self.iters)} entries; the stack has {n_layers} layers")
+            raise UserInputError(
+                f"iteration schedule {list(self.iters)} has {len(self.iters)} entries; the stack has {n_layers} layers"
+            )
         return list(self.iters)
 
 
@@ -530,7 +579,17 @@ class LayerUpdate(nn.Module):
         elif s == "iiet":
             c = self.cfg
             damping = self.relaxation[layer] if c.iiet_relaxation == "learned" else c.iiet_damping
-            out = iiet(y, G, self.schedule[layer], damping, c.iiet_output, c.iiet_unit, states, c.iiet_solver, c.anderson_memory)
+            out = iiet(
+                y,
+                G,
+                self.schedule[layer],
+                damping,
+                c.iiet_output,
+                c.iiet_unit,
+                states,
+                c.iiet_solver,
+                c.anderson_memory,
+            )
             self.counts[layer] = torch.full(y.shape[:2], self.schedule[layer], dtype=torch.long, device=y.device)
         elif s == "rk2":
             out = rk2(y, G)
@@ -542,7 +601,13 @@ class LayerUpdate(nn.Module):
             prediction = pcformer_predictor(y, G, self.alpha)
             n = layer + 2
             out = pcformer_corrector(
-                history, prediction, G, self.w_in[layer, :n], self.w_out[layer, :n], self.norm_p[layer], self.norm_h[layer]
+                history,
+                prediction,
+                G,
+                self.w_in[layer, :n],
+                self.w_out[layer, :n],
+                self.norm_p[layer],
+                self.norm_h[layer],
             )
         if states is not None:
             if len(states) == 1 or states[-1] is not out:  # the output, unless it is already the last iterate

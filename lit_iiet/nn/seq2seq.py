@@ -58,7 +58,9 @@ class Seq2SeqConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise UserInputError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size (RoPE)")
+            raise UserInputError(
+                f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size (RoPE)"
+            )
         if self.ffn not in ("relu", "swiglu"):
             raise UserInputError(f"ffn={self.ffn!r}; choose 'relu' or 'swiglu'")
         for name in ("vocab_size", "enc_layers", "dec_layers", "d_ff", "max_src_len", "max_tgt_len"):
@@ -160,7 +162,12 @@ class Seq2Seq(nn.Module):
         return [block.cross_attn.memory_kv(memory) for block in self.decoder]
 
     def decode(
-        self, tgt: Tensor, memory_kv, src_mask: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0,
+        self,
+        tgt: Tensor,
+        memory_kv,
+        src_mask: Tensor,
+        cache: list[list[KVCache]] | None = None,
+        pos: int = 0,
         last_only: bool = False,
     ) -> Tensor:
         """Target ids (B, T) at positions [pos, pos + T) -> logits (B, T, V)."""
@@ -190,16 +197,21 @@ class Seq2Seq(nn.Module):
         kv = self.decoder[0].cross_attn.kv
         dec_eval = 2 * T * linear_weights(self.decoder[0], skip=(kv,)) + 4 * batch * tgt_len * (tgt_len + src_len) * d
         return (
-            self.enc_update.total_evals() * enc_eval + self.enc_update.flops(S)
+            self.enc_update.total_evals() * enc_eval
+            + self.enc_update.flops(S)
             + self.cfg.dec_layers * 2 * S * kv.weight.numel()
-            + self.dec_update.total_evals() * dec_eval + self.dec_update.flops(T)
+            + self.dec_update.total_evals() * dec_eval
+            + self.dec_update.flops(T)
             + 2 * T * self.out.weight.numel()
         )
 
     def init_cache(self, batch: int, max_len: int) -> list[list[KVCache]]:
         c, p = self.cfg, self.embed.weight
         return [
-            [KVCache(batch, c.n_heads, max_len, c.d_model // c.n_heads, p.device, p.dtype) for _ in range(self.dec_update.evals(layer))]
+            [
+                KVCache(batch, c.n_heads, max_len, c.d_model // c.n_heads, p.device, p.dtype)
+                for _ in range(self.dec_update.evals(layer))
+            ]
             for layer in range(c.dec_layers)
         ]
 
