@@ -4,12 +4,11 @@ optimizer steps by the CLI."""
 import gzip
 import json
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from test_data import _SaveAndStop, _Stop, trainer_test
+from test_data import fit_and_resume, trainer_test
 
 from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.cli import main
@@ -162,27 +161,11 @@ def test_too_small_budget_is_refused(files):
     TranslationDataModule(max_src_len=32, max_tgt_len=100, max_tokens=100)
 
 
-class _Recorder(L.LightningModule):
-    """Records the pair indices of every training batch per epoch; learns nothing (lr 0)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(()))
-        self.seen: dict[int, list[list[int]]] = {}
-
-    def training_step(self, batch, batch_idx):
-        self.seen.setdefault(self.current_epoch, []).append(batch["index"].tolist())
-        return self.weight * batch["src"].float().mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
 def fit_indices(files, tmp_path, stop: str | None = None) -> dict:
     """3 epochs of token-budget batches; with `stop`, crash there and resume. Epoch -> batches, both runs together."""
 
-    def run(module, callbacks=(), ckpt_path=None):
-        dm = TranslationDataModule(
+    def datamodule():
+        return TranslationDataModule(
             train=str(files["train"]),
             val=None,
             test=None,
@@ -192,27 +175,8 @@ def fit_indices(files, tmp_path, stop: str | None = None) -> dict:
             max_tokens=BUDGET,
             cache_dir=str(files["cache"]),
         )
-        trainer = L.Trainer(
-            max_epochs=3,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-            callbacks=list(callbacks),
-        )
-        trainer.fit(module, dm, ckpt_path=ckpt_path)
 
-    first = _Recorder()
-    if stop is None:
-        run(first)
-        return first.seen
-    with pytest.raises(_Stop):
-        run(first, [_SaveAndStop(stop, tmp_path / "stop.ckpt")])
-    resumed = _Recorder()
-    run(resumed, ckpt_path=tmp_path / "stop.ckpt")
-    return {e: first.seen.get(e, []) + resumed.seen.get(e, []) for e in sorted({*first.seen, *resumed.seen})}
+    return fit_and_resume(datamodule, tmp_path, 3, stop, record=lambda batch: batch["index"].tolist())
 
 
 @trainer_test

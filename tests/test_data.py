@@ -592,19 +592,55 @@ class _Stop(Exception):
 
 
 class _Recorder(L.LightningModule):
-    """Records the training windows of every epoch; learns nothing (lr 0), so runs differ only in their data."""
+    """Records what `record(batch)` returns for every training batch, per epoch (by default the LM windows);
+    learns nothing (lr 0), so runs differ only in their data."""
 
-    def __init__(self) -> None:
+    def __init__(self, record=lambda batch: batch.tolist()) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
-        self.seen: dict[int, list[list[list[int]]]] = {}
+        self.record, self.seen = record, {}
 
     def training_step(self, batch, batch_idx):
-        self.seen.setdefault(self.current_epoch, []).append(batch.tolist())
-        return self.weight * batch.float().mean()
+        self.seen.setdefault(self.current_epoch, []).append(self.record(batch))
+        return self.weight * 0.0
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def fit_and_resume(
+    make_datamodule, tmp_path: Path, max_epochs: int, stop: str | None = None, record=None, check=None, **trainer_kwargs
+) -> dict:
+    """Train max_epochs on a fresh `make_datamodule()` with a _Recorder; with `stop`, crash there (_SaveAndStop)
+    and resume from its checkpoint. Returns epoch -> the batches trained in it, both runs together. `check(trainer)`
+    runs after each fit."""
+
+    def run(module, callbacks=(), ckpt_path=None):
+        trainer = L.Trainer(
+            max_epochs=max_epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=list(callbacks),
+            **trainer_kwargs,
+        )
+        trainer.fit(module, make_datamodule(), ckpt_path=ckpt_path)
+        if check is not None:
+            check(trainer)
+
+    recorder = (lambda: _Recorder(record)) if record is not None else _Recorder
+    first = recorder()
+    if stop is None:
+        run(first)
+        return first.seen
+    with pytest.raises(_Stop):
+        run(first, [_SaveAndStop(stop, tmp_path / "stop.ckpt")])
+    resumed = recorder()
+    run(resumed, ckpt_path=tmp_path / "stop.ckpt")
+    return {e: first.seen.get(e, []) + resumed.seen.get(e, []) for e in sorted({*first.seen, *resumed.seen})}
 
 
 class _SaveAndStop(L.Callback):
@@ -638,8 +674,8 @@ def fit_windows(tmp_path: Path, tok: Tokenizer, stop: str | None = None, **train
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "a.txt").write_text(TEXT)
 
-    def run(module, callbacks=(), ckpt_path=None):
-        dm = LMDataModule(
+    def datamodule():
+        return LMDataModule(
             train=str(tmp_path / "a.txt"),
             val=None,
             test=None,
@@ -648,29 +684,11 @@ def fit_windows(tmp_path: Path, tok: Tokenizer, stop: str | None = None, **train
             batch_size=2,
             cache_dir=str(tmp_path / "cache"),
         )
-        trainer = L.Trainer(
-            max_epochs=3,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-            callbacks=list(callbacks),
-            **trainer_kwargs,
-        )
-        trainer.fit(module, dm, ckpt_path=ckpt_path)
+
+    def check(trainer):
         assert trainer.num_training_batches == batches_per_epoch(tok)
 
-    first = _Recorder()
-    if stop is None:
-        run(first)
-        return first.seen
-    with pytest.raises(_Stop):
-        run(first, [_SaveAndStop(stop, tmp_path / "stop.ckpt")])
-    resumed = _Recorder()
-    run(resumed, ckpt_path=tmp_path / "stop.ckpt")
-    return {e: first.seen.get(e, []) + resumed.seen.get(e, []) for e in sorted({*first.seen, *resumed.seen})}
+    return fit_and_resume(datamodule, tmp_path, 3, stop, check=check, **trainer_kwargs)
 
 
 @trainer_test

@@ -9,12 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from test_data import _Recorder, _SaveAndStop, _Stop, numbered_docs, read_corpus, trainer_test
+from test_data import fit_and_resume, numbered_docs, read_corpus, trainer_test
 
 from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.cli import main
@@ -151,29 +150,10 @@ def test_one_block_is_the_distributed_samplers_order():
 def fit_shard_windows(tmp_path: Path, shards: Path, stop: str | None = None) -> dict:
     """Train 2 epochs over the shards with shuffle blocks of 4 windows; with `stop`, crash and resume."""
 
-    def run(module, callbacks=(), ckpt_path=None):
-        dm = ShardedLMDataModule(str(shards), seq_len=16, batch_size=2, num_workers=0, shuffle_block=4)
-        trainer = L.Trainer(
-            max_epochs=2,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-            callbacks=list(callbacks),
-        )
-        trainer.fit(module, dm, ckpt_path=ckpt_path)
+    def datamodule():
+        return ShardedLMDataModule(str(shards), seq_len=16, batch_size=2, num_workers=0, shuffle_block=4)
 
-    first = _Recorder()
-    if stop is None:
-        run(first)
-        return first.seen
-    with pytest.raises(_Stop):
-        run(first, [_SaveAndStop(stop, tmp_path / "stop.ckpt")])
-    resumed = _Recorder()
-    run(resumed, ckpt_path=tmp_path / "stop.ckpt")
-    return {e: first.seen.get(e, []) + resumed.seen.get(e, []) for e in sorted({*first.seen, *resumed.seen})}
+    return fit_and_resume(datamodule, tmp_path, 2, stop)
 
 
 @trainer_test
