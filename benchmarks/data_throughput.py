@@ -111,6 +111,16 @@ def memory() -> dict:
     }
 
 
+def time_batches(loader, batches: int) -> float:
+    """Seconds for `batches` batches of a loader, after its first (which starts it)."""
+    iterator = iter(loader)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return time.perf_counter() - start
+
+
 def probe_shards(folder: str, batches: int) -> dict:
     """Runs in a fresh process: tokens/s of the training loader, memory, and first batch after a resume."""
     from torch.utils.data import DataLoader
@@ -119,13 +129,7 @@ def probe_shards(folder: str, batches: int) -> dict:
     from lit_iiet.data.shards import ShardedLMDataModule
 
     dm = ShardedLMDataModule(folder, seq_len=SEQ_LEN, batch_size=BATCH, num_workers=0)
-    loader = dm.train_dataloader()
-    iterator = iter(loader)
-    next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    seconds = time.perf_counter() - start
+    seconds = time_batches(dm.train_dataloader(), batches)
     mem = memory()
     dataset = PackedDataset(dm.token_stream("train"), SEQ_LEN)
     start = time.perf_counter()
@@ -177,12 +181,7 @@ def probe_litdata(folder: str, batches: int) -> dict:
         return StreamingDataLoader(dataset, batch_size=BATCH, num_workers=0)
 
     first = loader()
-    iterator = iter(first)
-    next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    seconds = time.perf_counter() - start
+    seconds = time_batches(first, batches)
     mem = memory()
     state = first.state_dict()
     start = time.perf_counter()
