@@ -181,15 +181,10 @@ class Decoder(nn.Module):
 
     def init_cache(self, batch: int, max_len: int | None = None) -> list[list[KVCache]]:
         """Empty KV cache: one slot per (layer, F-evaluation)."""
-        c, p = self.cfg, self.embed.weight
-        max_len = max_len or c.max_seq_len
-        return [
-            [
-                KVCache(batch, c.n_kv_heads or c.n_heads, max_len, c.d_model // c.n_heads, p.device, p.dtype)
-                for _ in range(self.update.slots(layer))
-            ]
-            for layer in range(c.n_layers)
-        ]
+        c = self.cfg
+        return self.update.init_cache(
+            batch, c.n_kv_heads or c.n_heads, max_len or c.max_seq_len, c.d_model // c.n_heads, self.embed.weight
+        )
 
     def hidden(self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0) -> Tensor:
         """Final-norm hidden states of the tokens idx placed at positions [pos, pos + T)."""

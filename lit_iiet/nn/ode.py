@@ -25,7 +25,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lit_iiet.errors import UserInputError
-from lit_iiet.nn.layers import RMSNorm
+from lit_iiet.nn.layers import KVCache, RMSNorm
 
 Sublayer = Callable[[Tensor, int], Tensor]
 
@@ -517,6 +517,14 @@ class LayerUpdate(nn.Module):
     def slots(self, layer: int) -> int:
         """KV-cache slots of one layer: one per evaluation, or one in the shared mode."""
         return 1 if self.cfg.kv_mode == "shared" else self.evals(layer)
+
+    def init_cache(self, batch: int, n_heads: int, max_len: int, head_dim: int, like: Tensor) -> list[list[KVCache]]:
+        """An empty KV cache for the stack: one slot per (layer, F-evaluation), or one per layer in the shared mode
+        (docs/DESIGN.md, section 3), on the device and in the dtype of `like`."""
+        return [
+            [KVCache(batch, n_heads, max_len, head_dim, like.device, like.dtype) for _ in range(self.slots(layer))]
+            for layer in range(len(self.schedule))
+        ]
 
     def decider(self, layer: int):
         """The per-token continue/stop decision of a layer's adaptive policy: decide(k, z, z_prev, active)."""

@@ -206,14 +206,8 @@ class Seq2Seq(nn.Module):
         )
 
     def init_cache(self, batch: int, max_len: int) -> list[list[KVCache]]:
-        c, p = self.cfg, self.embed.weight
-        return [
-            [
-                KVCache(batch, c.n_heads, max_len, c.d_model // c.n_heads, p.device, p.dtype)
-                for _ in range(self.dec_update.evals(layer))
-            ]
-            for layer in range(c.dec_layers)
-        ]
+        c = self.cfg
+        return self.dec_update.init_cache(batch, c.n_heads, max_len, c.d_model // c.n_heads, self.embed.weight)
 
     def decoder_for(self, src: Tensor, src_mask: Tensor) -> "BoundDecoder":
         """The decoder bound to an encoded source: the `model(idx, cache, pos)` interface of the generation loops."""
