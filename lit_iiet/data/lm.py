@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import glob
 import gzip
 import itertools
@@ -275,7 +276,7 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples
 
 
-class PackedLMData(L.LightningDataModule):
+class PackedLMData(L.LightningDataModule, abc.ABC):
     """Loaders over packed windows of a token stream per split, shared by LMDataModule (text, tokenized and
     cached in memory) and ShardedLMDataModule (shards written by `lit_iiet.data.prepare`). Subclasses set
     `self.tokenizer` and implement `has_split` and `token_stream`; hparams hold seq_len, batch_size,
@@ -284,11 +285,13 @@ class PackedLMData(L.LightningDataModule):
     tokenizer: Tokenizer | None = None
     shuffle_block = ResumableSampler.BLOCK
 
+    @abc.abstractmethod
     def has_split(self, split: str) -> bool:
-        raise NotImplementedError
+        """Whether the split has data."""
 
+    @abc.abstractmethod
     def token_stream(self, split: str):
-        raise NotImplementedError
+        """The split's token stream: anything `PackedDataset` slices (a tensor in memory, or `TokenShards`)."""
 
     def _loader(self, split: str) -> DataLoader:
         if not self.has_split(split):
