@@ -19,8 +19,10 @@ from lit_iiet.nn.layers import (
     KVCache,
     RMSNorm,
     SwiGLU,
+    feed_forward,
     linear_weights,
     rope_tables,
+    self_attention,
     swiglu_hidden,
 )
 from lit_iiet.nn.ode import Branch, LayerUpdate, ODEConfig
@@ -99,31 +101,10 @@ class Block(nn.Module):
 
         shared_kv: every evaluation attends to the keys and values of evaluation 0 (one cache slot per layer).
         """
-        first_kv: list[tuple[Tensor, Tensor]] = []  # shared_kv without a cache: evaluation 0's keys and values
-
-        def attn(z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
-            h = self.norm1(z)
-            if shared_kv and e > 0:
-                kv = caches[0].prefix(pos + z.shape[1], rows) if caches is not None else first_kv[0]
-                out = self.attn(h, cos, sin, memory_kv=kv)
-            else:
-                cache = caches[e] if caches is not None else None
-                if shared_kv and cache is None:
-                    _, k, v = self.attn.project(h, cos, sin, queries=False)
-                    first_kv.append((k, v))
-                    out = self.attn(h, cos, sin, memory_kv=(k, v))
-                else:
-                    out = self.attn(h, cos, sin, cache, pos, rows=rows)
-            return F.dropout(out, self.dropout, self.training)
-
-        def ffn(z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
-            return F.dropout(self.ffn(self.norm2(z)), self.dropout, self.training)
-
-        def fill(z: Tensor, e: int, rows: Tensor) -> None:
-            """Exact early exit: the slot e of stopped rows gets keys and values of their frozen state z."""
-            _, k, v = self.attn.project(self.norm1(z), cos, sin, queries=False)
-            caches[e](pos, k, v, rows)
-
+        attn, fill = self_attention(
+            self.attn, self.norm1, cos, sin, self.dropout, self.training, caches, pos, shared_kv=shared_kv
+        )
+        ffn = feed_forward(self.ffn, self.norm2, self.dropout, self.training)
         decoding = caches is not None
         return Branch([attn, ffn], self.branch_norm, checkpoint, fill if decoding else None, decoding)
 

@@ -192,6 +192,78 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+# --- sub-layers of a residual branch G -------------------------------------------------------------------------
+# Every block (decoder-only, encoder, encoder-decoder's decoder) builds G from these, so norms, dropout, the KV
+# cache and per-token early exit work the same way in each. A sub-layer is called as f(z, e, rows=None): e is the
+# F-evaluation (its KV-cache slot), rows the batch rows z holds when only some are computed (docs/DESIGN.md, section 3).
+
+
+def self_attention(
+    attn: Attention,
+    norm: nn.Module,
+    cos: Tensor,
+    sin: Tensor,
+    dropout: float,
+    training: bool,
+    caches: list[KVCache] | None = None,
+    pos: int = 0,
+    shared_kv: bool = False,
+    causal: bool = True,
+    key_mask: Tensor | None = None,
+):
+    """The self-attention sub-layer dropout(Attn(norm(z))) of the tokens at [pos, pos + T), and its cache filler.
+
+    Evaluation e reads and writes cache slot caches[e]. shared_kv: every evaluation attends to the keys and values
+    of evaluation 0 (one cache slot per layer). fill(z, e, rows) writes slot e of the rows `rows` from their
+    states z without attending (exact per-token early exit: a stopped token's keys come from its frozen state).
+    """
+    first_kv: list[tuple[Tensor, Tensor]] = []  # shared_kv without a cache: evaluation 0's keys and values
+
+    def step(z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
+        h = norm(z)
+        if shared_kv and e > 0:
+            kv = caches[0].prefix(pos + z.shape[1], rows) if caches is not None else first_kv[0]
+            out = attn(h, cos, sin, memory_kv=kv)
+        elif shared_kv and caches is None:
+            _, k, v = attn.project(h, cos, sin, queries=False)
+            first_kv.append((k, v))
+            out = attn(h, cos, sin, memory_kv=(k, v))
+        else:
+            cache = caches[e] if caches is not None else None
+            mask = key_mask if key_mask is None or rows is None else key_mask[rows]
+            out = attn(h, cos, sin, cache, pos, key_mask=mask, causal=causal, rows=rows)
+        return F.dropout(out, dropout, training)
+
+    def fill(z: Tensor, e: int, rows: Tensor) -> None:
+        _, k, v = attn.project(norm(z), cos, sin, queries=False)
+        caches[e](pos, k, v, rows)
+
+    return step, fill
+
+
+def cross_attention(
+    attn: Attention, norm: nn.Module, memory_kv: tuple[Tensor, Tensor], key_mask: Tensor, dropout: float, training: bool
+):
+    """The cross-attention sub-layer dropout(CrossAttn(norm(z), memory)) over an encoder output's keys and values."""
+
+    def step(z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
+        kv, mask = memory_kv, key_mask
+        if rows is not None:
+            kv, mask = (memory_kv[0][rows], memory_kv[1][rows]), key_mask[rows]
+        return F.dropout(attn(norm(z), key_mask=mask, memory_kv=kv), dropout, training)
+
+    return step
+
+
+def feed_forward(ffn: nn.Module, norm: nn.Module, dropout: float, training: bool):
+    """The feed-forward sub-layer dropout(FFN(norm(z)))."""
+
+    def step(z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
+        return F.dropout(ffn(norm(z)), dropout, training)
+
+    return step
+
+
 class ReluFFN(nn.Module):
     """The original Transformer's feed-forward net: W2(relu(W1 x + b1)) + b2 (WMT-style encoder-decoders)."""
 

@@ -21,8 +21,11 @@ from lit_iiet.nn.layers import (
     ReluFFN,
     RMSNorm,
     SwiGLU,
+    cross_attention,
+    feed_forward,
     linear_weights,
     rope_tables,
+    self_attention,
 )
 from lit_iiet.nn.ode import Branch, LayerUpdate, ODEConfig
 
@@ -84,14 +87,10 @@ class EncoderBlock(nn.Module):
         self.dropout = cfg.dropout
 
     def branch(self, cos: Tensor, sin: Tensor, src_mask: Tensor) -> Branch:
-        def attn(z: Tensor, e: int) -> Tensor:
-            out = self.attn(self.norm1(z), cos, sin, key_mask=src_mask, causal=False)
-            return F.dropout(out, self.dropout, self.training)
-
-        def ffn(z: Tensor, e: int) -> Tensor:
-            return F.dropout(self.ffn(self.norm2(z)), self.dropout, self.training)
-
-        return Branch([attn, ffn], self.branch_norm)
+        attn, _ = self_attention(
+            self.attn, self.norm1, cos, sin, self.dropout, self.training, causal=False, key_mask=src_mask
+        )
+        return Branch([attn, feed_forward(self.ffn, self.norm2, self.dropout, self.training)], self.branch_norm)
 
 
 class DecoderBlock(nn.Module):
@@ -107,18 +106,11 @@ class DecoderBlock(nn.Module):
         self.dropout = cfg.dropout
 
     def branch(self, cos, sin, memory_kv, src_mask, caches: list[KVCache] | None, pos: int) -> Branch:
-        def self_attn(z: Tensor, e: int) -> Tensor:
-            out = self.self_attn(self.norm1(z), cos, sin, caches[e] if caches is not None else None, pos)
-            return F.dropout(out, self.dropout, self.training)
-
-        def cross_attn(z: Tensor, e: int) -> Tensor:
-            out = self.cross_attn(self.norm2(z), key_mask=src_mask, memory_kv=memory_kv)
-            return F.dropout(out, self.dropout, self.training)
-
-        def ffn(z: Tensor, e: int) -> Tensor:
-            return F.dropout(self.ffn(self.norm3(z)), self.dropout, self.training)
-
-        return Branch([self_attn, cross_attn, ffn], self.branch_norm)
+        """G for the target tokens at [pos, pos + T); evaluation e reads and writes self-attention slot caches[e]."""
+        d, training = self.dropout, self.training
+        self_attn, _ = self_attention(self.self_attn, self.norm1, cos, sin, d, training, caches, pos)
+        cross_attn = cross_attention(self.cross_attn, self.norm2, memory_kv, src_mask, d, training)
+        return Branch([self_attn, cross_attn, feed_forward(self.ffn, self.norm3, d, training)], self.branch_norm)
 
 
 class Seq2Seq(nn.Module):
