@@ -32,11 +32,12 @@ from lit_iiet.nn.generate import generate
 from lit_iiet.nn.ode import ODEConfig
 
 
-def load(path: str, **ode_overrides):
-    """A checkpoint's Decoder, optionally under another iteration policy or cache mode (same weights)."""
+def load(path: str, **iiet_overrides):
+    """A checkpoint's Decoder, optionally under another iteration policy or cache mode (`ode.iiet.*`, same weights)."""
     module = LanguageModel.load_from_checkpoint(path, map_location="cpu")
-    if ode_overrides:
-        ode = replace(ODEConfig(**module.hparams["ode"]), **ode_overrides)
+    if iiet_overrides:
+        ode = ODEConfig.from_dict(module.hparams["ode"])
+        ode = replace(ode, iiet=replace(ode.iiet, **iiet_overrides))
         module = LanguageModel.load_from_checkpoint(path, map_location="cpu", ode=asdict(ode))
     return module.model.eval()
 
@@ -81,9 +82,9 @@ def main() -> int:
     parser.add_argument(
         "--iiet", required=True, help="IIET checkpoint (fixed schedule; also the residual policy's weights)"
     )
-    parser.add_argument("--router", help="checkpoint trained with iiet_policy=router")
+    parser.add_argument("--router", help="checkpoint trained with ode.iiet.policy=router")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2], help="residual policy thresholds")
-    parser.add_argument("--shared_kv", action="store_true", help="also rows with kv_mode=shared")
+    parser.add_argument("--shared_kv", action="store_true", help="also rows with ode.iiet.kv_mode=shared")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decoding batch sizes")
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=96)
@@ -93,15 +94,13 @@ def main() -> int:
 
     models = {"vanilla": load(args.vanilla), "iiet (fixed)": load(args.iiet)}
     for t in args.thresholds:
-        models[f"residual {t:g}"] = load(args.iiet, iiet_policy="residual", iiet_threshold=t)
+        models[f"residual {t:g}"] = load(args.iiet, policy="residual", threshold=t)
     if args.router:
         models["router"] = load(args.router)
     if args.shared_kv:
         models["iiet, shared KV"] = load(args.iiet, kv_mode="shared")
         t = args.thresholds[0]
-        models[f"residual {t:g}, shared KV"] = load(
-            args.iiet, iiet_policy="residual", iiet_threshold=t, kv_mode="shared"
-        )
+        models[f"residual {t:g}, shared KV"] = load(args.iiet, policy="residual", threshold=t, kv_mode="shared")
 
     data = LMDataModule(vocab_size=models["vanilla"].cfg.vocab_size, seq_len=args.seq_len, batch_size=16)
     data.setup("validate")

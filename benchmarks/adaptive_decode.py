@@ -5,7 +5,7 @@
 For each width (4 layers, heads of 32, SwiGLU, vocab 2048, random weights): fixed IIET r = 3, the residual
 policy (threshold = the median relative increment of iteration 2 on the prompt, so that about half the tokens
 stop after the vanilla step) and the router policy (random routers: about half continue at each iteration), each
-router/residual row under both `early_exit_compaction` paths:
+router/residual row under both `ode.iiet.early_exit_compaction` paths:
 - all: the active rows and their gathered KV prefix run the whole layer, stopped rows' slots are filled;
 - ffn: the self-attention runs on every row (filling the stopped rows' slots, no prefix gather), the FFN on
   the active rows only.
@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.common import machine
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
-from lit_iiet.nn.ode import ODEConfig
+from lit_iiet.nn.ode import IIETConfig, ODEConfig
 
 
 class EvalCounter:
@@ -76,7 +76,7 @@ def build(width: int, ode: ODEConfig, seed: int = 0) -> Decoder:
         vocab_size=2048, n_layers=4, d_model=width, n_heads=width // 32, max_seq_len=512, embed_scale="sqrt_d_model"
     )
     model = Decoder(cfg, ode).eval()
-    if ode.iiet_policy == "router":  # trained routers start at zero (all stop); random ones split the tokens
+    if ode.iiet.policy == "router":  # trained routers start at zero (all stop); random ones split the tokens
         for router in model.update.routers:
             torch.nn.init.normal_(router.weight, std=width**-0.5)
     return model
@@ -102,13 +102,10 @@ def main() -> None:
         threshold = median_increment(build(width, fixed), prompt)
         models = {("fixed", "-"): build(width, fixed)}
         for compaction in ("all", "ffn"):
-            models["residual", compaction] = build(
-                width,
-                replace(fixed, iiet_policy="residual", iiet_threshold=threshold, early_exit_compaction=compaction),
-            )
-            models["router", compaction] = build(
-                width, replace(fixed, iiet_policy="router", early_exit_compaction=compaction)
-            )
+            residual = IIETConfig(policy="residual", threshold=threshold, early_exit_compaction=compaction)
+            models["residual", compaction] = build(width, replace(fixed, iiet=residual))
+            router = IIETConfig(policy="router", early_exit_compaction=compaction)
+            models["router", compaction] = build(width, replace(fixed, iiet=router))
         counters = {key: EvalCounter(m) for key, m in models.items()}
         seconds = {key: [] for key in models}
         for key, model in models.items():  # warm-up, and the evaluation counts (the same every round)

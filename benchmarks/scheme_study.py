@@ -60,15 +60,15 @@ ARMS: dict[str, Arm] = {
     "iiet": Arm(lm("iiet"), what="IIET r = 3, plain Picard iteration", flops=3),
     "iiet r=2": Arm(lm("iiet_r2"), what="IIET r = 2", flops=2),
     "iiet anderson": Arm(
-        lm("iiet"), ("--model.ode.iiet_solver", "anderson"), "IIET r = 3, Anderson acceleration", 3, "option"
+        lm("iiet"), ("--model.ode.iiet.solver", "anderson"), "IIET r = 3, Anderson acceleration", 3, "option"
     ),
     "iiet relaxation": Arm(
-        lm("iiet"), ("--model.ode.iiet_relaxation", "learned"), "IIET r = 3, learned relaxation per layer", 3, "option"
+        lm("iiet"), ("--model.ode.iiet.relaxation", "learned"), "IIET r = 3, learned relaxation per layer", 3, "option"
     ),
-    "iiet mean": Arm(lm("iiet"), ("--model.ode.iiet_output", "mean"), "IIET r = 3, output y + mean slope", 3, "option"),
-    "iiet damping 0.5": Arm(lm("iiet"), ("--model.ode.iiet_damping", "0.5"), "IIET r = 3, damping 0.5", 3, "option"),
+    "iiet mean": Arm(lm("iiet"), ("--model.ode.iiet.output", "mean"), "IIET r = 3, output y + mean slope", 3, "option"),
+    "iiet damping 0.5": Arm(lm("iiet"), ("--model.ode.iiet.damping", "0.5"), "IIET r = 3, damping 0.5", 3, "option"),
     "iiet sublayer": Arm(
-        lm("iiet"), ("--model.ode.iiet_unit", "sublayer"), "IIET r = 3, attention then FFN solved in turn", 3, "option"
+        lm("iiet"), ("--model.ode.iiet.unit", "sublayer"), "IIET r = 3, attention then FFN solved in turn", 3, "option"
     ),
     "iiet branch_norm": Arm(lm("iiet"), ("--model.ode.branch_norm", "true"), "IIET r = 3, RMSNorm on G", 3, "option"),
     "rk2": Arm(lm("rk2"), what="ODE Transformer RK2", flops=2),

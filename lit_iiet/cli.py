@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 import torch
@@ -20,7 +22,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_iiet.callbacks import TextPredictionWriter
 from lit_iiet.checkpoint import SPECIAL_CKPT_PATHS, checkpoint_tokenizer, load_checkpoint
-from lit_iiet.errors import UserInputError, exit_on_user_error
+from lit_iiet.errors import UserInputError, exit_on_user_error, user_error_in
+from lit_iiet.models.base import upgrade_hparams
 
 
 def runtime_options(class_path: str) -> tuple[str, ...]:
@@ -81,14 +84,26 @@ class IIETCLI(LightningCLI):
         # truncated checkpoint gets one line of explanation instead of a deep torch.load traceback.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS:
-            self._use_checkpoint_tokenizer(subcommand, ckpt_path, load_checkpoint(ckpt_path))
+        if not ckpt_path:
+            return
+        checkpoint = None
+        if ckpt_path not in SPECIAL_CKPT_PATHS:
+            checkpoint = load_checkpoint(ckpt_path)
+            self._use_checkpoint_tokenizer(subcommand, ckpt_path, checkpoint)
         elif ckpt_path == "last":
             self._use_checkpoint_tokenizer(subcommand, ckpt_path)
-        given = self.config[subcommand]["model"].clone() if subcommand else None
-        super()._parse_ckpt_path()
-        if given is not None and ckpt_path:
-            self._apply_checkpoint_rule(subcommand, ckpt_path, given)
+        if checkpoint is None:
+            return  # "last" etc.: Lightning resolves them in the Trainer, with the hyperparameters of the config
+        given = self.config[subcommand]["model"].clone()
+        # What LightningCLI does here, on the hyperparameters in today's layout (older checkpoints are upgraded).
+        hparams = upgrade_hparams(dict(checkpoint.get("hyper_parameters", {})))
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        self._apply_checkpoint_rule(subcommand, ckpt_path, given)
 
     def _apply_checkpoint_rule(self, subcommand: str, ckpt_path: str, given) -> None:
         """Lightning merges the checkpoint's hyperparameters over the config, the command line's too. The rule
@@ -105,7 +120,7 @@ class IIETCLI(LightningCLI):
             if key not in merged_args or merged_args[key] == value:
                 continue
             # A policy switch to or from "router" changes the model: routers are parameters.
-            router_switch = key.endswith(".iiet_policy") and "router" in (value, merged_args[key])
+            router_switch = key.endswith(".iiet.policy") and "router" in (value, merged_args[key])
             if any(key == o or key.startswith(o + ".") for o in behaviour) and not router_switch:
                 merged_args[key] = value
             elif any(
@@ -141,6 +156,59 @@ class IIETCLI(LightningCLI):
             init_args["tokenizer"] = str(tokenizer.path)
 
 
+def short_parse_error(message: str) -> str:
+    """jsonargparse's nested report of a bad option as one line: the option's full dotted name and what is wrong.
+
+    The report nests `Parser key "K":` blocks (model -> ode -> iiet.policy), each followed by its own detail; the
+    innermost block names the option. A report of another shape comes back unchanged.
+    """
+    lines = message.splitlines()
+    path: list[tuple[int, str]] = []  # (indent, key) of the enclosing Parser key blocks
+    inner: tuple[int, int, str] | None = None  # line, indent and same-line detail of the innermost block
+    for i, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip(" -"))
+        if line.strip().startswith("unrecognized arguments:"):
+            while path and path[-1][0] >= indent:
+                path.pop()
+            prefix = ".".join(k for _, k in path)
+            given = line.strip().removeprefix("unrecognized arguments:").strip().removeprefix("--")
+            option = f"--{prefix}.{given}" if prefix else f"--{given}"
+            flat = re.match(r"--(.*ode)\.(iiet_\w+|anderson_memory|router_\w+|early_exit_compaction|kv_mode)\b", option)
+            hint = ""
+            if flat:  # an option from before the IIET options moved under ode.iiet
+                new = flat.group(2).removeprefix("iiet_")
+                hint = f"; the IIET options are under {flat.group(1)}.iiet now: --{flat.group(1)}.iiet.{new}"
+            return f"unrecognized option {option}{hint}"
+        match = re.match(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)$', line)
+        if match:
+            while path and path[-1][0] >= indent:
+                path.pop()
+            path.append((indent, match.group(1)))
+            inner = (i, indent, match.group(2))
+            keys = [k for _, k in path]
+    if inner is None:
+        return lines[0] if lines else message
+    start, indent, detail = inner
+    key = ".".join(keys)
+    body = [detail] if detail else []
+    for line in lines[start + 1 :]:
+        if len(line) - len(line.lstrip(" -")) <= indent:
+            break
+        body.append(line.strip().removeprefix("- "))
+    text = " ".join(body)
+    literal = re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", text)
+    if literal:
+        choices = ", ".join(c.strip().strip("'\"") for c in literal.group(1).split(","))
+        return f"{key}: unknown {key.rsplit('.', 1)[-1]} {literal.group(2)!r}; choose one of {choices}"
+    value = re.search(r"Given value: (.*?)$", text) or re.search(r"Got value: (.*?)$", text)
+    subtypes = next((b.removeprefix("Subtypes: ") for b in body if b.startswith("Subtypes: [")), None)
+    types = re.match(r"\[(.*)\]$", subtypes) if subtypes else re.search(r"Expected a (.*?)\. Got value", text)
+    if value and types:
+        wanted = re.sub(r"<class '(\w+)'>", r"\1", types.group(1)).replace(", ", " or ")
+        return f"{key}={value.group(1)!r}: expected {wanted}"
+    return f"{key}: {text}"
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m lit_iiet` and the `lit-iiet` script; tests call it with a list of arguments."""
     set_docstring_parse_options(attribute_docstrings=True)
@@ -148,12 +216,20 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ GPUs; no effect on CPU
     with exit_on_user_error():
-        IIETCLI(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            parser_kwargs={"parser_mode": "omegaconf", "prog": "python -m lit_iiet"},
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+        try:
+            IIETCLI(
+                LightningModule,
+                LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                # Bad options raise instead of printing the whole usage: they end in one line, as other bad input.
+                parser_kwargs={"parser_mode": "omegaconf", "prog": "python -m lit_iiet", "exit_on_error": False},
+                save_config_kwargs={"overwrite": True},
+                args=args,
+            )
+        except ArgumentError as e:
+            if user_error_in(e) is not None:
+                raise
+            given = list(sys.argv[1:] if args is None else args)
+            subcommand = next((a for a in given if not a.startswith("-")), "SUBCOMMAND")
+            raise UserInputError(f"{short_parse_error(str(e))} (see python -m lit_iiet {subcommand} --help)") from None

@@ -236,13 +236,13 @@ def export_llama(ckpt: str | Path, out_dir: str | Path) -> Path:
     hparams = checkpoint.get("hyper_parameters", {})
     if "arch" not in hparams or "ode" not in hparams:
         raise UserInputError(f"checkpoint {str(ckpt)!r} is not a decoder-only LanguageModel checkpoint")
-    cfg, ode = DecoderConfig(**hparams["arch"]), ODEConfig(**hparams["ode"])
-    one_step = ode.iiet_damping == 1.0 and ode.iiet_relaxation == "fixed"  # else iteration 1 is y + b G(y)
+    cfg, ode = DecoderConfig(**hparams["arch"]), ODEConfig.from_dict(hparams["ode"])
+    one_step = ode.iiet.damping == 1.0 and ode.iiet.relaxation == "fixed"  # else iteration 1 is y + b G(y)
     plain = ode.scheme == "euler" or (ode.scheme == "iiet" and set(ode.schedule(cfg.n_layers)) == {1} and one_step)
     if not plain or ode.branch_norm:
         raise UserInputError(
             f"scheme={ode.scheme!r} iters={ode.iters!r} has no Llama equivalent; only euler (or iiet with 1 iteration "
-            "in every layer, iiet_damping 1.0, fixed relaxation and branch_norm false) can be exported"
+            "in every layer, iiet.damping 1.0, fixed relaxation and branch_norm false) can be exported"
         )
     ours = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     llama_state = to_llama_state(ours, cfg)  # refuses what Llama cannot express before anything is written

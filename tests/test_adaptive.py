@@ -14,7 +14,7 @@ from lit_iiet.cli import main
 from lit_iiet.errors import UserInputError
 from lit_iiet.models import LanguageModel
 from lit_iiet.nn.decoder import Block, Decoder, DecoderConfig
-from lit_iiet.nn.ode import ODEConfig
+from lit_iiet.nn.ode import IIETConfig, ODEConfig
 
 VOCAB = 97
 
@@ -52,8 +52,8 @@ def replaying(model, decisions: dict[int, torch.Tensor]) -> None:
 def test_always_continue_reproduces_fixed_iterations():
     x, fixed = tokens(), make(ODEConfig("iiet", 3))
     for ode in (
-        ODEConfig("iiet", 3, iiet_policy="residual", iiet_threshold=0.0),
-        ODEConfig("iiet", 3, iiet_policy="fixed"),
+        ODEConfig("iiet", 3, iiet=IIETConfig(policy="residual", threshold=0.0)),
+        ODEConfig("iiet", 3, iiet=IIETConfig(policy="fixed")),
     ):
         model = make(ode)
         torch.testing.assert_close(model(x), fixed(x), atol=1e-5, rtol=0)  # residual: the adaptive code path
@@ -65,7 +65,7 @@ def test_always_continue_reproduces_fixed_iterations():
 @torch.no_grad()
 def test_stopping_after_the_first_iteration_is_the_vanilla_layer():
     """g = 0 stops: a router that stops every token (sigmoid(0) = 0.5 is not > 0.5) gives the euler model."""
-    router = make(ODEConfig("iiet", 3, iiet_policy="router"))
+    router = make(ODEConfig("iiet", 3, iiet=IIETConfig(policy="router")))
     for r in router.update.routers:
         r.bias.zero_()
     euler = make(ODEConfig("euler"))
@@ -76,9 +76,12 @@ def test_stopping_after_the_first_iteration_is_the_vanilla_layer():
 
 
 POLICIES = {
-    "residual": (ODEConfig("iiet", 3, iiet_policy="residual", iiet_threshold=[0.0, 0.3, 0.3]), None),
-    "router": (ODEConfig("iiet", 3, iiet_policy="router"), 0),
-    "residual_shared_kv": (ODEConfig("iiet", 3, iiet_policy="residual", iiet_threshold=0.3, kv_mode="shared"), None),
+    "residual": (ODEConfig("iiet", 3, iiet=IIETConfig(policy="residual", threshold=[0.0, 0.3, 0.3])), None),
+    "router": (ODEConfig("iiet", 3, iiet=IIETConfig(policy="router")), 0),
+    "residual_shared_kv": (
+        ODEConfig("iiet", 3, iiet=IIETConfig(policy="residual", threshold=0.3, kv_mode="shared")),
+        None,
+    ),
 }
 
 
@@ -114,7 +117,7 @@ def test_cached_decoding_equals_the_replayed_full_forward(name, compaction):
     """Both early-exit paths (the FFN alone on the active rows, or the whole layer on them and their gathered
     prefix) decode exactly what the full forward computes with the same per-token decisions."""
     ode, seed = POLICIES[name]
-    model, x = make(replace(ode, early_exit_compaction=compaction), seed), tokens()
+    model, x = make(replace(ode, iiet=replace(ode.iiet, early_exit_compaction=compaction)), seed), tokens()
     cached, decisions = decode_recording_decisions(model, x)
     steps = torch.stack([d[:, 5:] for d in decisions.values()])
     assert bool((steps < 3).any()) and bool((steps == 3).any()), "some rows stop while others go on: compaction is used"
@@ -136,7 +139,7 @@ def test_without_filling_stopped_slots_the_cache_would_be_wrong(monkeypatch):
         return G
 
     ode, _ = POLICIES["residual"]
-    model, x = make(replace(ode, early_exit_compaction="all")), tokens()
+    model, x = make(replace(ode, iiet=replace(ode.iiet, early_exit_compaction="all"))), tokens()
     monkeypatch.setattr(Block, "branch", no_fill)
     cached, decisions = decode_recording_decisions(model, x)
     replaying(model, decisions)
@@ -146,7 +149,7 @@ def test_without_filling_stopped_slots_the_cache_would_be_wrong(monkeypatch):
 @torch.no_grad()
 def test_shared_kv_is_exact_against_itself_and_an_approximation_of_iiet():
     x = tokens()
-    shared, exact = make(ODEConfig("iiet", 3, kv_mode="shared")), make(ODEConfig("iiet", 3))
+    shared, exact = make(ODEConfig("iiet", 3, iiet=IIETConfig(kv_mode="shared"))), make(ODEConfig("iiet", 3))
     cached, _ = decode_recording_decisions(shared, x)
     torch.testing.assert_close(cached, shared(x), atol=1e-4, rtol=0)
     assert sum(len(slots) for slots in shared.init_cache(1, 8)) == 3  # one slot per layer instead of 9
@@ -154,7 +157,7 @@ def test_shared_kv_is_exact_against_itself_and_an_approximation_of_iiet():
 
 
 def test_router_training_is_expert_choice_with_a_causal_aux_target():
-    model = make(ODEConfig("iiet", 3, iiet_policy="router", router_capacity=0.25), router_seed=0).train()
+    model = make(ODEConfig("iiet", 3, iiet=IIETConfig(policy="router", router_capacity=0.25)), router_seed=0).train()
     x = tokens()
     model(x).logsumexp(-1).mean().backward()
     for c in model.update.counts.values():
@@ -167,18 +170,18 @@ def test_router_training_is_expert_choice_with_a_causal_aux_target():
 
 def test_bad_policy_options():
     for kwargs, message in [
-        ({"iiet_policy": "greedy"}, "iiet_policy='greedy'; choose one of fixed, residual, router"),
-        ({"kv_mode": "paged"}, "kv_mode='paged'; choose 'exact' or 'shared'"),
-        ({"iiet_policy": "residual", "iiet_output": "mean"}, "needs scheme 'iiet' with iiet_unit 'layer'"),
-        ({"iiet_threshold": -0.1}, "thresholds must be numbers >= 0"),
+        ({"policy": "greedy"}, "unknown iiet.policy 'greedy'; choose one of fixed, residual, router"),
+        ({"kv_mode": "paged"}, "unknown iiet.kv_mode 'paged'; choose one of exact, shared"),
+        ({"policy": "residual", "output": "mean"}, "needs iiet.unit 'layer'"),
+        ({"threshold": -0.1}, "thresholds must be numbers >= 0"),
         ({"router_capacity": 0.0}, "router_capacity=0.0 must lie in"),
     ]:
         with pytest.raises(UserInputError, match=message):
-            ODEConfig("iiet", 3, **kwargs)
-    with pytest.raises(UserInputError, match="iiet_threshold"):
+            ODEConfig("iiet", 3, iiet=kwargs)
+    with pytest.raises(UserInputError, match="iiet.threshold"):
         Decoder(
             DecoderConfig(VOCAB, n_layers=3, d_model=16, n_heads=2),
-            ODEConfig("iiet", 2, iiet_policy="residual", iiet_threshold=[0.1, 0.2]),
+            ODEConfig("iiet", 2, iiet=IIETConfig(policy="residual", threshold=[0.1, 0.2])),
         )
 
 
@@ -206,9 +209,9 @@ def test_router_distilled_with_iiad_logs_evals_agreement_and_histogram(teacher, 
         [
             "fit",
             *TINY,
-            "--model.ode.iiet_policy",
+            "--model.ode.iiet.policy",
             "router",
-            "--model.ode.router_capacity",
+            "--model.ode.iiet.router_capacity",
             "0.5",
             "--trainer.max_steps",
             "3",
@@ -246,7 +249,7 @@ def test_ddp_with_routers_that_a_batch_leaves_unused(tmp_path):
         *TINY,
         "--config",
         "conf/trainer/ddp_cpu.yaml",
-        "--model.ode.iiet_policy",
+        "--model.ode.iiet.policy",
         "router",
         "--model.ode.iters",
         "[3, 1]",

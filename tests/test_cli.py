@@ -79,6 +79,20 @@ def test_help_shows_docstrings(capsys):
     assert "--model.ode.scheme" in out and "iiet only: fixed-point iterations per layer" in out
 
 
+def test_help_lists_the_choices_of_every_enumerated_option(capsys):
+    """Literal-typed options: jsonargparse lists their values, and the IIET options form their own group."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "lit_iiet.models.LanguageModel"])
+    out = capsys.readouterr().out
+    for usage in (
+        "--model.ode.scheme {euler,iiet,rk2,rk2_gated,rk4,pcformer}",
+        "--model.ode.iiet.solver {picard,anderson}",
+        "--model.ode.iiet.policy {fixed,residual,router}",
+        "--model.ode.iiet.kv_mode {exact,shared}",
+    ):
+        assert usage in out, usage
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A real `python -m lit_iiet fit` of 6 steps (a separate process, exactly as a user runs it)."""
@@ -222,14 +236,14 @@ def test_vanilla_checkpoint_loads_into_iiet(tmp_path):
     assert (
         torch.load(tmp_path / "iiet/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]["ode"]["iters"] == 3
     )
-    # A learned relaxation is not in the vanilla weights: it starts at iiet_damping (1.0), as from scratch.
+    # A learned relaxation is not in the vanilla weights: it starts at iiet.damping (1.0), as from scratch.
     main(
         [
             "fit",
             *TINY,
             "--model.init_from",
             str(ckpt),
-            "--model.ode.iiet_relaxation",
+            "--model.ode.iiet.relaxation",
             "learned",
             "--trainer.max_steps",
             "1",
@@ -295,9 +309,22 @@ BAD_INPUTS = {
         ["--model.arch.embed_scale", "-1"],
         "embed_scale=-1.0 must be a number > 0 or 'sqrt_d_model'",
     ),
+    "unknown policy": (
+        ["--model.ode.iiet.policy", "greedy"],
+        "model.ode.iiet.policy: unknown policy 'greedy'; choose one of fixed, residual, router",
+    ),
+    "option from before the iiet group": (
+        ["--model.ode.iiet_policy", "residual"],
+        "unrecognized option --model.ode.iiet_policy=residual; the IIET options are under model.ode.iiet now",
+    ),
+    "iiet option with another scheme": (
+        ["--model.ode.scheme", "rk2", "--model.ode.iters", "1", "--model.ode.iiet.damping", "0.5"],
+        "iiet.damping=0.5 is only used by scheme 'iiet'",
+    ),
+    "not a number": (["--data.seq_len", "many"], "data.seq_len='many': expected int"),
     "anderson with mean": (
-        ["--model.ode.iiet_solver", "anderson", "--model.ode.iiet_output", "mean"],
-        "iiet_solver='anderson' mixes its own",
+        ["--model.ode.iiet.solver", "anderson", "--model.ode.iiet.output", "mean"],
+        "iiet.solver='anderson' mixes its own",
     ),
 }
 
@@ -371,9 +398,9 @@ def test_ckpt_path_honours_behaviour_options(trained_run, tmp_path):
         [
             "validate",
             *TINY,
-            "--model.ode.iiet_policy",
+            "--model.ode.iiet.policy",
             "residual",
-            "--model.ode.iiet_threshold",
+            "--model.ode.iiet.threshold",
             "1e9",
             "--trainer.default_root_dir",
             str(tmp_path / "v"),
@@ -409,12 +436,12 @@ def test_ckpt_path_honours_behaviour_options(trained_run, tmp_path):
     [
         (["--model.optim.lr", "0"], "model.optim.lr=0.0: must be a number > 0"),
         (
-            ["--model.enc_ode.iiet_policy", "router"],
-            "model.enc_ode: iiet_policy='router' and kv_mode='exact' are not supported",
+            ["--model.enc_ode.iiet.policy", "router"],
+            "model.enc_ode: iiet.policy='router' and iiet.kv_mode='exact' are not supported",
         ),
         (
-            ["--model.enc_ode.kv_mode", "shared"],
-            "model.enc_ode: iiet_policy='fixed' and kv_mode='shared' are not supported",
+            ["--model.enc_ode.iiet.kv_mode", "shared"],
+            "model.enc_ode: iiet.policy='fixed' and iiet.kv_mode='shared' are not supported",
         ),
     ],
 )
@@ -424,3 +451,28 @@ def test_encoder_decoder_refuses_what_it_does_not_support(args, message, capsys)
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", "conf/mt/bible_fr_en_iiet.yaml", *args, "--trainer.max_steps", "1"])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+PREFIXED = ("output", "damping", "relaxation", "solver", "unit", "policy", "threshold")  # were iiet_<name>
+
+
+def test_checkpoint_from_before_the_iiet_group_still_loads(trained_run, tmp_path):
+    """Checkpoints written before the IIET options moved under `ode.iiet` stored them flat in `ode`: they load in
+    Python with their options where they belong now, and validate through `--ckpt_path` as the new layout does."""
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    ode = checkpoint["hyper_parameters"]["ode"]
+    flat = {k: v for k, v in ode.items() if k != "iiet"}
+    flat.update({f"iiet_{k}" if k in PREFIXED else k: v for k, v in ode["iiet"].items()})
+    checkpoint["hyper_parameters"]["ode"] = flat
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    flat = {**flat, "iiet_policy": "residual", "iiet_threshold": 0.25}
+    checkpoint["hyper_parameters"]["ode"] = flat
+    torch.save(checkpoint, tmp_path / "old_residual.ckpt")
+    iiet = LanguageModel.load_from_checkpoint(tmp_path / "old_residual.ckpt", weights_only=True).model.ode.iiet
+    assert (iiet.policy, iiet.threshold, iiet.unit) == ("residual", 0.25, "layer")
+    losses = []
+    for name, path in (("new", ckpt), ("old", tmp_path / "old.ckpt")):
+        main(["validate", *TINY, "--trainer.default_root_dir", str(tmp_path / name), "--ckpt_path", str(path)])
+        losses.append(read_scalars(tmp_path / name)["val/loss"])
+    assert losses[0] == losses[1] and len(losses[0]) == 1

@@ -6,7 +6,7 @@ import torch
 from lit_iiet.errors import UserInputError
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.generate import generate, sample_next
-from lit_iiet.nn.ode import ODEConfig
+from lit_iiet.nn.ode import IIETConfig, ODEConfig
 
 VOCAB = 97
 
@@ -14,10 +14,10 @@ CASES = {
     "euler": ODEConfig("euler"),
     "iiet_r3": ODEConfig("iiet", 3),
     "iiet_schedule": ODEConfig("iiet", [1, 3, 2]),
-    "iiet_sublayer": ODEConfig("iiet", 2, iiet_unit="sublayer"),
-    "iiet_mean_damped": ODEConfig("iiet", 3, iiet_output="mean", iiet_damping=0.7),
-    "iiet_anderson": ODEConfig("iiet", [3, 4, 2], iiet_solver="anderson"),
-    "iiet_relaxation": ODEConfig("iiet", 3, iiet_relaxation="learned", iiet_damping=0.7),
+    "iiet_sublayer": ODEConfig("iiet", 2, iiet=IIETConfig(unit="sublayer")),
+    "iiet_mean_damped": ODEConfig("iiet", 3, iiet=IIETConfig(output="mean", damping=0.7)),
+    "iiet_anderson": ODEConfig("iiet", [3, 4, 2], iiet=IIETConfig(solver="anderson")),
+    "iiet_relaxation": ODEConfig("iiet", 3, iiet=IIETConfig(relaxation="learned", damping=0.7)),
     "rk2": ODEConfig("rk2"),
     "rk2_gated": ODEConfig("rk2_gated"),
     "rk4": ODEConfig("rk4"),

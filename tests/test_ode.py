@@ -278,15 +278,13 @@ def tiny_decoder(scheme: str, iters=1, **ode) -> Decoder:
     return Decoder(cfg, ODEConfig(scheme=scheme, iters=iters, **ode)).eval()
 
 
-@pytest.mark.parametrize(
-    "ode", [{}, {"iiet_output": "mean"}, {"iiet_solver": "anderson"}, {"iiet_relaxation": "learned"}]
-)
-def test_iiet_r1_equals_euler_on_the_same_weights(ode):
+@pytest.mark.parametrize("iiet", [{}, {"output": "mean"}, {"solver": "anderson"}, {"relaxation": "learned"}])
+def test_iiet_r1_equals_euler_on_the_same_weights(iiet):
     """Iteration 1 of the implicit Euler solve is the vanilla layer: same weights, identical logits (a learned
     relaxation starts at b = 1)."""
     vanilla = tiny_decoder("euler")
-    model = tiny_decoder("iiet", 1, **ode)
-    model.load_state_dict(vanilla.state_dict(), strict=not ode.get("iiet_relaxation"))
+    model = tiny_decoder("iiet", 1, iiet=iiet)
+    model.load_state_dict(vanilla.state_dict(), strict=not iiet.get("relaxation"))
     idx = torch.randint(0, 64, (2, 16))
     assert torch.equal(model(idx), vanilla(idx))
     # More iterations change the output (so the comparison above can fail).
@@ -296,7 +294,7 @@ def test_iiet_r1_equals_euler_on_the_same_weights(ode):
 
 
 def test_iiet_sublayer_unit_r1_equals_euler():
-    vanilla, model = tiny_decoder("euler"), tiny_decoder("iiet", 1, iiet_unit="sublayer")
+    vanilla, model = tiny_decoder("euler"), tiny_decoder("iiet", 1, iiet={"unit": "sublayer"})
     model.load_state_dict(vanilla.state_dict())
     idx = torch.randint(0, 64, (2, 16))
     assert torch.allclose(model(idx), vanilla(idx), atol=1e-12)
@@ -309,14 +307,15 @@ def test_iiet_sublayer_unit_r1_equals_euler():
         ({"scheme": "iiet", "iters": 0}, "iters=0"),
         ({"scheme": "iiet", "iters": [2, 0, 1]}, "iters=[2, 0, 1]"),
         ({"scheme": "rk2", "iters": 3}, "only used by scheme 'iiet'"),
-        ({"scheme": "iiet", "iiet_damping": 0.0}, "iiet_damping=0.0"),
-        ({"scheme": "iiet", "iiet_output": "first"}, "iiet_output='first'"),
-        ({"scheme": "iiet", "iiet_unit": "head"}, "iiet_unit='head'"),
-        ({"scheme": "iiet", "iiet_solver": "newton"}, "iiet_solver='newton'"),
-        ({"scheme": "iiet", "anderson_memory": 1}, "anderson_memory=1"),
-        ({"scheme": "iiet", "iiet_solver": "anderson", "iiet_output": "mean"}, "iiet_solver='anderson' mixes its own"),
-        ({"scheme": "iiet", "iiet_relaxation": "adaptive"}, "iiet_relaxation='adaptive'"),
-        ({"scheme": "iiet", "iiet_policy": "residual", "iiet_solver": "anderson"}, "iiet_solver 'picard'"),
+        ({"scheme": "iiet", "iiet": {"damping": 0.0}}, "iiet.damping=0.0"),
+        ({"scheme": "iiet", "iiet": {"output": "first"}}, "unknown iiet.output 'first'"),
+        ({"scheme": "iiet", "iiet": {"unit": "head"}}, "unknown iiet.unit 'head'"),
+        ({"scheme": "iiet", "iiet": {"solver": "newton"}}, "unknown iiet.solver 'newton'"),
+        ({"scheme": "iiet", "iiet": {"anderson_memory": 1}}, "iiet.anderson_memory=1"),
+        ({"scheme": "iiet", "iiet": {"solver": "anderson", "output": "mean"}}, "iiet.solver='anderson' mixes its own"),
+        ({"scheme": "iiet", "iiet": {"relaxation": "adaptive"}}, "unknown iiet.relaxation 'adaptive'"),
+        ({"scheme": "iiet", "iiet": {"policy": "residual", "solver": "anderson"}}, "iiet.solver 'picard'"),
+        ({"scheme": "rk2", "iiet": {"damping": 0.5}}, "iiet.damping=0.5 is only used by scheme 'iiet'"),
     ],
 )
 def test_bad_ode_config(kwargs, message):

@@ -75,9 +75,9 @@ def iteration_stats(model, batches: list[Tensor]) -> IterationStats:
     model: a `Decoder` (any object with `.update` of scheme iiet and `forward(idx)`); batches: (B, T + 1) windows.
     """
     update = model.update
-    if update.cfg.scheme != "iiet" or update.cfg.iiet_unit != "layer":
+    if update.cfg.scheme != "iiet" or update.cfg.iiet.unit != "layer":
         raise UserInputError(
-            f"iteration influence needs scheme 'iiet' with iiet_unit 'layer', not {update.cfg.scheme!r}/{update.cfg.iiet_unit!r}"
+            f"iteration influence needs scheme 'iiet' with iiet.unit 'layer', not {update.cfg.scheme!r}/{update.cfg.iiet.unit!r}"
         )
     was_training = model.training
     model.eval()

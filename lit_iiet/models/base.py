@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -13,10 +14,12 @@ from torch import Tensor
 
 from lit_iiet.checkpoint import TOKENIZER_KEY, load_checkpoint
 from lit_iiet.errors import UserInputError
+from lit_iiet.nn.ode import upgrade_ode_dict
 
 # Parameters that start from their own init when init_from / an IIAD teacher lacks them: the routers of an adaptive
-# policy, and a learned relaxation (it starts at iiet_damping, so plain-iteration weights keep their meaning).
+# policy, and a learned relaxation (it starts at iiet.damping, so plain-iteration weights keep their meaning).
 OPTIONAL_PARAMS = ("model.update.routers.", "model.update.relaxation")
+ODE_KEYS = ("ode", "enc_ode", "dec_ode")  # the hyperparameters that hold an ODEConfig
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -51,9 +54,17 @@ def check_adam_options(cfg) -> None:
             raise UserInputError(f"model.optim.{name}={value}: must be {allowed}")
 
 
+def upgrade_hparams(hparams: dict) -> dict:
+    """A checkpoint's hyperparameters in today's layout: `ode`, `enc_ode` and `dec_ode` written before the IIET
+    options moved under `iiet` get them moved there (`upgrade_ode_dict`)."""
+    return {k: upgrade_ode_dict(v) if k in ODE_KEYS and isinstance(v, dict) else v for k, v in hparams.items()}
+
+
 def as_config(cls, value):
     """Dataclass from a dict: checkpoints store hyperparameters as plain dicts (weights_only loading)."""
-    return cls(**value) if isinstance(value, dict) else value
+    if not isinstance(value, dict):
+        return value
+    return cls.from_dict(value) if hasattr(cls, "from_dict") else cls(**value)
 
 
 class ODEModule(L.LightningModule):
@@ -67,6 +78,16 @@ class ODEModule(L.LightningModule):
     init_from: str | None = None
     flops_per_batch: int | None = None  # of the current training batch; Lightning's ThroughputMonitor reads it too
     _peak_flops: int | None = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, also for a checkpoint whose hyperparameters are in an older layout (`upgrade_hparams`):
+        the upgraded configs are passed as keyword arguments, which Lightning puts over the stored ones."""
+        if isinstance(checkpoint_path, (str, Path)):
+            stored = load_checkpoint(checkpoint_path, mmap=True).get("hyper_parameters", {})
+            upgraded = upgrade_hparams(stored)
+            kwargs = {**{k: upgraded[k] for k in ODE_KEYS if k in stored and upgraded[k] != stored[k]}, **kwargs}
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def save_configs(self, **configs) -> None:
         """save_hyperparameters, with each config dataclass stored as a plain dict.

@@ -74,10 +74,10 @@ class LanguageModel(ODEModule):
     runtime_options = (
         "sampling",
         "val_sample_prompt",
-        "ode.iiet_policy",
-        "ode.iiet_threshold",
-        "ode.early_exit_compaction",
-        "ode.kv_mode",
+        "ode.iiet.policy",
+        "ode.iiet.threshold",
+        "ode.iiet.early_exit_compaction",
+        "ode.iiet.kv_mode",
     )
 
     def __init__(
@@ -94,7 +94,7 @@ class LanguageModel(ODEModule):
         """
         Args:
             arch: Shape of the Transformer++ (layers, width, heads, vocabulary, context length).
-            ode: Layer-update scheme and its options (iiet iterations or per-layer schedule).
+            ode: Layer-update scheme, iteration schedule and, under `iiet`, how IIET iterates.
             optim: Optimizer and learning-rate schedule.
             sampling: Generation settings for `predict` and the validation sample.
             init_from: Checkpoint whose weights initialise the model before `fit` (e.g. a vanilla checkpoint

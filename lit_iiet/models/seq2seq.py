@@ -145,10 +145,10 @@ class Seq2SeqModel(ODEModule):
             as_config(ODEConfig, dec_ode),
         )
         for name, ode in (("enc_ode", enc_ode), ("dec_ode", dec_ode)):  # per-token policies exist in the LM only
-            if ode.adaptive or ode.kv_mode != "exact":
+            if ode.adaptive or ode.shared_kv:
                 raise UserInputError(
-                    f"model.{name}: iiet_policy={ode.iiet_policy!r} and kv_mode={ode.kv_mode!r} are not supported by "
-                    "the encoder-decoder; use iiet_policy 'fixed' and kv_mode 'exact'"
+                    f"model.{name}: iiet.policy={ode.iiet.policy!r} and iiet.kv_mode={ode.iiet.kv_mode!r} are not "
+                    "supported by the encoder-decoder; use iiet.policy 'fixed' and iiet.kv_mode 'exact'"
                 )
         self.optim, self.decoding = as_config(Seq2SeqOptimConfig, optim), as_config(BeamConfig, decoding)
         if not 0.0 <= label_smoothing < 1.0:

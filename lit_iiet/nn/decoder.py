@@ -179,7 +179,7 @@ class Decoder(nn.Module):
         x = F.dropout(x, self.cfg.dropout, self.training)
         history = self.update.begin(x)
         mode = self.checkpointing if self.training and torch.is_grad_enabled() else "none"
-        shared_kv = self.ode.kv_mode == "shared"
+        shared_kv = self.ode.shared_kv
         if mode not in ("none", "layer", "iteration"):
             raise UserInputError(f"activation checkpointing {mode!r}; choose 'none', 'layer' or 'iteration'")
         if mode == "layer" and history is not None:  # recomputing a layer would extend PCformer's history twice

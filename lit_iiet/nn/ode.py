@@ -16,8 +16,8 @@ called as `G(z, e)`, where e numbers the F-evaluations of the layer so that each
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Literal, get_args, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -297,60 +297,134 @@ def pcformer_corrector(
 
 # --- configuration and the per-stack update ------------------------------------------------------------------
 
+Scheme = Literal["euler", "iiet", "rk2", "rk2_gated", "rk4", "pcformer"]
 FIXED_EVALS = {"euler": 1, "rk2": 2, "rk2_gated": 2, "rk4": 4, "pcformer": 3}
-SCHEMES = ("euler", "iiet", "rk2", "rk2_gated", "rk4", "pcformer")
-POLICIES = ("fixed", "residual", "router")
-SOLVERS = ("picard", "anderson")
+SCHEMES = get_args(Scheme)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    """The same check as jsonargparse's for a Literal field, for configs built in Python (dataclasses do not check)."""
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise UserInputError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class IIETConfig:
+    """How scheme iiet iterates (`ode.iiet.*`); the other schemes refuse anything but these defaults."""
+
+    output: Literal["last", "mean"] = "last"
+    """Output the last iterate (plain fixed point) or y + the mean of the iterations' slopes."""
+    damping: float = 1.0
+    """Relaxation b in z <- (1 - b) z + b (y + G(z)); 1.0 is the plain fixed-point iteration. The fixed point does
+    not depend on b; with b < 1 iteration 1 is the shortened explicit step y + b G(y)."""
+    relaxation: Literal["fixed", "learned"] = "fixed"
+    """fixed (damping for every layer) or learned (one relaxation b per layer, a parameter that starts at damping,
+    so r = 1 equals euler at initialisation when damping is 1)."""
+    solver: Literal["picard", "anderson"] = "picard"
+    """picard (plain fixed-point iteration) or anderson (Anderson acceleration per token over the last
+    anderson_memory evaluations: a better iterate from the same r evaluations of G; iteration 1 is unchanged)."""
+    anderson_memory: int = 3
+    """anderson solver: how many of the latest evaluations are mixed (>= 2)."""
+    unit: Literal["layer", "sublayer"] = "layer"
+    """Iterate the whole layer (attention + FFN together) or each sub-layer in turn."""
+    policy: Literal["fixed", "residual", "router"] = "fixed"
+    """How many iterations each token gets in a layer. fixed: the schedule. residual: a token stops once its
+    relative increment ||z_k - z_(k-1)|| / ||z_(k-1)|| falls below threshold (no training needed). router: a learned
+    per-layer router; it picks the top router_capacity of the tokens in training and sigmoid > 0.5 at inference.
+    Increments are gated, z <- z + g (y + G(z) - z): g = 1 continues (for the router a straight-through gate whose
+    gradient is the sigmoid's), g = 0 stops."""
+    threshold: float | list[float] = 0.0
+    """residual policy: the relative-increment threshold, one for every layer or one per layer (0: never stop)."""
+    router_capacity: float = 0.5
+    """router policy, training: the fraction of a batch's tokens that run each iteration after the first."""
+    router_aux_weight: float = 1.0
+    """router policy: weight of the BCE loss that teaches sigmoid > 0.5 to make the training-time choice causally."""
+    early_exit_compaction: Literal["ffn", "all"] = "ffn"
+    """adaptive policies, cached decoding: which sub-layers run on the still-active rows only. ffn: the FFN (the
+    self-attention runs on every row, which also fills the stopped rows' cache slots without gathering any cached
+    prefix); all: the whole layer, on the active rows and their gathered KV prefix. Both are exact."""
+    kv_mode: Literal["exact", "shared"] = "exact"
+    """KV cache: exact (one slot per iteration; stopped tokens' slots filled from their frozen state) or shared (one
+    slot per layer from the first iteration, reused by the others: smaller and approximate, also in training)."""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(IIETConfig)
+        for name in ("output", "relaxation", "solver", "unit", "policy", "early_exit_compaction", "kv_mode"):
+            _check_choice(f"iiet.{name}", getattr(self, name), hints[name])
+        if not 0.0 < self.damping <= 1.0:
+            raise UserInputError(f"iiet.damping={self.damping} must lie in (0, 1]")
+        if not isinstance(self.anderson_memory, int) or self.anderson_memory < 2:
+            raise UserInputError(f"iiet.anderson_memory={self.anderson_memory!r} must be an integer >= 2")
+        if self.solver == "anderson" and (self.output != "last" or self.damping != 1.0 or self.relaxation != "fixed"):
+            raise UserInputError(
+                "iiet.solver='anderson' mixes its own iterates: it needs iiet.output 'last', iiet.damping 1.0 and "
+                "iiet.relaxation 'fixed'"
+            )
+        if self.adaptive or self.kv_mode == "shared":
+            what = f"iiet.policy={self.policy!r}" if self.adaptive else "iiet.kv_mode='shared'"
+            plain = self.output == "last" and self.damping == 1.0 and self.relaxation == "fixed"
+            if self.unit != "layer" or self.solver != "picard" or not plain:
+                raise UserInputError(
+                    f"{what} needs iiet.unit 'layer', iiet.output 'last', iiet.damping 1.0, iiet.relaxation 'fixed' "
+                    "and iiet.solver 'picard'"
+                )
+        thresholds = [self.threshold] if isinstance(self.threshold, (int, float)) else list(self.threshold)
+        if not thresholds or any(not isinstance(t, (int, float)) or t < 0 for t in thresholds):
+            raise UserInputError(f"iiet.threshold={self.threshold!r}: thresholds must be numbers >= 0")
+        if not 0.0 < self.router_capacity <= 1.0:
+            raise UserInputError(f"iiet.router_capacity={self.router_capacity} must lie in (0, 1]")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.policy != "fixed"
+
+    def thresholds(self, n_layers: int) -> list[float]:
+        """The residual policy's per-layer thresholds."""
+        if isinstance(self.threshold, (int, float)):
+            return [float(self.threshold)] * n_layers
+        if len(self.threshold) != n_layers:
+            raise UserInputError(
+                f"iiet.threshold {list(self.threshold)} has {len(self.threshold)} entries; the stack has {n_layers} layers"
+            )
+        return [float(t) for t in self.threshold]
+
+
+# Checkpoints written before the IIET options were grouped under `iiet` stored them flat in `ode`.
+_FLAT_IIET_NAMES = {
+    "iiet_output": "output",
+    "iiet_damping": "damping",
+    "iiet_relaxation": "relaxation",
+    "iiet_solver": "solver",
+    "anderson_memory": "anderson_memory",
+    "iiet_unit": "unit",
+    "iiet_policy": "policy",
+    "iiet_threshold": "threshold",
+    "router_capacity": "router_capacity",
+    "router_aux_weight": "router_aux_weight",
+    "early_exit_compaction": "early_exit_compaction",
+    "kv_mode": "kv_mode",
+}
 
 
 @dataclass
 class ODEConfig:
     """How each layer of a stack is integrated."""
 
-    scheme: str = "euler"
+    scheme: Scheme = "euler"
     """Layer-update scheme: euler (vanilla), iiet, rk2, rk2_gated, rk4 or pcformer."""
     iters: int | list[int] = 1
-    """iiet only: fixed-point iterations per layer, one int for every layer or a per-layer schedule."""
-    iiet_output: str = "last"
-    """iiet only: output the last iterate (plain fixed point) or y + the mean of the iterations' slopes."""
-    iiet_damping: float = 1.0
-    """iiet only: relaxation b in z <- (1 - b) z + b (y + G(z)); 1.0 is the plain fixed-point iteration. The fixed
-    point does not depend on b; with b < 1 iteration 1 is the shortened explicit step y + b G(y)."""
-    iiet_relaxation: str = "fixed"
-    """iiet only: fixed (iiet_damping for every layer) or learned (one relaxation b per layer, a parameter that
-    starts at iiet_damping, so r = 1 equals euler at initialisation when iiet_damping is 1)."""
-    iiet_solver: str = "picard"
-    """iiet only: picard (plain fixed-point iteration) or anderson (Anderson acceleration per token over the last
-    anderson_memory evaluations: a better iterate from the same r evaluations of G; iteration 1 is unchanged)."""
-    anderson_memory: int = 3
-    """anderson solver: how many of the latest evaluations are mixed (>= 2)."""
-    iiet_unit: str = "layer"
-    """iiet only: iterate the whole layer (attention + FFN together) or each sub-layer in turn."""
+    """iiet only: fixed-point iterations per layer, one int for every layer or a per-layer schedule (what IIAD prunes
+    and two-stage training switches). The other schemes have a fixed number of evaluations and take 1."""
     branch_norm: bool = False
     """RMSNorm on every G output (PCformer's RK norm). Breaks iiet r = 1 == euler; off by default."""
-    iiet_policy: str = "fixed"
-    """iiet only: how many iterations each token gets in a layer. fixed: the schedule. residual: a token stops once
-    its relative increment ||z_k - z_(k-1)|| / ||z_(k-1)|| falls below iiet_threshold (no training needed). router:
-    a learned per-layer router; it picks the top router_capacity of the tokens in training and sigmoid > 0.5 at
-    inference. Increments are gated, z <- z + g (y + G(z) - z): g = 1 continues (for the router a straight-through
-    gate whose gradient is the sigmoid's), g = 0 stops."""
-    iiet_threshold: float | list[float] = 0.0
-    """residual policy: the relative-increment threshold, one for every layer or one per layer (0: never stop)."""
-    router_capacity: float = 0.5
-    """router policy, training: the fraction of a batch's tokens that run each iteration after the first."""
-    router_aux_weight: float = 1.0
-    """router policy: weight of the BCE loss that teaches sigmoid > 0.5 to make the training-time choice causally."""
-    early_exit_compaction: str = "ffn"
-    """adaptive policies, cached decoding: which sub-layers run on the still-active rows only. ffn: the FFN (the
-    self-attention runs on every row, which also fills the stopped rows' cache slots without gathering any cached
-    prefix); all: the whole layer, on the active rows and their gathered KV prefix. Both are exact."""
-    kv_mode: str = "exact"
-    """iiet KV cache: exact (one slot per iteration; stopped tokens' slots filled from their frozen state) or shared
-    (one slot per layer from the first iteration, reused by the others: smaller and approximate, also in training)."""
+    iiet: IIETConfig = field(default_factory=IIETConfig)
+    """scheme iiet: the solver, its output and damping, the per-token policy and the KV-cache mode."""
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise UserInputError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        _check_choice("scheme", self.scheme, Scheme)
+        if isinstance(self.iiet, dict):
+            self.iiet = IIETConfig(**self.iiet)
         iters = [self.iters] if isinstance(self.iters, int) else list(self.iters)
         bad = [r for r in iters if not isinstance(r, int) or r < 1]
         if bad or not iters:
@@ -359,64 +433,23 @@ class ODEConfig:
             raise UserInputError(
                 f"iters={self.iters!r} is only used by scheme 'iiet'; scheme {self.scheme!r} takes iters=1"
             )
-        if self.iiet_output not in ("last", "mean"):
-            raise UserInputError(f"iiet_output={self.iiet_output!r}; choose 'last' or 'mean'")
-        if self.iiet_unit not in ("layer", "sublayer"):
-            raise UserInputError(f"iiet_unit={self.iiet_unit!r}; choose 'layer' or 'sublayer'")
-        if not 0.0 < self.iiet_damping <= 1.0:
-            raise UserInputError(f"iiet_damping={self.iiet_damping} must lie in (0, 1]")
-        if self.iiet_relaxation not in ("fixed", "learned"):
-            raise UserInputError(f"iiet_relaxation={self.iiet_relaxation!r}; choose 'fixed' or 'learned'")
-        if self.iiet_solver not in SOLVERS:
-            raise UserInputError(f"iiet_solver={self.iiet_solver!r}; choose one of {', '.join(SOLVERS)}")
-        if not isinstance(self.anderson_memory, int) or self.anderson_memory < 2:
-            raise UserInputError(f"anderson_memory={self.anderson_memory!r} must be an integer >= 2")
-        if self.iiet_solver == "anderson" and (
-            self.iiet_output != "last" or self.iiet_damping != 1.0 or self.iiet_relaxation != "fixed"
-        ):
-            raise UserInputError(
-                "iiet_solver='anderson' mixes its own iterates: it needs iiet_output 'last', iiet_damping 1.0 and iiet_relaxation 'fixed'"
-            )
-        if self.iiet_policy not in POLICIES:
-            raise UserInputError(f"iiet_policy={self.iiet_policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.early_exit_compaction not in ("ffn", "all"):
-            raise UserInputError(f"early_exit_compaction={self.early_exit_compaction!r}; choose 'ffn' or 'all'")
-        if self.kv_mode not in ("exact", "shared"):
-            raise UserInputError(f"kv_mode={self.kv_mode!r}; choose 'exact' or 'shared'")
-        if self.adaptive or self.kv_mode == "shared":
-            what = f"iiet_policy={self.iiet_policy!r}" if self.adaptive else "kv_mode='shared'"
-            plain = (
-                self.iiet_output == "last"
-                and self.iiet_damping == 1.0
-                and self.iiet_relaxation == "fixed"
-                and self.iiet_solver == "picard"
-            )
-            if self.scheme != "iiet" or self.iiet_unit != "layer" or not plain:
-                raise UserInputError(
-                    f"{what} needs scheme 'iiet' with iiet_unit 'layer', iiet_output 'last', iiet_damping 1.0, "
-                    "iiet_relaxation 'fixed' and iiet_solver 'picard'"
-                )
-        thresholds = (
-            [self.iiet_threshold] if isinstance(self.iiet_threshold, (int, float)) else list(self.iiet_threshold)
-        )
-        if not thresholds or any(not isinstance(t, (int, float)) or t < 0 for t in thresholds):
-            raise UserInputError(f"iiet_threshold={self.iiet_threshold!r}: thresholds must be numbers >= 0")
-        if not 0.0 < self.router_capacity <= 1.0:
-            raise UserInputError(f"router_capacity={self.router_capacity} must lie in (0, 1]")
+        if self.scheme != "iiet" and self.iiet != IIETConfig():
+            changed = next(f"iiet.{k}={v!r}" for k, v in asdict(self.iiet).items() if v != asdict(IIETConfig())[k])
+            raise UserInputError(f"{changed} is only used by scheme 'iiet'; scheme {self.scheme!r} takes the defaults")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ODEConfig:
+        """A config from its dict form (checkpoints' hyperparameters), also from a checkpoint that stored the IIET
+        options flat (`iiet_policy: residual` for today's `iiet: {policy: residual}`)."""
+        return cls(**upgrade_ode_dict(values))
 
     @property
     def adaptive(self) -> bool:
-        return self.iiet_policy != "fixed"
+        return self.iiet.adaptive
 
-    def thresholds(self, n_layers: int) -> list[float]:
-        """The residual policy's per-layer thresholds."""
-        if isinstance(self.iiet_threshold, (int, float)):
-            return [float(self.iiet_threshold)] * n_layers
-        if len(self.iiet_threshold) != n_layers:
-            raise UserInputError(
-                f"iiet_threshold {list(self.iiet_threshold)} has {len(self.iiet_threshold)} entries; the stack has {n_layers} layers"
-            )
-        return [float(t) for t in self.iiet_threshold]
+    @property
+    def shared_kv(self) -> bool:
+        return self.iiet.kv_mode == "shared"
 
     def schedule(self, n_layers: int) -> list[int]:
         """The per-layer iteration budget [r_1, ..., r_L]."""
@@ -427,6 +460,17 @@ class ODEConfig:
                 f"iteration schedule {list(self.iters)} has {len(self.iters)} entries; the stack has {n_layers} layers"
             )
         return list(self.iters)
+
+
+def upgrade_ode_dict(values: dict) -> dict:
+    """An `ode` dict with any flat IIET option (the layout before `ode.iiet`) moved into its `iiet` group."""
+    flat = {k: v for k, v in values.items() if k in _FLAT_IIET_NAMES}
+    if not flat:
+        return dict(values)
+    rest = {k: v for k, v in values.items() if k not in _FLAT_IIET_NAMES}
+    group = dict(rest.get("iiet") or {})
+    group.update({_FLAT_IIET_NAMES[k]: v for k, v in flat.items()})
+    return {**rest, "iiet": group}
 
 
 class LayerUpdate(nn.Module):
@@ -441,15 +485,15 @@ class LayerUpdate(nn.Module):
         # iiet: each token's iteration count per layer, (B, T), of the last forward pass (metrics).
         self.counts: dict[int, Tensor] = {}
         self.aux_losses: list[Tensor] = []  # router BCE terms of the last training forward pass
-        if cfg.iiet_policy == "residual":
-            self.thresholds = cfg.thresholds(n_layers)
-        if cfg.iiet_policy == "router":
+        if cfg.iiet.policy == "residual":
+            self.thresholds = cfg.iiet.thresholds(n_layers)
+        if cfg.iiet.policy == "router":
             self.routers = nn.ModuleList(nn.Linear(dim, 1) for _ in range(n_layers))
             for router in self.routers:  # start undecided (sigmoid = 0.5); the BCE term calibrates the threshold
                 nn.init.zeros_(router.weight)
                 nn.init.zeros_(router.bias)
-        if cfg.scheme == "iiet" and cfg.iiet_relaxation == "learned":
-            self.relaxation = nn.Parameter(torch.full((n_layers,), float(cfg.iiet_damping)))
+        if cfg.scheme == "iiet" and cfg.iiet.relaxation == "learned":
+            self.relaxation = nn.Parameter(torch.full((n_layers,), float(cfg.iiet.damping)))
         if cfg.scheme == "rk2_gated":
             self.gates = nn.ModuleList(nn.Linear(2 * dim, 1) for _ in range(n_layers))
             for gate in self.gates:  # start at g = 0.5, i.e. plain RK2
@@ -516,7 +560,7 @@ class LayerUpdate(nn.Module):
 
     def slots(self, layer: int) -> int:
         """KV-cache slots of one layer: one per evaluation, or one in the shared mode."""
-        return 1 if self.cfg.kv_mode == "shared" else self.evals(layer)
+        return 1 if self.cfg.shared_kv else self.evals(layer)
 
     def init_cache(self, batch: int, n_heads: int, max_len: int, head_dim: int, like: Tensor) -> list[list[KVCache]]:
         """An empty KV cache for the stack: one slot per (layer, F-evaluation), or one per layer in the shared mode
@@ -528,7 +572,7 @@ class LayerUpdate(nn.Module):
 
     def decider(self, layer: int):
         """The per-token continue/stop decision of a layer's adaptive policy: decide(k, z, z_prev, active)."""
-        policy = self.cfg.iiet_policy
+        policy = self.cfg.iiet.policy
 
         def decide(k: int, z: Tensor, z_prev: Tensor, active: Tensor) -> tuple[Tensor, Tensor | None]:
             if policy == "fixed":
@@ -545,7 +589,7 @@ class LayerUpdate(nn.Module):
                 return logit[..., 0] > 0, gate
             # Expert choice: the top router_capacity of the batch's tokens, among those still active, run this
             # iteration (not causal); the BCE term teaches the causal rule sigmoid > 0.5 to pick the same tokens.
-            n = min(max(1, round(self.cfg.router_capacity * logit.numel())), int(active.sum()))
+            n = min(max(1, round(self.cfg.iiet.router_capacity * logit.numel())), int(active.sum()))
             chosen = torch.zeros(logit.numel(), dtype=torch.bool, device=z.device)
             chosen[logit.flatten().masked_fill(~active.flatten(), float("-inf")).topk(n).indices] = True
             chosen = chosen.view(z.shape[:2])
@@ -556,11 +600,11 @@ class LayerUpdate(nn.Module):
 
     def aux_loss(self) -> Tensor | None:
         """Router BCE of the last training forward, weighted; it touches every router so DDP never finds one unused."""
-        if self.cfg.iiet_policy != "router" or not self.training:
+        if self.cfg.iiet.policy != "router" or not self.training:
             return None
         unused_guard = sum(p.sum() for p in self.routers.parameters()) * 0.0
         terms = self.aux_losses
-        return unused_guard + (self.cfg.router_aux_weight * torch.stack(terms).mean() if terms else 0.0)
+        return unused_guard + (self.cfg.iiet.router_aux_weight * torch.stack(terms).mean() if terms else 0.0)
 
     def total_evals(self) -> int:
         return sum(self.evals(layer) for layer in range(len(self.schedule)))
@@ -579,23 +623,23 @@ class LayerUpdate(nn.Module):
             self.aux_losses = []
         if s == "euler":
             out = euler(y, G)
-        elif s == "iiet" and not self._full and (self.cfg.adaptive or self.cfg.kv_mode == "shared"):
-            fill = self.cfg.kv_mode == "exact"
+        elif s == "iiet" and not self._full and (self.cfg.adaptive or self.cfg.shared_kv):
+            fill = not self.cfg.shared_kv
             out, self.counts[layer] = adaptive_fixed_point(
-                y, G, self.schedule[layer], self.decider(layer), fill, states, self.cfg.early_exit_compaction
+                y, G, self.schedule[layer], self.decider(layer), fill, states, self.cfg.iiet.early_exit_compaction
             )
         elif s == "iiet":
-            c = self.cfg
-            damping = self.relaxation[layer] if c.iiet_relaxation == "learned" else c.iiet_damping
+            c = self.cfg.iiet
+            damping = self.relaxation[layer] if c.relaxation == "learned" else c.damping
             out = iiet(
                 y,
                 G,
                 self.schedule[layer],
                 damping,
-                c.iiet_output,
-                c.iiet_unit,
+                c.output,
+                c.unit,
                 states,
-                c.iiet_solver,
+                c.solver,
                 c.anderson_memory,
             )
             self.counts[layer] = torch.full(y.shape[:2], self.schedule[layer], dtype=torch.long, device=y.device)
