@@ -10,6 +10,7 @@ import importlib
 import os
 import re
 import sys
+import textwrap
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
@@ -156,52 +157,56 @@ class IIETCLI(LightningCLI):
             init_args["tokenizer"] = str(tokenizer.path)
 
 
-def short_parse_error(message: str) -> str:
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" -"))
+
+
+def _unknown_option(option: str) -> str:
+    """An unknown dotted option; one from before the IIET options moved under `ode.iiet` gets its new name."""
+    flat = re.match(r"(.*ode)\.(iiet_\w+|anderson_memory|router_\w+|early_exit_compaction|kv_mode)\b", option)
+    if flat is None:
+        return f"unrecognized option --{option}"
+    new = f"{flat.group(1)}.iiet.{flat.group(2).removeprefix('iiet_')}"
+    return f"unrecognized option --{option}; the IIET options are under {flat.group(1)}.iiet now: --{new}"
+
+
+def short_parse_error(message: str, prefix: str = "") -> str:
     """jsonargparse's nested report of a bad option as one line: the option's full dotted name and what is wrong.
 
-    The report nests `Parser key "K":` blocks (model -> ode -> iiet.policy), each followed by its own detail; the
-    innermost block names the option. A report of another shape comes back unchanged.
+    The report is a `Parser key "K":` block whose detail may hold a `Problem with given class_path` block, the
+    report of the class's own parser (model -> ode.iiet.policy); `prefix` is the key of the enclosing blocks.
     """
-    lines = message.splitlines()
-    path: list[tuple[int, str]] = []  # (indent, key) of the enclosing Parser key blocks
-    inner: tuple[int, int, str] | None = None  # line, indent and same-line detail of the innermost block
-    for i, line in enumerate(lines):
-        indent = len(line) - len(line.lstrip(" -"))
-        if line.strip().startswith("unrecognized arguments:"):
-            while path and path[-1][0] >= indent:
-                path.pop()
-            prefix = ".".join(k for _, k in path)
-            given = line.strip().removeprefix("unrecognized arguments:").strip().removeprefix("--")
-            option = f"--{prefix}.{given}" if prefix else f"--{given}"
-            flat = re.match(r"--(.*ode)\.(iiet_\w+|anderson_memory|router_\w+|early_exit_compaction|kv_mode)\b", option)
-            hint = ""
-            if flat:  # an option from before the IIET options moved under ode.iiet
-                new = flat.group(2).removeprefix("iiet_")
-                hint = f"; the IIET options are under {flat.group(1)}.iiet now: --{flat.group(1)}.iiet.{new}"
-            return f"unrecognized option {option}{hint}"
-        match = re.match(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)$', line)
-        if match:
-            while path and path[-1][0] >= indent:
-                path.pop()
-            path.append((indent, match.group(1)))
-            inner = (i, indent, match.group(2))
-            keys = [k for _, k in path]
-    if inner is None:
-        return lines[0] if lines else message
-    start, indent, detail = inner
-    key = ".".join(keys)
-    body = [detail] if detail else []
-    for line in lines[start + 1 :]:
-        if len(line) - len(line.lstrip(" -")) <= indent:
-            break
-        body.append(line.strip().removeprefix("- "))
-    text = " ".join(body)
+    lines = [line for line in message.splitlines() if line.strip()]
+    if not lines:
+        return message
+    head = lines[0].strip().removeprefix("- ")
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)$', head)
+    if match is None:
+        dotted = lambda name: f"{prefix}.{name}" if prefix else name  # noqa: E731
+        unrecognized = re.match(r"unrecognized arguments: --(\S+)", head)
+        if unrecognized:
+            return _unknown_option(dotted(unrecognized.group(1)))
+        group = re.match(r"Group '(.+)' does not accept option '(.+)'", head)
+        if group:
+            return _unknown_option(dotted(f"{group.group(1)}.{group.group(2)}"))
+        return f"{prefix}: {head}" if prefix else head
+    key = f"{prefix}.{match.group(1)}" if prefix else match.group(1)
+    body = lines[1:]
+    for i, line in enumerate(body):
+        if line.strip().startswith("- Problem with given class_path"):
+            block = []
+            for inner in body[i + 1 :]:
+                if _indent(inner) <= _indent(line):
+                    break
+                block.append(inner)
+            return short_parse_error(textwrap.dedent("\n".join(block)), key)
+    text = " ".join([match.group(2)] + [line.strip().removeprefix("- ") for line in body]).strip()
     literal = re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", text)
     if literal:
         choices = ", ".join(c.strip().strip("'\"") for c in literal.group(1).split(","))
         return f"{key}: unknown {key.rsplit('.', 1)[-1]} {literal.group(2)!r}; choose one of {choices}"
     value = re.search(r"Given value: (.*?)$", text) or re.search(r"Got value: (.*?)$", text)
-    subtypes = next((b.removeprefix("Subtypes: ") for b in body if b.startswith("Subtypes: [")), None)
+    subtypes = next((b.strip().removeprefix("Subtypes: ") for b in body if b.strip().startswith("Subtypes: [")), None)
     types = re.match(r"\[(.*)\]$", subtypes) if subtypes else re.search(r"Expected a (.*?)\. Got value", text)
     if value and types:
         wanted = re.sub(r"<class '(\w+)'>", r"\1", types.group(1)).replace(", ", " or ")

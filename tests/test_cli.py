@@ -453,6 +453,17 @@ def test_encoder_decoder_refuses_what_it_does_not_support(args, message, capsys)
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_config_file_in_the_old_layout_gets_the_new_names(tmp_path, capsys):
+    """A user's own YAML written before the IIET options moved under `ode.iiet`: one line naming the new place."""
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  init_args:\n    ode:\n      scheme: iiet\n      kv_mode: shared\n")
+    with pytest.raises(SystemExit) as info:
+        main(["fit", *TINY, "--config", str(old), "--trainer.max_steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].startswith("lit_iiet: error: "), err[-5:]
+    assert "the IIET options are under model.ode.iiet now: --model.ode.iiet.kv_mode" in err[-1]
+
+
 PREFIXED = ("output", "damping", "relaxation", "solver", "unit", "policy", "threshold")  # were iiet_<name>
 
 

@@ -444,10 +444,7 @@ def test_language_codes_are_checked(langs, message):
         TranslationDataModule(*langs)
 
 
-def test_unavailable_datasets_source_says_how_to_provide_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+def test_unavailable_datasets_source_says_how_to_provide_it(tmp_path, hf_offline):
     dm = TranslationDataModule("en", "de", hf_dataset="wmt14", hf_name="de-en", vocab_size=300, cache_dir=str(tmp_path))
     with pytest.raises(UserInputError, match="not available locally.*save_to_disk"):
         dm.pairs("train")
