@@ -89,6 +89,7 @@ def test_help_lists_the_choices_of_every_enumerated_option(capsys):
         "--model.ode.iiet.solver {picard,anderson}",
         "--model.ode.iiet.policy {fixed,residual,router}",
         "--model.ode.iiet.kv_mode {exact,shared}",
+        "--model.activation_checkpointing {none,layer,iteration}",
     ):
         assert usage in out, usage
 

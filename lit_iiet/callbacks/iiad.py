@@ -14,6 +14,7 @@ changes; the student's checkpoints carry the pruned schedule, so they load and g
 from __future__ import annotations
 
 import contextlib
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ class IIAD(Callback):
         teacher: str,
         threshold: float | None = 0.5,
         target_compute: float | None = None,
-        metric: str = "refinement",
+        metric: Literal["refinement", "cosine_drift", "ablation"] = "refinement",
         calibration_batches: int = 8,
         kd_weight: float = 1.0,
         temperature: float = 1.0,

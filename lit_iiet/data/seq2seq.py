@@ -6,7 +6,7 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import lightning as L
 import numpy as np
@@ -265,7 +265,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         vocab_size: int = 8000,
         max_src_len: int = 256,
         max_tgt_len: int = 256,
-        long_source: str = "truncate",
+        long_source: Literal["truncate", "reject"] = "truncate",
         batch_size: int = 32,
         max_tokens: int | None = None,
         num_workers: int = 0,
@@ -656,7 +656,7 @@ class SummarizationDataModule(Seq2SeqDataModule):
 
     def __init__(
         self,
-        schema: str = "aclsum",
+        schema: Literal["cnn_dailymail", "xsum", "aclsum"] = "aclsum",
         train: str | None = "data/aclsum/train.jsonl.gz",
         val: str | None = "data/aclsum/valid.jsonl.gz",
         test: str | None = "data/aclsum/test.jsonl.gz",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -88,7 +89,7 @@ class LanguageModel(ODEModule):
         sampling: SamplingConfig = SamplingConfig(),
         init_from: str | None = None,
         val_sample_prompt: str | None = None,
-        activation_checkpointing: str = "none",
+        activation_checkpointing: Literal["none", "layer", "iteration"] = "none",
         compile: bool = False,
     ) -> None:
         """

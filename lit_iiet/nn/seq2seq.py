@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,7 +47,7 @@ class Seq2SeqConfig:
     """Decoder layers (each one ODE step of dec_ode)."""
     d_ff: int = 2048
     """Feed-forward hidden size."""
-    ffn: str = "relu"
+    ffn: Literal["relu", "swiglu"] = "relu"
     """Feed-forward net: relu (the original Transformer, with biases) or swiglu."""
     dropout: float = 0.1
     """Dropout on embeddings, attention weights and every sub-layer output."""
