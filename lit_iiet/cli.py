@@ -214,6 +214,16 @@ def short_parse_error(message: str, prefix: str = "") -> str:
     return f"{key}: {text}"
 
 
+def help_command(message: str, subcommand: str) -> str:
+    """The command that lists the options a parse error is about: a model's or data module's own options are shown
+    by `--model.help CLASS` / `--data.help CLASS`, not by `--help`."""
+    group = re.match(r'Parser key "(model|data)":', message)
+    class_path = re.search(r"Problem with given class_path '([^']+)'", message)
+    if group and class_path:
+        return f"python -m lit_iiet {subcommand} --{group.group(1)}.help {class_path.group(1)}"
+    return f"python -m lit_iiet {subcommand} --help"
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m lit_iiet` and the `lit-iiet` script; tests call it with a list of arguments."""
     set_docstring_parse_options(attribute_docstrings=True)
@@ -237,4 +247,4 @@ def main(args: list[str] | None = None) -> None:
                 raise
             given = list(sys.argv[1:] if args is None else args)
             subcommand = next((a for a in given if not a.startswith("-")), "SUBCOMMAND")
-            raise UserInputError(f"{short_parse_error(str(e))} (see python -m lit_iiet {subcommand} --help)") from None
+            raise UserInputError(f"{short_parse_error(str(e))} (see {help_command(str(e), subcommand)})") from None

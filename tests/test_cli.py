@@ -463,6 +463,7 @@ def test_a_config_file_in_the_old_layout_gets_the_new_names(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and err[-1].startswith("lit_iiet: error: "), err[-5:]
     assert "the IIET options are under model.ode.iiet now: --model.ode.iiet.kv_mode" in err[-1]
+    assert err[-1].endswith("(see python -m lit_iiet fit --model.help lit_iiet.models.LanguageModel)"), err[-1]
 
 
 PREFIXED = ("output", "damping", "relaxation", "solver", "unit", "policy", "threshold")  # were iiet_<name>
