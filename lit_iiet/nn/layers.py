@@ -1,4 +1,5 @@
-"""Building blocks shared by every model: RMSNorm, RoPE, attention with a KV cache, feed-forward nets.
+"""Building blocks shared by every model: RMSNorm, RoPE, attention with a KV cache, feed-forward nets, and the
+sub-layer builders from which every block makes its residual branch G.
 
 One attention and one cache serve every scheme and both model families. The cache holds one slot per
 (layer, F-evaluation): see `KVCache`.
