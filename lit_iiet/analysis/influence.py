@@ -69,10 +69,11 @@ def lm_loss(model, batches: list[Tensor]) -> float:
 
 
 @torch.no_grad()
-def iteration_stats(model, batches: list[Tensor]) -> IterationStats:
+def iteration_stats(model, batches: list[Tensor], forward=None) -> IterationStats:
     """Observe every layer's iterates on the calibration windows and average the per-token measures.
 
     model: a `Decoder` (any object with `.update` of scheme iiet and `forward(idx)`); batches: (B, T + 1) windows.
+    forward: what to call for the logits, if not model (a sharded wrapper around it: `ODEModule.forward_module`).
     """
     update = model.update
     if update.cfg.scheme != "iiet" or update.cfg.iiet.unit != "layer":
@@ -100,7 +101,7 @@ def iteration_stats(model, batches: list[Tensor]) -> IterationStats:
                 drift(layer, states)
 
             with update.observe(observe):
-                logits = model(batch[:, :-1])
+                logits = (forward or model)(batch[:, :-1])
             loss_sum += next_token_loss(logits, batch, reduction="sum").item()
     finally:
         model.train(was_training)

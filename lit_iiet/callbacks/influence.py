@@ -1,4 +1,4 @@
-"""Log per-layer iteration influence to TensorBoard during training: scalars and a layers x iterations heatmap."""
+"""Log per-layer iteration influence during training: scalars and a layers x iterations heatmap."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from lightning.pytorch import Callback
 
 from lit_iiet.analysis.influence import iteration_stats
 from lit_iiet.callbacks.iiad import calibration_batches
+from lit_iiet.media import log_image
 
 # A few anchor colours of the viridis colour map, interpolated linearly (no plotting library needed).
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
@@ -44,12 +45,15 @@ class InfluenceLogger(Callback):
         if trainer.sanity_checking or pl_module.model.update.cfg.scheme != "iiet":
             return
         self.count += 1
-        if self.count % self.every or not trainer.is_global_zero:
+        if self.count % self.every:
             return
-        stats = iteration_stats(pl_module.model, calibration_batches(trainer, self.batches, pl_module.device))
+        # Every rank measures (a sharded model's forward needs them all); rank zero logs.
+        batches = calibration_batches(trainer, self.batches, pl_module.device)
+        stats = iteration_stats(pl_module.model, batches, forward=pl_module.forward_module())
+        if not trainer.is_global_zero:
+            return
         metrics = {f"iiet/influence/{l}": v for l, v in enumerate(stats.refinement)}
         metrics.update({f"iiet/cosine_drift/{l}": v for l, v in enumerate(stats.cosine_drift)})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-            if hasattr(logger.experiment, "add_image"):
-                logger.experiment.add_image("iiet/increments", heatmap_image(stats.increments), trainer.global_step)
+        log_image(trainer, "iiet/increments", heatmap_image(stats.increments), trainer.global_step)

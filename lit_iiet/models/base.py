@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lit_iiet.checkpoint import TOKENIZER_KEY, load_checkpoint
 from lit_iiet.errors import UserInputError
@@ -160,6 +161,26 @@ class ODEModule(L.LightningModule):
         tokenizer = getattr(self.datamodule, "tokenizer", None)
         if tokenizer is not None:
             checkpoint[TOKENIZER_KEY] = tokenizer.model_proto
+
+    def forward_module(self) -> torch.nn.Module:
+        """What a forward pass outside the training / validation step calls (generation, influence analysis):
+        FSDP's wrapper where the strategy shards the parameters, so that its hooks gather them (on every rank:
+        call it on all of them), else this module itself."""
+        wrapper = self._trainer.strategy.model if self._trainer is not None else None
+        return wrapper if isinstance(wrapper, FullyShardedDataParallel) else self
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning refuses norm clipping under FSDP (each rank holds a shard of every gradient); FSDP's own
+        # clip_grad_norm_ reduces the norm over all ranks.
+        wrapper = self.trainer.strategy.model
+        if (
+            gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and isinstance(wrapper, FullyShardedDataParallel)
+        ):
+            wrapper.clip_grad_norm_(gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on weight matrices only; not on norms, biases, or scheme coefficients (`*.update.*`)."""

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 
 from lit_iiet.analysis.convergence import ConvergenceMeter
 from lit_iiet.errors import UserInputError
+from lit_iiet.media import log_histogram, log_text
 from lit_iiet.models.base import ODEModule, as_config, check_adam_options
 from lit_iiet.nn.decoder import Decoder, DecoderConfig, next_token_loss
 from lit_iiet.nn.generate import generate
@@ -158,8 +159,12 @@ class LanguageModel(ODEModule):
 
     # --- steps ---------------------------------------------------------------------------------------------
 
-    def forward(self, idx: Tensor) -> Tensor:
-        return self.model(idx)
+    def forward(self, idx: Tensor, cache=None, pos: int = 0, last_only: bool = False) -> Tensor:
+        """The Decoder's forward; generation calls it through `forward_module()`."""
+        return self.model(idx, cache, pos, last_only)
+
+    def init_cache(self, batch: int, max_len: int | None = None):
+        return self.model.init_cache(batch, max_len)
 
     def loss(self, batch: Tensor) -> Tensor:
         logits = self.model(batch[:, :-1])
@@ -218,23 +223,20 @@ class LanguageModel(ODEModule):
             self.log_dict(self.convergence.metrics(), sync_dist=True)
             if update.cfg.adaptive:
                 self.log("iiet/agreement", self.val_agreement.compute())
-            if not self.trainer.sanity_checking and self.trainer.is_global_zero:
-                for logger in self.loggers:
-                    if hasattr(logger.experiment, "add_histogram"):
-                        logger.experiment.add_histogram(
-                            "iiet/evals_per_token", torch.cat(self._val_evals_hist), self.global_step
-                        )
+            if not self.trainer.sanity_checking:
+                log_histogram(self.trainer, "iiet/evals_per_token", torch.cat(self._val_evals_hist), self.global_step)
         else:
             self.log("iiet/evals_per_token", update.total_evals() / self.model.cfg.n_layers)
         self.val_evals.reset()
         self.val_agreement.reset()
         self.convergence.reset()
         self._val_evals_hist.clear()
-        if self.val_sample_prompt is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            text = self.sample(self.val_sample_prompt)
-            for logger in self.loggers:
-                if hasattr(logger.experiment, "add_text"):
-                    logger.experiment.add_text("val/sample", f"```\n{text}\n```", self.global_step)
+        if self.val_sample_prompt is not None and not self.trainer.sanity_checking:
+            # Every rank samples (a sharded model's forward needs them all), with the same seed, so every rank
+            # draws the same tokens and stops at the same step; the training RNG stream is left untouched.
+            generator = torch.Generator(self.device).manual_seed(self.global_step)
+            text = self.sample(self.val_sample_prompt, generator)
+            log_text(self.trainer, "val/sample", text, self.global_step, markdown=False)
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self.test_loss.update(self.loss(batch), weight=batch.shape[0])
@@ -260,7 +262,7 @@ class LanguageModel(ODEModule):
         was_training = self.training
         self.eval()
         out = generate(
-            self.model,
+            self.forward_module(),
             torch.tensor([ids], device=self.device),
             max_new,
             s.temperature,

@@ -18,6 +18,7 @@ from lit_iiet.checkpoint import checkpoint_tokenizer, load_checkpoint
 from lit_iiet.data.seq2seq import collate_sources, encode_sources, source_batches
 from lit_iiet.data.tokenizer import Tokenizer
 from lit_iiet.errors import UserInputError
+from lit_iiet.media import log_text
 from lit_iiet.metrics import bleu_chrf, compound_split_bleu, rouge
 from lit_iiet.models.base import ODEModule, as_config, check_adam_options
 from lit_iiet.nn.generate import beam_search
@@ -391,11 +392,8 @@ class Seq2SeqModel(ODEModule):
             texts["samples"] = samples_markdown(
                 [(i, sources[i][0], ref, hyp) for i, hyp, ref in outputs[: self.val_text_samples]]
             )
-        if self.trainer.is_global_zero:
-            for logger in self.loggers:
-                if hasattr(logger.experiment, "add_text"):
-                    for key, text in texts.items():
-                        logger.experiment.add_text(f"{split}/{key}", text, self.global_step)
+        for key, text in texts.items():
+            log_text(self.trainer, f"{split}/{key}", text, self.global_step)
         return {"outputs": outputs, "scores": scores}
 
     def on_validation_epoch_end(self) -> None:

@@ -108,6 +108,24 @@ class Block(nn.Module):
         decoding = caches is not None
         return Branch([attn, ffn], self.branch_norm, checkpoint, fill if decoding else None, decoding)
 
+    def forward(
+        self,
+        x: Tensor,
+        layer: int,
+        update: LayerUpdate,
+        history: list[Tensor] | None,
+        cos: Tensor,
+        sin: Tensor,
+        caches: list[KVCache] | None,
+        pos: int,
+        checkpoint: bool = False,
+        shared_kv: bool = False,
+    ) -> Tensor:
+        """The layer's whole step, all its F-evaluations, inside this module's forward: a wrapper that hooks
+        forward (FSDP gathers the block's sharded parameters there) sees every use of the weights."""
+        G = self.branch(cos, sin, caches, pos, checkpoint, shared_kv)
+        return update(layer, x, G, history)
+
 
 def next_token_loss(logits: Tensor, windows: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy of logits (B, T, V), computed on windows[:, :-1], against the next tokens windows[:, 1:]
@@ -185,11 +203,11 @@ class Decoder(nn.Module):
         if mode == "layer" and history is not None:  # recomputing a layer would extend PCformer's history twice
             raise UserInputError("activation checkpointing 'layer' does not support scheme 'pcformer'; use 'iteration'")
         for layer, block in enumerate(self.blocks):
-            G = block.branch(cos, sin, cache[layer] if cache is not None else None, pos, mode == "iteration", shared_kv)
+            args = (x, layer, self.update, history, cos, sin, cache[layer] if cache is not None else None, pos)
             if mode == "layer":
-                x = torch.utils.checkpoint.checkpoint(self.update, layer, x, G, history, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, *args, False, shared_kv, use_reentrant=False)
             else:
-                x = self.update(layer, x, G, history)
+                x = block(*args, mode == "iteration", shared_kv)
         return self.norm(x)
 
     def forward(
