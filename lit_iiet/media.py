@@ -2,7 +2,7 @@
 
 Lightning's `log` takes scalars only; each logger has its own call for anything else. TensorBoard and W&B get
 their native calls. Any other logger (CSV, MLflow, ...) gets files beside its run, under `<log_dir>/media/`:
-`<tag>/step_<n>.txt`, `.png` and `.csv` (histogram counts), so nothing logged is lost silently.
+`<tag>/step_<n>.txt`, `.png` and `.csv` (a histogram's counts), so nothing logged is lost silently.
 Call on every rank: only global rank zero writes.
 """
 
@@ -80,10 +80,13 @@ def log_histogram(trainer, tag: str, values: torch.Tensor, step: int) -> None:
 
             logger.experiment.log({tag: wandb.Histogram(values.float().numpy()), "trainer/global_step": step})
         elif (path := _media_path(logger, tag, step, ".csv")) is not None:
-            counts = torch.bincount(values.long()) if not values.is_floating_point() else None
-            if counts is None:  # real-valued: 20 equal bins between the extremes
-                hist, edges = np.histogram(values.float().numpy(), bins=20)
-                rows = [f"{lo:.6g},{n}" for lo, n in zip(edges[:-1], hist)]
-            else:
-                rows = [f"{v},{n}" for v, n in enumerate(counts.tolist()) if n]
-            path.write_text("value,count\n" + "\n".join(rows) + "\n")
+            path.write_text(histogram_csv(values.float().cpu().numpy()))
+
+
+def histogram_csv(values: np.ndarray, max_distinct: int = 64) -> str:
+    """Each distinct value and its count, or, past max_distinct values, 20 equal bins by their lower edge."""
+    distinct, counts = np.unique(values, return_counts=True)
+    if len(distinct) <= max_distinct:
+        return "value,count\n" + "".join(f"{v:.6g},{n}\n" for v, n in zip(distinct, counts))
+    counts, edges = np.histogram(values, bins=20)
+    return "bin_start,count\n" + "".join(f"{v:.6g},{n}\n" for v, n in zip(edges[:-1], counts))

@@ -1,6 +1,7 @@
 """The scheme study runner: the same lr grid for every arm, chosen on validation, resumable, and refusing to mix runs."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -64,3 +65,21 @@ def test_scheme_study_tunes_on_validation_resumes_and_refuses_changed_runs(tmp_p
     assert again.returncode == 0 and "4 of 4 runs finished before; running 0" in again.stdout
     changed = study(tmp_path, *grid, "--override=--model.optim.weight_decay=0.0")
     assert changed.returncode != 0 and "was made by another command or config" in changed.stderr
+
+
+def test_gpu_check_runs_its_code_paths_on_a_cpu(tmp_path):
+    # The GPU check's every section at a toy shape: training steps, decoding against HF Llama, Lightning fits
+    # under FSDP (one gloo process) and the single-device strategy, and a fit killed by SIGKILL and resumed.
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--tiny", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["errors"] == {} and set(report["seconds"]) == {"train", "decode", "fsdp", "resume"}
+    assert report["train"]["variants"]["eager"]["ratio"] > 1.0  # three F-evaluations per layer cost more than one
+    assert report["decode"]["batches"]["2"]["greedy_agreement"] == 1.0  # fp32 on a CPU: HF's tokens exactly
+    resume = report["resume"]
+    assert resume["killed_returncode"] == -9 and resume["steps_equal"] and resume["max_abs_diff"] < 1e-6
+    assert [s for s, _ in resume["resumed"]] == [1, 2, 3, 4]
+    assert report["fsdp"]["32-true"]["max_abs_diff"] < 1e-4
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| eager | iiet r=3 |" in table and "kill -9 and resume: max |loss difference| over 4 steps" in table
