@@ -71,6 +71,9 @@ ARMS: dict[str, Arm] = {
         lm("iiet"), ("--model.ode.iiet.unit", "sublayer"), "IIET r = 3, attention then FFN solved in turn", 3, "option"
     ),
     "iiet branch_norm": Arm(lm("iiet"), ("--model.ode.branch_norm", "true"), "IIET r = 3, RMSNorm on G", 3, "option"),
+    "looped": Arm(
+        lm("looped"), what="looped r = 3: weight-tied explicit steps, IIET's FLOPs without its anchor", flops=3
+    ),
     "rk2": Arm(lm("rk2"), what="ODE Transformer RK2", flops=2),
     "rk2_gated": Arm(lm("rk2_gated"), what="ODE Transformer RK2, gated", flops=2),
     "rk4": Arm(lm("rk4"), what="ODE Transformer RK4", flops=4),

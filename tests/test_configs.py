@@ -4,7 +4,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-SCHEME_CONFIGS = ["euler", "iiet_r2", "iiet", "iiet_r4", "rk2", "rk2_gated", "rk4", "pcformer"]
+SCHEME_CONFIGS = ["euler", "iiet_r2", "iiet", "iiet_r4", "looped", "rk2", "rk2_gated", "rk4", "pcformer"]
 
 
 def without_scheme(name: str) -> dict:

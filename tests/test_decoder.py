@@ -18,6 +18,7 @@ CASES = {
     "iiet_mean_damped": ODEConfig("iiet", 3, iiet=IIETConfig(output="mean", damping=0.7)),
     "iiet_anderson": ODEConfig("iiet", [3, 4, 2], iiet=IIETConfig(solver="anderson")),
     "iiet_relaxation": ODEConfig("iiet", 3, iiet=IIETConfig(relaxation="learned", damping=0.7)),
+    "looped_schedule": ODEConfig("looped", [2, 3, 1]),
     "rk2": ODEConfig("rk2"),
     "rk2_gated": ODEConfig("rk2_gated"),
     "rk4": ODEConfig("rk4"),
@@ -138,7 +139,7 @@ def test_bad_shapes(kwargs, message):
 def test_scheme_parameters_and_evaluation_counts():
     """Same parameters for euler and iiet (so checkpoints transfer); extra ones only where the scheme has them."""
     n = {name: sum(p.numel() for p in make(ode).parameters()) for name, ode in CASES.items()}
-    assert n["euler"] == n["iiet_r3"] == n["rk2"] == n["rk4"]
+    assert n["euler"] == n["iiet_r3"] == n["looped_schedule"] == n["rk2"] == n["rk4"]
     assert n["rk2_gated"] == n["euler"] + 3 * (2 * 48 + 1)
     assert n["pcformer"] > n["euler"]
     assert n["iiet_anderson"] == n["euler"] and n["iiet_relaxation"] == n["euler"] + 3  # one relaxation per layer
@@ -151,6 +152,7 @@ def test_scheme_parameters_and_evaluation_counts():
         "iiet_mean_damped": 9,
         "iiet_anderson": 9,
         "iiet_relaxation": 9,
+        "looped_schedule": 6,
         "rk2": 6,
         "rk2_gated": 6,
         "rk4": 12,

@@ -17,6 +17,7 @@ from lit_iiet.nn.ode import (
     euler,
     fixed_point,
     iiet,
+    looped,
     pcformer_corrector,
     pcformer_predictor,
     rk2,
@@ -293,6 +294,30 @@ def test_iiet_r1_equals_euler_on_the_same_weights(iiet):
     assert not torch.allclose(deeper(idx), vanilla(idx))
 
 
+def test_looped_is_r_explicit_euler_steps_with_the_same_weights():
+    """On G(z) = hA z, r looped steps give (I + hA)^r y; IIET's r iterations give sum_k (hA)^k y instead."""
+    A, h, r = linear_system(3), 0.2, 4
+    y = torch.randn(3, DIM, dtype=torch.float64)
+    G = linear_branch(A, h)
+    step = torch.eye(DIM, dtype=torch.float64) + h * A
+    assert torch.allclose(looped(y, G, r), y @ torch.linalg.matrix_power(step, r).T, atol=1e-13)
+    neumann = sum(torch.linalg.matrix_power(h * A, k) for k in range(r + 1))
+    assert torch.allclose(iiet(y, G, r), y @ neumann.T, atol=1e-13)
+
+
+def test_looped_r1_equals_euler_and_r2_differs_from_iiet():
+    vanilla = tiny_decoder("euler")
+    models = {
+        name: tiny_decoder(scheme, r)
+        for name, (scheme, r) in {"l1": ("looped", 1), "l2": ("looped", 2), "i2": ("iiet", 2)}.items()
+    }
+    idx = torch.randint(0, 64, (2, 16))
+    for model in models.values():
+        model.load_state_dict(vanilla.state_dict())
+    assert torch.equal(models["l1"](idx), vanilla(idx))
+    assert not torch.allclose(models["l2"](idx), models["i2"](idx))
+
+
 def test_iiet_sublayer_unit_r1_equals_euler():
     vanilla, model = tiny_decoder("euler"), tiny_decoder("iiet", 1, iiet={"unit": "sublayer"})
     model.load_state_dict(vanilla.state_dict())
@@ -306,7 +331,7 @@ def test_iiet_sublayer_unit_r1_equals_euler():
         ({"scheme": "midpoint"}, "unknown scheme 'midpoint'"),
         ({"scheme": "iiet", "iters": 0}, "iters=0"),
         ({"scheme": "iiet", "iters": [2, 0, 1]}, "iters=[2, 0, 1]"),
-        ({"scheme": "rk2", "iters": 3}, "only used by scheme 'iiet'"),
+        ({"scheme": "rk2", "iters": 3}, "only used by schemes 'iiet' and 'looped'"),
         ({"scheme": "iiet", "iiet": {"damping": 0.0}}, "iiet.damping=0.0"),
         ({"scheme": "iiet", "iiet": {"output": "first"}}, "unknown iiet.output 'first'"),
         ({"scheme": "iiet", "iiet": {"unit": "head"}}, "unknown iiet.unit 'head'"),

@@ -7,6 +7,7 @@ called as `G(z, e)`, where e numbers the F-evaluations of the layer so that each
 |-------------|------------------------------------------------------------------|-------------|
 | euler       | y + G(y)                                                         | 1           |
 | iiet        | z0 = y; z_k = y + G(z_{k-1}), k = 1..r; output z_r (Picard)      | r           |
+| looped      | z0 = y; z_k = z_{k-1} + G(z_{k-1}), k = 1..r (weight-tied steps)   | r           |
 | rk2         | F1 = G(y); F2 = G(y + F1); y + (F1 + F2) / 2                     | 2           |
 | rk2_gated   | g = sigmoid(W[F1; F2] + b); y + g F1 + (1 - g) F2                | 2           |
 | rk4         | classic fourth-order Runge-Kutta                                 | 4           |
@@ -247,6 +248,17 @@ def iiet(
     return h
 
 
+def looped(y: Tensor, G: Branch, iters: int, iterates: list[Tensor] | None = None) -> Tensor:
+    """r explicit Euler steps with the same weights (looped / Universal-Transformer blocks): IIET's compute per
+    parameter without its anchor. IIET adds every slope to y, the layer input; this adds it to the last iterate."""
+    z = y
+    for k in range(iters):
+        z = z + G(z, k)
+        if iterates is not None:
+            iterates.append(z)
+    return z
+
+
 def rk2(y: Tensor, G: Branch) -> Tensor:
     f1 = G(y, 0)
     f2 = G(y + f1, 1)
@@ -297,7 +309,8 @@ def pcformer_corrector(
 
 # --- configuration and the per-stack update ------------------------------------------------------------------
 
-Scheme = Literal["euler", "iiet", "rk2", "rk2_gated", "rk4", "pcformer"]
+Scheme = Literal["euler", "iiet", "looped", "rk2", "rk2_gated", "rk4", "pcformer"]
+ITERATED = ("iiet", "looped")  # the schemes whose evaluations per layer are the schedule `iters`
 FIXED_EVALS = {"euler": 1, "rk2": 2, "rk2_gated": 2, "rk4": 4, "pcformer": 3}
 SCHEMES = get_args(Scheme)
 
@@ -412,9 +425,10 @@ class ODEConfig:
     """How each layer of a stack is integrated."""
 
     scheme: Scheme = "euler"
-    """Layer-update scheme: euler (vanilla), iiet, rk2, rk2_gated, rk4 or pcformer."""
+    """Layer-update scheme: euler (vanilla), iiet, looped (r weight-tied explicit steps), rk2, rk2_gated, rk4 or
+    pcformer."""
     iters: int | list[int] = 1
-    """iiet only: fixed-point iterations per layer, one int for every layer or a per-layer schedule (what IIAD prunes
+    """iiet and looped: iterations per layer, one int for every layer or a per-layer schedule (what IIAD prunes
     and two-stage training switches). The other schemes have a fixed number of evaluations and take 1."""
     branch_norm: bool = False
     """RMSNorm on every G output (PCformer's RK norm). Breaks iiet r = 1 == euler; off by default."""
@@ -429,9 +443,9 @@ class ODEConfig:
         bad = [r for r in iters if not isinstance(r, int) or r < 1]
         if bad or not iters:
             raise UserInputError(f"iters={self.iters!r}: every iteration count must be an integer >= 1")
-        if self.scheme != "iiet" and iters != [1]:
+        if self.scheme not in ITERATED and iters != [1]:
             raise UserInputError(
-                f"iters={self.iters!r} is only used by scheme 'iiet'; scheme {self.scheme!r} takes iters=1"
+                f"iters={self.iters!r} is only used by schemes 'iiet' and 'looped'; scheme {self.scheme!r} takes iters=1"
             )
         if self.scheme != "iiet" and self.iiet != IIETConfig():
             changed = next(f"iiet.{k}={v!r}" for k, v in asdict(self.iiet).items() if v != asdict(IIETConfig())[k])
@@ -556,7 +570,7 @@ class LayerUpdate(nn.Module):
 
     def evals(self, layer: int) -> int:
         """F-evaluations of one layer (its most, under an adaptive policy)."""
-        return self.schedule[layer] if self.cfg.scheme == "iiet" else FIXED_EVALS[self.cfg.scheme]
+        return self.schedule[layer] if self.cfg.scheme in ITERATED else FIXED_EVALS[self.cfg.scheme]
 
     def slots(self, layer: int) -> int:
         """KV-cache slots of one layer: one per evaluation, or one in the shared mode."""
@@ -643,6 +657,8 @@ class LayerUpdate(nn.Module):
                 c.anderson_memory,
             )
             self.counts[layer] = torch.full(y.shape[:2], self.schedule[layer], dtype=torch.long, device=y.device)
+        elif s == "looped":
+            out = looped(y, G, self.schedule[layer], states)
         elif s == "rk2":
             out = rk2(y, G)
         elif s == "rk2_gated":
