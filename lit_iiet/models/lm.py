@@ -160,7 +160,7 @@ class LanguageModel(ODEModule):
     # --- steps ---------------------------------------------------------------------------------------------
 
     def forward(self, idx: Tensor, cache=None, pos: int = 0, last_only: bool = False) -> Tensor:
-        """The Decoder's forward; generation calls it through `forward_module()`."""
+        """The Decoder's forward, so that generation can run through a wrapper of this module (`forward_module`)."""
         return self.model(idx, cache, pos, last_only)
 
     def init_cache(self, batch: int, max_len: int | None = None):
@@ -235,7 +235,7 @@ class LanguageModel(ODEModule):
             # Every rank samples (a sharded model's forward needs them all), with the same seed, so every rank
             # draws the same tokens and stops at the same step; the training RNG stream is left untouched.
             generator = torch.Generator(self.device).manual_seed(self.global_step)
-            text = self.sample(self.val_sample_prompt, generator)
+            text = self.sample(self.val_sample_prompt, generator, self.forward_module())
             log_text(self.trainer, "val/sample", text, self.global_step, markdown=False)
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -249,8 +249,11 @@ class LanguageModel(ODEModule):
     # --- generation ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, prompt: str, generator: torch.Generator | None = None) -> str:
-        """Continue a text prompt with the sampling settings; needs the datamodule's tokenizer."""
+    def sample(self, prompt: str, generator: torch.Generator | None = None, model=None) -> str:
+        """Continue a text prompt with the sampling settings; needs the datamodule's tokenizer.
+
+        model: what runs the forward passes: this module (inside a step) or, outside the steps, `forward_module()`.
+        """
         tokenizer = self.trainer.datamodule.tokenizer
         ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # an empty prompt starts after a document break
         s = self.sampling
@@ -262,7 +265,7 @@ class LanguageModel(ODEModule):
         was_training = self.training
         self.eval()
         out = generate(
-            self.forward_module(),
+            model or self,
             torch.tensor([ids], device=self.device),
             max_new,
             s.temperature,
