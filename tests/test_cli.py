@@ -76,7 +76,7 @@ def test_help_shows_docstrings(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--model.help", "lit_iiet.models.LanguageModel"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--model.ode.scheme" in out and "iiet only: fixed-point iterations per layer" in out
+    assert "--model.ode.scheme" in out and "iiet and looped: iterations per layer" in out
 
 
 def test_help_lists_the_choices_of_every_enumerated_option(capsys):
@@ -85,7 +85,7 @@ def test_help_lists_the_choices_of_every_enumerated_option(capsys):
         main(["fit", "--model.help", "lit_iiet.models.LanguageModel"])
     out = capsys.readouterr().out
     for usage in (
-        "--model.ode.scheme {euler,iiet,rk2,rk2_gated,rk4,pcformer}",
+        "--model.ode.scheme {euler,iiet,looped,rk2,rk2_gated,rk4,pcformer}",
         "--model.ode.iiet.solver {picard,anderson}",
         "--model.ode.iiet.policy {fixed,residual,router}",
         "--model.ode.iiet.kv_mode {exact,shared}",
