@@ -7,12 +7,15 @@ Every arm is a shipped config (`conf/lm/shakespeare_<scheme>.yaml`) plus a few c
 can be rerun by hand with the command that the CSV records. For each arm:
 1. tuning: one run per learning rate of --lrs with each of --tune_seeds; the lr with the lowest mean final
    val/loss is the arm's lr (validation chooses);
-2. final: the chosen lr with every seed of --seeds; the table reports the mean and standard deviation over those
-   seeds of val/loss and of test/loss (the test split is only read here, never for choosing).
-Every arm gets the same lr grid and the same seeds. Runs are independent processes and resumable: a finished
-run (result.json written) is skipped, an interrupted one resumes from its last checkpoint, and a run whose
-command changed since (an edited arm or config) is refused rather than mixed in. Writes NAME.csv (one row per
-run), NAME.md (the tables) and NAME.png under --out, NAME being --name.
+2. final: the chosen lr with every seed of --seeds (disjoint from --tune_seeds: a tuning run is not reused as a
+   final run); the table reports the mean and standard deviation over those seeds of val/loss and of test/loss
+   (the test split is only read here, never for choosing), and the difference to euler paired by seed.
+Every arm gets the same lr grid and the same seeds. Runs are independent processes and resumable: a run
+recorded in the study's CSV or with its result.json written is skipped, an interrupted one resumes from its
+last checkpoint, and a run whose command changed since (an edited arm or config) is refused rather than mixed
+in. The CSV (--results/NAME.csv, one row per run, written as runs finish) is the study's record: commit it, and
+`python -m benchmarks.results` regenerates NAME.md from it alone. --out holds the runs, NAME_detail.md
+(contraction per layer, what each arm is) and NAME.png.
 """
 
 from __future__ import annotations
@@ -110,6 +113,70 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
 
+CSV_FIELDS = [
+    "arm",
+    "seed",
+    "lr",
+    "stage",
+    "val_loss",
+    "test_loss",
+    "evals_per_token",
+    "fit_seconds",
+    "threads",
+    "date",
+    "fingerprint",
+    "command",
+]
+
+
+class Store:
+    """A study's per-run CSV in the repository (docs/results/NAME.csv): a run recorded there is finished on any
+    machine, so a study continues on a fresh checkout where the last one stopped. Rows are added as runs finish."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
+
+    def find(self, run: "Run") -> dict | None:
+        for row in self.rows:
+            key = (row["arm"], float(row["lr"]), int(row["seed"]), row["stage"])
+            if key == (run.arm, run.lr, run.seed, run.stage):
+                if row["fingerprint"] != run.fingerprint():
+                    raise SystemExit(
+                        f"scheme_study: {self.path} records {run.arm} lr {run.lr:g} seed {run.seed} ({run.stage}) "
+                        f"made by another command or config ({row['command']}); use another --results name"
+                    )
+                return row
+        return None
+
+    def add(self, run: "Run", result: dict) -> None:
+        if self.find(run) is not None:
+            return
+        self.rows.append(
+            {
+                "arm": run.arm,
+                "seed": run.seed,
+                "lr": repr(run.lr),
+                "stage": run.stage,
+                "val_loss": f"{result['val_loss']:.5f}",
+                "test_loss": f"{result['test_loss']:.5f}",
+                "evals_per_token": f"{result['evals_per_token']:.3f}",
+                "fit_seconds": f"{result['fit_seconds']:.1f}",
+                "threads": result["threads"],
+                "date": result["date"],
+                "fingerprint": result["fingerprint"],
+                "command": result["command"],
+            }
+        )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+
 @dataclass
 class Run:
     arm: str
@@ -118,6 +185,9 @@ class Run:
     out: Path
     extra: tuple[str, ...] = ()
     """--override arguments, applied to every arm of the study."""
+    stage: str = "final"
+    """tune (chooses the lr) or final (reported): a tuning run is never reused as a final run."""
+    store: Store | None = None
     args: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,7 +205,7 @@ class Run:
 
     @property
     def dir(self) -> Path:
-        return self.out / "runs" / slug(self.arm) / f"lr{self.lr:g}_seed{self.seed}"
+        return self.out / "runs" / slug(self.arm) / f"{self.stage}_lr{self.lr:g}_seed{self.seed}"
 
     def fingerprint(self) -> str:
         """The command and the config file's text: a finished run is reused only if both are unchanged."""
@@ -144,6 +214,10 @@ class Run:
 
     def result(self, required: bool = False) -> dict | None:
         path = self.dir / "result.json"
+        row = self.store.find(self) if self.store is not None else None
+        if not path.exists() and row is not None:  # finished on another machine: the committed CSV has it
+            numbers = ("val_loss", "test_loss", "evals_per_token", "fit_seconds")
+            return {**row, **{k: float(row[k]) for k in numbers}, "convergence": {}}
         if not path.exists():
             if required:
                 raise SystemExit(f"scheme_study: run {self.dir} has not finished; run the study without --report_only")
@@ -157,7 +231,14 @@ class Run:
         return result
 
     def command(self, threads: int) -> list[str]:
-        spec = {"arm": self.arm, "lr": self.lr, "seed": self.seed, "out": str(self.out), "extra": list(self.extra)}
+        spec = {
+            "arm": self.arm,
+            "lr": self.lr,
+            "seed": self.seed,
+            "out": str(self.out),
+            "extra": list(self.extra),
+            "stage": self.stage,
+        }
         return [
             sys.executable,
             "-m",
@@ -174,7 +255,7 @@ def run_one(spec: dict, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    run = Run(spec["arm"], spec["lr"], spec["seed"], Path(spec["out"]), tuple(spec["extra"]))
+    run = Run(spec["arm"], spec["lr"], spec["seed"], Path(spec["out"]), tuple(spec["extra"]), spec["stage"])
     outcome = fit_and_test(run.args, run.dir)
     result = {
         "arm": run.arm,
@@ -229,6 +310,8 @@ def execute(runs: list[Run], jobs: int, threads: int) -> None:
                     f"scheme_study: run {run.dir} failed (exit {proc.returncode}); see {run.dir / 'log.txt'}"
                 )
             r = run.result()
+            if run.store is not None:
+                run.store.add(run, r)
             print(
                 f"  {run.arm:18s} lr {run.lr:g} seed {run.seed}: val {r['val_loss']:.4f} test {r['test_loss']:.4f} "
                 f"({time.time() - started:.0f} s)",
@@ -257,6 +340,7 @@ class Study:
         out: Path,
         extra: tuple[str, ...] = (),
         name: str = "study",
+        store: Store | None = None,
     ):
         self.arms, self.lrs, self.tune_seeds, self.seeds, self.out, self.extra = (
             arms,
@@ -266,18 +350,22 @@ class Study:
             out,
             extra,
         )
-        self.name = name
+        self.name, self.store = name, store
 
-    def run(self, arm: str, lr: float, seed: int) -> Run:
-        return Run(arm, lr, seed, self.out, self.extra)
+    def run(self, arm: str, lr: float, seed: int, stage: str = "final") -> Run:
+        return Run(arm, lr, seed, self.out, self.extra, stage, self.store)
 
     def tuning(self) -> list[Run]:
-        return [self.run(a, lr, s) for a in self.arms for lr in self.lrs for s in self.tune_seeds]
+        """The tuning runs; none where the grid has one lr (nothing to choose)."""
+        if len(self.lrs) == 1:
+            return []
+        return [self.run(a, lr, s, "tune") for a in self.arms for lr in self.lrs for s in self.tune_seeds]
 
     def tuned(self, arm: str) -> dict[float, list[float]]:
         """Final val/loss of each lr of the grid, over the tuning seeds."""
         return {
-            lr: [self.run(arm, lr, s).result(required=True)["val_loss"] for s in self.tune_seeds] for lr in self.lrs
+            lr: [self.run(arm, lr, s, "tune").result(required=True)["val_loss"] for s in self.tune_seeds]
+            for lr in self.lrs
         }
 
     def chosen_lr(self, arm: str) -> float:
@@ -298,28 +386,14 @@ def contraction(runs: list[Run]) -> str:
 
 
 def report(study: Study) -> None:
+    """The study's CSV (runs finished before it existed are added), its regenerable table next to it
+    (`benchmarks.results`), and under --out the detailed table NAME_detail.md and NAME.png."""
+    from benchmarks.results import table
+
     out, seeds = study.out, study.seeds
-    runs = {r.dir: r for r in study.tuning() + [r for a in study.arms for r in study.final(a)]}
-    with open(out / f"{study.name}.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(
-            ["arm", "lr", "seed", "val_loss", "test_loss", "evals_per_token", "fit_seconds", "threads", "command"]
-        )
-        for run in runs.values():
-            r = run.result(required=True)
-            writer.writerow(
-                [
-                    r["arm"],
-                    r["lr"],
-                    r["seed"],
-                    f"{r['val_loss']:.5f}",
-                    f"{r['test_loss']:.5f}",
-                    f"{r['evals_per_token']:.3f}",
-                    f"{r['fit_seconds']:.1f}",
-                    r["threads"],
-                    r["command"],
-                ]
-            )
+    for run in study.tuning() + [r for a in study.arms for r in study.final(a)]:
+        study.store.add(run, run.result(required=True))
+    study.store.path.with_suffix(".md").write_text(table(study.name, study.store.rows))
     test = {a: [r.result()["test_loss"] for r in study.final(a)] for a in study.arms}
     val = {a: [r.result()["val_loss"] for r in study.final(a)] for a in study.arms}
     extra = f" Every run adds `{' '.join(study.extra)}`." if study.extra else ""
@@ -347,10 +421,10 @@ def report(study: Study) -> None:
         "| arm | " + " | ".join(f"lr {lr:g}" for lr in study.lrs) + " |",
         "|---|" + "---|" * len(study.lrs),
     ]
-    for arm in study.arms:
+    for arm in study.arms if study.tuning() else []:
         cells = [f"**{fmt(v)}**" if lr == study.chosen_lr(arm) else fmt(v) for lr, v in study.tuned(arm).items()]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    (out / f"{study.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{study.name}_detail.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(study, test)
 
@@ -362,7 +436,7 @@ def plot(study: Study, test: dict[str, list[float]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (tune, final) = plt.subplots(1, 2, figsize=(13, 0.9 + 0.35 * max(8, len(study.arms))))
-    for arm in study.arms:
+    for arm in study.arms if study.tuning() else []:
         tuned = study.tuned(arm)
         tune.plot(study.lrs, [statistics.mean(tuned[lr]) for lr in study.lrs], "o-", label=arm)
     tune.set_xscale("log")
@@ -386,7 +460,13 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="runs/scheme_study", help="study folder: runs/, and the report files")
-    parser.add_argument("--name", default="study", help="report files: NAME.csv, NAME.md, NAME.png under --out")
+    parser.add_argument("--name", default="study", help="the study's files: NAME.csv and NAME.md, NAME.png")
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="folder of NAME.csv (one row per run, written as runs finish; a run recorded there is not run again) "
+        "and NAME.md; the committed studies use docs/results (default: --out)",
+    )
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help=f"arms to run, of: {', '.join(ARMS)}")
     parser.add_argument(
         "--lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3, 8e-3], help="the learning-rate grid of every arm"
@@ -416,16 +496,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown arm {unknown[0]!r}; choose from: {', '.join(ARMS)}")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs} must be >= 1")
+    reused = sorted(set(args.tune_seeds) & set(args.seeds))
+    if reused and len(args.lrs) > 1:
+        parser.error(f"--seeds and --tune_seeds share {reused}: a tuning run is not reused as a final run")
+    store = Store(Path(args.results or args.out) / f"{args.name}.csv")
     study = Study(
-        args.arms, args.lrs, args.tune_seeds, args.seeds, Path(args.out), tuple(args.override or ()), args.name
+        args.arms, args.lrs, args.tune_seeds, args.seeds, Path(args.out), tuple(args.override or ()), args.name, store
     )
     if not args.report_only:
-        if len(args.lrs) == 1:  # nothing to choose: tuning and final runs share one queue
-            runs = study.tuning() + [r for a in args.arms for r in study.final(a)]
-            execute(list({r.dir: r for r in runs}.values()), args.jobs, threads)
-        else:  # the final runs need each arm's chosen lr, known once its tuning runs have finished
-            execute(study.tuning(), args.jobs, threads)
-            execute([r for a in args.arms for r in study.final(a)], args.jobs, threads)
+        # the final runs need each arm's chosen lr, known once its tuning runs have finished
+        execute(study.tuning(), args.jobs, threads)
+        execute([r for a in args.arms for r in study.final(a)], args.jobs, threads)
     report(study)
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -33,38 +34,41 @@ def study(tmp_path, *args):
 
 
 @pytest.mark.slow
-def test_scheme_study_tunes_on_validation_resumes_and_refuses_changed_runs(tmp_path):
+def test_scheme_study_tunes_on_validation_resumes_from_its_csv_and_refuses_changed_runs(tmp_path):
+    results = tmp_path / "results"
     # One run first (it trains the shared tokenizer once); the full study then finds it finished.
-    first = study(tmp_path, "--arms", "euler", "--lrs", "3e-2", "--tune_seeds", "1", "--seeds", "1")
+    first = study(tmp_path, "--arms", "euler", "--lrs", "3e-2", "1e-5", "--tune_seeds", "1", "--seeds", "2")
+    grid = ["--arms", "euler", "iiet", "--lrs", "1e-5", "3e-2", "--tune_seeds", "1", "--seeds", "2", "--jobs", "2"]
+    grid += ["--results", str(results)]
     assert first.returncode == 0, first.stderr[-3000:]
-    grid = ["--arms", "euler", "iiet", "--lrs", "1e-5", "3e-2", "--tune_seeds", "1", "--seeds", "1", "2", "--jobs", "2"]
     full = study(tmp_path, *grid)
     assert full.returncode == 0, full.stderr[-3000:]
-    assert "1 of 4 runs finished before; running 3" in full.stdout
-    rows = list(csv.DictReader(open(tmp_path / "study.csv")))
-    # 2 arms x 2 learning rates with seed 1, then seed 2 at each arm's chosen lr: 4 steps at 1e-5 barely move a model.
-    assert sorted((r["arm"], float(r["lr"]), int(r["seed"])) for r in rows) == [
-        ("euler", 1e-5, 1),
-        ("euler", 3e-2, 1),
-        ("euler", 3e-2, 2),
-        ("iiet", 1e-5, 1),
-        ("iiet", 3e-2, 1),
-        ("iiet", 3e-2, 2),
+    assert "2 of 4 runs finished before; running 2" in full.stdout  # euler's two tuning runs
+    rows = list(csv.DictReader(open(results / "study.csv")))
+    # 2 arms x 2 learning rates with tune seed 1, then final seed 2 at each arm's chosen lr: 4 steps at 1e-5
+    # barely move a model, and the tuning runs are not reused as final runs.
+    assert sorted((r["arm"], float(r["lr"]), int(r["seed"]), r["stage"]) for r in rows) == [
+        ("euler", 1e-5, 1, "tune"),
+        ("euler", 3e-2, 1, "tune"),
+        ("euler", 3e-2, 2, "final"),
+        ("iiet", 1e-5, 1, "tune"),
+        ("iiet", 3e-2, 1, "tune"),
+        ("iiet", 3e-2, 2, "final"),
     ]
-    table = (tmp_path / "study.md").read_text()
-    assert (
-        "| euler | vanilla Transformer++ | 1 | 0.03 |" in table
-        and "| iiet | IIET r = 3, plain Picard iteration | 3 | 0.03 |" in table
-    )
-    iiet_row = next(line for line in table.splitlines() if line.startswith("| iiet |"))
-    assert (
-        iiet_row.count("±") == 3 and len(iiet_row.split("|")[-2].split("/")) == 2
-    )  # val, test, gap; 2 layers' contraction
+    assert all(r["command"].startswith("python -m lit_iiet fit --config conf/lm/shakespeare_") for r in rows)
+    table = (results / "study.md").read_text()
+    assert "| euler | 0.03 | 1 |" in table and "| iiet | 0.03 | 1 |" in table
+    detail = (tmp_path / "study_detail.md").read_text()
+    assert "| iiet | IIET r = 3, plain Picard iteration | 3 | 0.03 |" in detail
     assert (tmp_path / "study.png").stat().st_size > 10_000
+    # The CSV alone is the record: a fresh machine (no runs folder) runs nothing again.
+    shutil.rmtree(tmp_path / "runs")
     again = study(tmp_path, *grid)
     assert again.returncode == 0 and "4 of 4 runs finished before; running 0" in again.stdout
     changed = study(tmp_path, *grid, "--override=--model.optim.weight_decay=0.0")
-    assert changed.returncode != 0 and "was made by another command or config" in changed.stderr
+    assert changed.returncode != 0 and "made by another command or config" in changed.stderr
+    reused = study(tmp_path, "--arms", "euler", "--lrs", "1e-5", "3e-2", "--tune_seeds", "1", "--seeds", "1")
+    assert reused.returncode != 0 and "a tuning run is not reused as a final run" in reused.stderr
 
 
 def test_gpu_check_runs_its_code_paths_on_a_cpu(tmp_path):
