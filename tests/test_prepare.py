@@ -84,7 +84,7 @@ def test_zst_and_parquet_give_the_jsonl_shards(corpus, reference, tmp_path, kind
         assert (tmp_path / kind / part["path"]).read_bytes() == (reference / part["path"]).read_bytes()
 
 
-def test_max_tokens_keeps_the_first_tokens_whatever_the_workers(corpus, reference, tmp_path):
+def test_max_tokens_keeps_the_first_tokens_whatever_the_workers(corpus, reference, tmp_path, monkeypatch):
     """--max_tokens keeps exactly the first N training tokens (the last kept file cut mid-way), deletes the
     pieces tokenized in vain, and writes the same bytes with 1 and 2 workers; the manifest records the caps."""
     sizes = [p["tokens"] for p in json.loads((reference / "manifest.json").read_text())["splits"]["train"]["files"]]
@@ -93,6 +93,11 @@ def test_max_tokens_keeps_the_first_tokens_whatever_the_workers(corpus, referenc
     one = run(tmp_path / "one", corpus, *caps)
     run(tmp_path / "two", corpus, *caps, workers=2)
     assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "two")
+    # With no estimate of a piece's tokens every piece is handed out at once: those past the cap are tokenized in
+    # vain and deleted, and the result stays the same.
+    monkeypatch.setattr(Pieces, "mean_tokens", lambda self, split: None)
+    run(tmp_path / "eager", corpus, *caps, workers=2)
+    assert folder_bytes(tmp_path / "eager") == folder_bytes(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "one" / "train").iterdir()) == ["00000.npy", "00001.npy", "00002.npy"]
     assert one["recipe"]["max_tokens"] == {"train": cap, "val": 100}
     assert one["splits"]["train"]["tokens"] == cap and one["splits"]["val"]["tokens"] == 100
