@@ -202,3 +202,40 @@ def test_progress_line_estimates_the_time_left():
         progress.start = time.perf_counter() - 2.0  # 100 tokens/s
         line = progress.line()
         assert line.startswith(f"prepare: {pieces} pieces, 200 tokens, 100 tokens/s, ") and line.endswith(eta), line
+
+
+def test_bad_zst_and_parquet_files_get_one_line_errors(corpus, tmp_path):
+    """Each names the file and what is wrong with it."""
+    not_zst = tmp_path / "plain.jsonl.zst"
+    not_zst.write_bytes(b'{"text": "not compressed"}\n')
+    not_parquet = tmp_path / "data.parquet"
+    not_parquet.write_bytes(b"not parquet")
+    no_column = tmp_path / "content.parquet"
+    pq.write_table(pa.table({"content": ["a document"]}), no_column)
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2]}), numbers)
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": ["a document", None]}), nulls)
+    for i, (path, message) in enumerate(
+        (
+            (not_zst, "is not a readable Zstandard file"),
+            (not_parquet, "is not a readable parquet file"),
+            (no_column, "no 'text' column (columns: content; set data.text_field)"),
+            (numbers, "the 'text' column holds int64, not strings"),
+            (nulls, "row 2 has no 'text' value (null)"),
+        )
+    ):
+        with pytest.raises(UserInputError) as info:
+            prepare(str(tmp_path / f"out{i}"), train=str(path), tokenizer=str(corpus / "tok.model"))
+        assert str(path) in str(info.value) and message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_changed_source_file_is_named(corpus, tmp_path):
+    """A source file touched since the unfinished prepare began is named in the refusal."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "a document"}) + "\n")
+    (tmp_path / "out").mkdir()
+    recipe = {"source": {"train": [{"path": str(data.resolve()), "bytes": data.stat().st_size, "mtime_ns": 1}]}}
+    (tmp_path / "out" / "prepare.json").write_text(json.dumps(recipe))
+    with pytest.raises(UserInputError, match=r"source\.train\[0\]\.mtime_ns is 1 there, \d+ now"):
+        prepare(str(tmp_path / "out"), train=str(data), tokenizer=str(corpus / "tok.model"))

@@ -221,7 +221,7 @@ class TextCorpus:
                 "text_field": self.text_field,
             }
         files = {
-            split: [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in fs]
+            split: [{"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in fs]
             for split, fs in self.files.items()
             if fs
         }
