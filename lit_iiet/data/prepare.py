@@ -53,6 +53,19 @@ def _share_counter(counter) -> None:
     _tokens_done = counter
 
 
+def _start_worker(counter, parent: int) -> None:
+    """A pool worker's set-up: the shared counter, and an exit once the prepare that started it is gone. A pool
+    whose parent is killed (kill -9) would otherwise wait for work forever, holding its memory."""
+    _share_counter(counter)
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
+
+
 def _count(tokens: int) -> None:
     if _tokens_done is not None:
         with _tokens_done.get_lock():
@@ -456,7 +469,7 @@ def prepare(
     executor = (
         InlineExecutor()
         if workers == 1
-        else ProcessPoolExecutor(max_workers=workers, initializer=_share_counter, initargs=(counter,))
+        else ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=(counter, os.getpid()))
     )
     with executor as pool, Progress(pieces, counter, earlier_tokens) as progress, open(out / LOG, "a") as log:
         running: dict[Future, tuple] = {}
