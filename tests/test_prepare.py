@@ -197,7 +197,7 @@ def test_progress_line_estimates_the_time_left():
         value = 200
 
     for caps, pieces, eta in (({"train": None}, "2/10", "ETA 0m08s"), ({"train": 300}, "2/3", "ETA 0m01s")):
-        done = {("train", 0): {"tokens": 100}, ("train", 1): {"tokens": 100}}
+        done = {("train", i): {"split": "train", "index": i, "tokens": 100} for i in range(2)}
         progress = Progress(Pieces({"train": 10}, caps, done), Counter(), earlier_tokens=0)
         progress.start = time.perf_counter() - 2.0  # 100 tokens/s
         line = progress.line()

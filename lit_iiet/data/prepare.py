@@ -17,6 +17,7 @@ uninterrupted run writes. Progress and an ETA go to stderr every few seconds.
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing
 import os
@@ -249,9 +250,18 @@ class Pieces:
         self.todo = {split: deque(i for i in range(n) if (split, i) not in done) for split, n in counts.items()}
         self.first_open = dict.fromkeys(counts, 0)  # pieces before it are all finished...
         self.prefix_tokens = dict.fromkeys(counts, 0)  # ...holding this many tokens
+        # Running sums, not a pass over `done` per question: SlimPajama has 59k pieces.
+        self.finished = {split: [0, 0] for split in counts}  # pieces, tokens
+        for record in done.values():
+            self._add(record)
+
+    def _add(self, record: dict) -> None:
+        self.finished[record["split"]][0] += 1
+        self.finished[record["split"]][1] += record["tokens"]
 
     def finish(self, record: dict) -> None:
         self.done[record["split"], record["index"]] = record
+        self._add(record)
 
     def _advance(self, split: str) -> None:
         while (split, self.first_open[split]) in self.done:
@@ -259,8 +269,8 @@ class Pieces:
             self.first_open[split] += 1
 
     def mean_tokens(self, split: str) -> float | None:
-        tokens = [r["tokens"] for (s, _), r in list(self.done.items()) if s == split]
-        return sum(tokens) / len(tokens) if tokens else None
+        pieces, tokens = self.finished[split]
+        return tokens / pieces if pieces else None
 
     def next_piece(self, split: str) -> tuple[str, int] | None:
         """The split's next piece to tokenize now; None if it has none or must wait for pieces under way."""
@@ -320,24 +330,19 @@ class Progress:
         tokens_now = self.counter.value
         seconds = time.perf_counter() - self.start
         rate = tokens_now / seconds if seconds > 0 else 0.0
-        finished = needed = expected = 0.0
-        known_means = [m for m in map(p.mean_tokens, p.counts) if m is not None]
-        fallback = sum(known_means) / len(known_means) if known_means else None
+        pieces_done = sum(count for count, _ in p.finished.values())
+        fallback = sum(t for _, t in p.finished.values()) / pieces_done if pieces_done else None
+        pieces_needed = expected = 0.0
         for split, n in p.counts.items():
-            records = [r for (s, _), r in list(p.done.items()) if s == split]
-            mean = p.mean_tokens(split) or fallback
-            split_tokens = sum(r["tokens"] for r in records)
-            guess = split_tokens + (n - len(records)) * (mean or 0)
-            cap = p.caps[split]
-            pieces_needed = n
-            if cap is not None and mean:
-                pieces_needed = min(n, max(len(records), -(-cap // int(max(mean, 1)))))
-            finished += len(records)
-            needed += pieces_needed
+            count, tokens = p.finished[split]
+            mean = p.mean_tokens(split) or fallback or 0  # this split's pieces, or any split's
+            guess, cap = tokens + (n - count) * mean, p.caps[split]
+            # a capped split needs about cap / mean pieces, not all of them
+            pieces_needed += n if cap is None or not mean else min(n, max(count, -(-cap // max(int(mean), 1))))
             expected += guess if cap is None else min(cap, guess)
         done = self.earlier_tokens + tokens_now
         eta = "?" if fallback is None or rate <= 0 else duration(max(0.0, expected - done) / rate)
-        return f"prepare: {int(finished)}/{int(needed)} pieces, {human(done)} tokens, {human(rate)} tokens/s, ETA {eta}"
+        return f"prepare: {pieces_done}/{int(pieces_needed)} pieces, {human(done)} tokens, {human(rate)} tokens/s, ETA {eta}"
 
 
 def human(n: float) -> str:
@@ -471,13 +476,25 @@ def prepare(
         if workers == 1
         else ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=(counter, os.getpid()))
     )
+    # Each job carries the corpus, pickled to its worker: without the file lists, which a piece does not need,
+    # that is bytes instead of megabytes per job for SlimPajama's 59k files.
+    job_corpus = copy.copy(corpus)
+    job_corpus.files = {}
     with executor as pool, Progress(pieces, counter, earlier_tokens) as progress, open(out / LOG, "a") as log:
         running: dict[Future, tuple] = {}
 
         def hand_out() -> None:
             for split in splits:
                 while len(running) < workers and (key := pieces.next_piece(split)) is not None:
-                    job = (corpus, str(tokenizer_file), split, key[1], corpus_pieces[split][key[1]], str(out), dtype)
+                    job = (
+                        job_corpus,
+                        str(tokenizer_file),
+                        split,
+                        key[1],
+                        corpus_pieces[split][key[1]],
+                        str(out),
+                        dtype,
+                    )
                     running[pool.submit(tokenize_piece, job)] = key
 
         hand_out()
