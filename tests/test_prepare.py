@@ -19,6 +19,7 @@ import zstandard
 from test_data import numbered_docs, read_corpus
 
 from lit_iiet.data import prepare as prepare_module
+from lit_iiet.data.lm import TextCorpus
 from lit_iiet.data.prepare import Pieces, Progress, prepare
 from lit_iiet.data.prepare import main as prepare_main
 from lit_iiet.data.tokenizer import Tokenizer
@@ -82,6 +83,9 @@ def test_zst_and_parquet_give_the_jsonl_shards(corpus, reference, tmp_path, kind
     assert manifest["splits"] == expected["splits"] and manifest["splits"]["train"]["documents"] == len(DOCS)
     for part in expected["splits"]["train"]["files"]:
         assert (tmp_path / kind / part["path"]).read_bytes() == (reference / part["path"]).read_bytes()
+    # LMDataModule reads its files through the same TextCorpus
+    documents = [list(TextCorpus(str(corpus / k), None, None).documents("train")) for k in (kind, "jsonl")]
+    assert documents[0] == documents[1] and len(documents[0]) == len(DOCS)
 
 
 def test_max_tokens_keeps_the_first_tokens_whatever_the_workers(corpus, reference, tmp_path, monkeypatch):
