@@ -25,6 +25,7 @@ import gzip
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import subprocess
@@ -92,13 +93,15 @@ def prepare_shards(files: list[Path], out: Path, tokenizer: Path, workers: int) 
         "--workers",
         str(workers),
     ]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    result = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
     manifest = json.loads((out / "manifest.json").read_text())
     tokens = manifest["splits"]["train"]["tokens"]
+    # The manifest holds no timings (a resumed prepare writes the same bytes): read its last stdout line.
+    seconds = float(re.search(r"tokens tokenized in ([\d.]+) s", result.stdout).group(1))
     return {
         "tokens": tokens,
-        "seconds": manifest["tokenize_seconds"],
-        "tokens_per_s": tokens / manifest["tokenize_seconds"],
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
         "text_bytes": sum(f.stat().st_size for f in files),
     }
 

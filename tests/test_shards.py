@@ -237,7 +237,7 @@ def test_bad_shard_folders_get_one_line_errors(shards, tmp_path):
 
 def test_prepare_never_writes_into_a_used_folder(shards, corpus):
     before = {p: p.stat().st_mtime_ns for p in shards.rglob("*")}
-    with pytest.raises(UserInputError, match="exists and is not an empty folder"):
+    with pytest.raises(UserInputError, match="holds a prepare with other settings: source.val is "):
         prepare(str(shards), train=str(corpus / "train"), vocab_size=300)
     assert {p: p.stat().st_mtime_ns for p in shards.rglob("*")} == before
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import glob
 import gzip
+import io
 import itertools
 import json
 import os
@@ -13,6 +14,7 @@ from typing import Iterator
 
 import lightning as L
 import torch
+import zstandard
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lit_iiet.data.cache import (
@@ -26,7 +28,8 @@ from lit_iiet.data.cache import (
 from lit_iiet.data.tokenizer import ENCODING_VERSION, Tokenizer, default_cache_dir
 from lit_iiet.errors import UserInputError
 
-TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+# SlimPajama ships as .jsonl.zst and many hub datasets as .parquet: both are read as they are, no unpacking.
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 
 
 def expand_files(spec: str | list[str] | None, split: str) -> list[Path]:
@@ -61,12 +64,25 @@ def _not_utf8(path: Path, offset: int) -> UserInputError:
     return UserInputError(f"data file {str(path)!r} is not UTF-8 text (bad byte at offset {offset})")
 
 
+def open_bytes(path: Path) -> io.BufferedIOBase:
+    """A file's bytes, decompressed by its suffix: .gz (gzip), .zst (Zstandard, all frames), else as stored."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader)  # buffered, so that lines can be iterated
+    return open(path, "rb")
+
+
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """A .txt file is one document; a .jsonl file holds one document per line, in `text_field`."""
-    opener = gzip.open if path.name.endswith(".gz") else open
+    """A .txt file is one document; a .jsonl file holds one document per line, in `text_field`; a .parquet file
+    one document per row, in its `text_field` column. The one reader of LMDataModule and `prepare`."""
     try:
+        if path.name.endswith(".parquet"):
+            yield from read_parquet(path, text_field)
+            return
         if path.name.endswith((".txt", ".txt.gz")):
-            with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+            with io.TextIOWrapper(open_bytes(path), encoding="utf-8", errors="strict") as f:
                 try:
                     text = f.read()  # decodes the whole file at once, so e.start is the offset in the file
                 except UnicodeDecodeError as e:
@@ -77,7 +93,7 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
             return
         # JSONL is decoded line by line from bytes: text-mode iteration decodes in chunks and would report a
         # bad byte's offset inside its chunk instead of inside the file.
-        with opener(path, "rb") as f:
+        with open_bytes(path) as f:
             offset = 0
             for n, raw in enumerate(f, 1):
                 try:
@@ -99,6 +115,34 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
                 yield record[text_field]
     except (gzip.BadGzipFile, EOFError) as e:
         raise UserInputError(f"data file {str(path)!r} is not a readable gzip file ({e})") from None
+    except zstandard.ZstdError as e:
+        raise UserInputError(f"data file {str(path)!r} is not a readable Zstandard file ({e})") from None
+
+
+def read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    """The `text_field` column of a parquet file, row by row, read in record batches (never the whole file)."""
+    import pyarrow as pa  # installed with `datasets`; imported here, as only parquet input needs it
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserInputError(f"data file {str(path)!r} is not a readable parquet file ({e})") from None
+    schema = table.schema_arrow
+    if text_field not in schema.names:
+        raise UserInputError(
+            f"{path}: no {text_field!r} column (columns: {', '.join(schema.names)}; set data.text_field)"
+        )
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserInputError(f"{path}: the {text_field!r} column holds {kind}, not strings")
+    row = 0
+    for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                raise UserInputError(f"{path}: row {row} has no {text_field!r} value (null)")
+            yield text
 
 
 def encode_document(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -165,6 +209,23 @@ class TextCorpus:
             (str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for fs in self.files.values() for f in fs
         )
         return files + (self.text_field,)
+
+    def describe(self) -> dict:
+        """The identity of the text as plain JSON, for `prepare`'s recipe: its files (path, size, mtime) per
+        split, or the dataset and its splits, and the text field."""
+        if self.hf_dataset is not None:
+            return {
+                "hf_dataset": self.hf_dataset,
+                "hf_name": self.hf_name,
+                "hf_splits": self.hf_splits,
+                "text_field": self.text_field,
+            }
+        files = {
+            split: [{"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in fs]
+            for split, fs in self.files.items()
+            if fs
+        }
+        return {**files, "text_field": self.text_field}
 
     # --- units of work for `lit_iiet.data.prepare` ----------------------------------------------------------
 
@@ -347,8 +408,9 @@ class LMDataModule(PackedLMData):
     ) -> None:
         """
         Args:
-            train: Training text: .txt(.gz) files (each one document), .jsonl(.gz) files (one document per line),
-                directories of them, or glob patterns. Ignored when hf_dataset is set.
+            train: Training text: .txt(.gz) files (each one document), .jsonl(.gz/.zst) files (one document per
+                line), .parquet files (one per row), directories of them, or glob patterns. Ignored when hf_dataset
+                is set.
             val: Validation text, same forms as train.
             test: Test text, same forms as train.
             text_field: The JSONL / dataset column holding the text.

@@ -52,7 +52,7 @@ def read_manifest(folder: str | Path) -> dict:
                 f"shard folder {str(folder)!r} is empty (write it with python -m lit_iiet.data.prepare)"
             )
         raise UserInputError(
-            f"shard folder {str(folder)!r} has no {MANIFEST}: its prepare did not finish; run it again into an empty folder"
+            f"shard folder {str(folder)!r} has no {MANIFEST}: its prepare did not finish; run the same prepare command again to resume it"
         )
     try:
         manifest = json.loads(path.read_text())
