@@ -16,6 +16,7 @@ from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.checkpoint import TOKENIZER_KEY
 from lit_iiet.cli import main
 from lit_iiet.data import SummarizationDataModule, Tokenizer, TranslationDataModule
+from lit_iiet.data.seq2seq import clean_pairs
 from lit_iiet.errors import UserInputError
 from lit_iiet.metrics import bleu_chrf, rouge
 from lit_iiet.models.seq2seq import inverse_sqrt, label_smoothed_nll
@@ -398,15 +399,106 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def test_empty_source_or_target_is_rejected(tmp_path):
-    good = {"fr": "Bonjour le monde", "en": "Hello world"}
-    train = write_jsonl(tmp_path / "t.jsonl", [good, {"fr": "  ", "en": "x"}])
+def cleaning_corpus(tmp_path):
+    """Training pairs with known cleaning outcomes under drop_longer_than=50, drop_ratio_above=1.5 (SentencePiece
+    splits each word on its own, so n copies of a word are n x its tokens, whatever the vocabulary learns)."""
+    kept = [(f"the cat {i} sat", f"the cat {i} sat") for i in range(12)]
+    kept.append(("ab ab", "ab ab ab"))  # a ratio of exactly 1.5 is kept ("over 1.5" is dropped)
+    empty = [("", "x"), ("   ", "y"), ("z", "\n")]
+    long = [("mot " * 60, "mot " * 60), ("mot", "mot " * 60), ("mot " * 60, "word")]  # either side over 50
+    ratio = [("ab ab", "ab ab ab ab"), ("cd cd cd cd cd", "cd cd")]  # ratios 2 and 2.5
+    pairs = kept[:6] + empty[:2] + long + kept[6:] + ratio + empty[2:]
+    train = write_jsonl(tmp_path / "train.jsonl", [{"fr": s, "en": t} for s, t in pairs])
+    return train, kept
+
+
+def test_cleaning_drops_empty_long_and_bad_ratio_training_pairs_with_counts(tmp_path, caplog):
+    train, kept = cleaning_corpus(tmp_path)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"fr": "the cat", "en": ""}, {"fr": "ab " * 70, "en": "ab"}])
+    dm = TranslationDataModule(
+        train=train,
+        val=val,
+        test=None,
+        vocab_size=300,
+        drop_longer_than=50,
+        drop_ratio_above=1.5,
+        cache_dir=str(tmp_path),
+    )
+    dm.prepare_data()
+    with caplog.at_level("INFO"):
+        dm.setup()
+    messages = [r.getMessage() for r in caplog.records]
+    assert "train: kept 13 of 21 pairs (dropped 3 empty, 3 over 50 tokens, 2 with length ratio > 1.5)" in messages
+    assert "val: 1 of 2 pairs have an empty side; kept (only train is cleaned, so scores cover every pair)" in messages
+    decode = dm.tokenizer.decode
+    train_pairs = [(decode(s[:-1].tolist()), decode(t.tolist())) for _, s, t in dm.datasets["train"]]
+    assert train_pairs == kept  # exactly the clean pairs, in file order
+    assert len(dm.datasets["val"]) == len(dm.texts["val"]) == 2  # val is not cleaned: references stay aligned
+    assert dm.datasets["val"][0][2].numel() == 0  # the empty target: tgt_out is a lone eos
+    next(iter(dm.val_dataloader()))
+
+
+def test_empty_pairs_are_dropped_by_default_or_kept_on_request(tmp_path, caplog):
+    """An empty side used to abort the run; now it is dropped by default (no length or ratio filter)."""
+    train, kept = cleaning_corpus(tmp_path)
     dm = TranslationDataModule(train=train, val=None, test=None, vocab_size=300, cache_dir=str(tmp_path))
-    with pytest.raises(UserInputError, match=r"t.jsonl:2: empty source text"):
-        dm.pairs("train")
-    train = write_jsonl(tmp_path / "u.jsonl", [good, good, {"fr": "x", "en": ""}])
-    with pytest.raises(UserInputError, match=r"u.jsonl:3: empty target text"):
-        TranslationDataModule(train=train, val=None, test=None, vocab_size=300, cache_dir=str(tmp_path)).pairs("train")
+    dm.prepare_data()
+    with caplog.at_level("INFO"):
+        dm.setup()
+    assert "train: kept 18 of 21 pairs (dropped 3 empty)" in [r.getMessage() for r in caplog.records]
+    assert len(dm.datasets["train"]) == 18
+    caplog.clear()
+    dm = TranslationDataModule(
+        train=train, val=None, test=None, vocab_size=300, drop_empty=False, cache_dir=str(tmp_path)
+    )
+    dm.prepare_data()
+    with caplog.at_level("INFO"):
+        dm.setup()
+    assert [r.getMessage() for r in caplog.records] == [
+        "train: 3 of 21 pairs have an empty side; kept (data.drop_empty is false)"
+    ]
+    assert len(dm.datasets["train"]) == 21
+
+
+def test_clean_pairs_counts_each_dropped_pair_once():
+    keep, dropped = clean_pairs(
+        src_lens=[3, 0, 9, 9, 2, 4],
+        tgt_lens=[3, 5, 1, 2, 3, 0],
+        empty=[0, 1, 0, 0, 0, 1],
+        drop_empty=True,
+        max_len=8,
+        max_ratio=1.5,
+    )
+    assert keep.tolist() == [True, False, False, False, True, False]
+    assert dropped == {"empty": 2, "long": 2, "ratio": 0}  # 9 vs 1 is long and a bad ratio: counted as long
+    keep, dropped = clean_pairs([3, 0, 9], [3, 5, 1], [0, 1, 0], drop_empty=False, max_len=None, max_ratio=1.5)
+    assert keep.tolist() == [True, True, False] and dropped == {"empty": 0, "long": 0, "ratio": 1}
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"drop_longer_than": 0}, "drop_longer_than=0: give a number of tokens >= 1, or null to keep every length"),
+        (
+            {"drop_ratio_above": 0.9},
+            r"drop_ratio_above=0.9: give a length ratio >= 1 \(fairseq's WMT recipe uses 1.5\)",
+        ),
+        ({"drop_ratio_above": float("nan")}, "drop_ratio_above=nan: give a length ratio >= 1"),
+    ],
+)
+def test_bad_cleaning_options_are_one_line_errors(option, message):
+    with pytest.raises(UserInputError, match=message) as error:
+        TranslationDataModule(**option)
+    assert "\n" not in str(error.value)
+
+
+def test_cleaning_that_drops_every_pair_says_which_options_did(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"fr": "mot " * 20, "en": "word " * 20}] * 3)
+    dm = TranslationDataModule(
+        train=train, val=None, test=None, vocab_size=270, drop_longer_than=5, cache_dir=str(tmp_path)
+    )
+    with pytest.raises(UserInputError, match=r"cleaning dropped all 3 pairs \(dropped 0 empty, 3 over 5 tokens\)"):
+        dm.prepare_data()
 
 
 def test_parallel_files_must_align(tmp_path):

@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_iiet.data.cache import (
@@ -28,6 +28,8 @@ from lit_iiet.data.tokenizer import Tokenizer, default_cache_dir
 from lit_iiet.errors import UserInputError
 
 PREDICT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+# Version of the token files of pairs, part of their cache key: 2 added the cleaning counts.
+PAIR_CACHE_VERSION = 2
 # ISO 639-1: the language codes a translation data module accepts.
 LANGUAGES = set(
     "aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de dv dz ee el "
@@ -139,6 +141,43 @@ class BatchedPairs(Dataset):
         return self.collate([self.pairs[j] for j in self.batches[i].tolist()])
 
 
+def clean_pairs(
+    src_lens: Sequence[int],
+    tgt_lens: Sequence[int],
+    empty: Sequence[bool],
+    drop_empty: bool,
+    max_len: int | None,
+    max_ratio: float | None,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Which pairs fairseq-style cleaning keeps (a boolean mask), and how many it dropped for each reason.
+
+    As fairseq's WMT recipe (clean-corpus-n.perl after BPE): a pair is dropped when a side is empty, when a side
+    has more than max_len tokens, or when one side has more than max_ratio times the tokens of the other. Each
+    dropped pair is counted once, under the first of these reasons (empty, long, ratio) that applies. A pair with
+    an empty side that is kept (drop_empty False) is not length- or ratio-checked: it has no ratio.
+
+    Args:
+        src_lens: Source tokens of each pair (without eos).
+        tgt_lens: Target tokens of each pair (without bos / eos).
+        empty: Whether each pair has an empty (or whitespace-only) side.
+        drop_empty: Drop the pairs with an empty side.
+        max_len: Drop pairs with a side longer than this; None: any length.
+        max_ratio: Drop pairs whose longer side has more than max_ratio x the tokens of the shorter; None: any.
+    """
+    src, tgt = np.asarray(src_lens, dtype=np.int64), np.asarray(tgt_lens, dtype=np.int64)
+    empty = np.asarray(empty, dtype=bool)
+    longer, shorter = np.maximum(src, tgt), np.minimum(src, tgt)
+    none = np.zeros(len(empty), dtype=bool)
+    dropped = {"empty": empty if drop_empty else none}
+    undecided = ~empty
+    dropped["long"] = undecided & (longer > max_len) if max_len is not None else none
+    undecided &= ~dropped["long"]
+    # longer > ratio x shorter: the perl script's two divisions in one, with no division by zero.
+    dropped["ratio"] = undecided & (longer > max_ratio * shorter) if max_ratio is not None else none
+    keep = ~(dropped["empty"] | dropped["long"] | dropped["ratio"])
+    return keep, {reason: int(mask.sum()) for reason, mask in dropped.items()}
+
+
 def pack(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = torch.tensor([0] + [len(s) for s in sequences]).cumsum(0)
     return torch.tensor([t for s in sequences for t in s], dtype=torch.int32), offsets
@@ -158,9 +197,23 @@ def encode_sources(
 ) -> list[list[int]]:
     """Source ids + eos, at most max_src_len of them. Longer sources are truncated (counted in a warning) or, with
     long_source="reject", an error naming the first ("{split} {item} {index}") and the `option` that allows them."""
+    return fit_sources(
+        tokenizer.encode_batch(list(texts)), tokenizer.eos_id, max_src_len, long_source, split, item, option
+    )
+
+
+def fit_sources(
+    ids: list[list[int]],
+    eos_id: int,
+    max_src_len: int,
+    long_source: str,
+    split: str,
+    item: str = "pair",
+    option: str = "data.long_source",
+) -> list[list[int]]:
+    """`encode_sources` on sources already tokenized (the training pairs are tokenized once, for cleaning too)."""
     if long_source not in ("truncate", "reject"):
         raise UserInputError(f"long_source={long_source!r}; choose 'truncate' or 'reject'")
-    ids = tokenizer.encode_batch(list(texts))
     long = [i for i, s in enumerate(ids) if len(s) + 1 > max_src_len]
     if long and long_source == "reject":
         raise UserInputError(
@@ -171,7 +224,7 @@ def encode_sources(
         rank_zero_warn(
             f"{len(long)} of {len(ids)} {split} sources are longer than max_src_len={max_src_len} tokens and were truncated"
         )
-    return [s[: max_src_len - 1] + [tokenizer.eos_id] for s in ids]
+    return [s[: max_src_len - 1] + [eos_id] for s in ids]
 
 
 def source_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
@@ -266,6 +319,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
         max_src_len: int = 256,
         max_tgt_len: int = 256,
         long_source: Literal["truncate", "reject"] = "truncate",
+        drop_empty: bool = True,
+        drop_longer_than: int | None = None,
+        drop_ratio_above: float | None = None,
         batch_size: int = 32,
         max_tokens: int | None = None,
         num_workers: int = 0,
@@ -291,6 +347,18 @@ class Seq2SeqDataModule(L.LightningDataModule):
             max_src_len: Longest source in tokens (with eos); longer ones are handled by long_source.
             max_tgt_len: Longest target in tokens (with bos or eos); longer targets are truncated.
             long_source: "truncate" (counted in a warning) or "reject" (an error naming the first such pair).
+            drop_empty: Drop training pairs whose source or target is empty or only whitespace. False keeps them
+                (an empty side trains as a lone eos). Validation and test pairs are never dropped, as in fairseq,
+                which cleans the training data only: an empty one is kept, counted in a message, and scored, so
+                that scores cover the whole test set and test outputs stay line by line with its input.
+            drop_longer_than: Drop training pairs with a source or target of more than this many tokens of the
+                joint vocabulary (counted without bos / eos, as fairseq counts BPE tokens); the WMT'14 configs
+                use fairseq's 250. None keeps every length (sources over max_src_len are then handled by
+                long_source, targets over max_tgt_len truncated). Applied before that truncation.
+            drop_ratio_above: Drop training pairs whose longer side has more than this many times the tokens of
+                the shorter side (a likely misalignment); the WMT'14 configs use fairseq's 1.5. None: no ratio
+                filter (summarization, where documents are much longer than their summaries). How many
+                pairs each option drops is printed once per run for the training split.
             batch_size: Pairs per batch and per device (unused when max_tokens is set).
             max_tokens: Batches by token budget instead of batch_size: pairs of similar length batched together so
                 that rows x longest source and rows x longest target (with bos / eos) stay <= max_tokens per
@@ -308,6 +376,15 @@ class Seq2SeqDataModule(L.LightningDataModule):
         if max_src_len < 2 or max_tgt_len < 2 or batch_size < 1:
             raise UserInputError(
                 f"max_src_len={max_src_len}, max_tgt_len={max_tgt_len} must be >= 2 and batch_size={batch_size} >= 1"
+            )
+        if drop_longer_than is not None and drop_longer_than < 1:
+            raise UserInputError(
+                f"drop_longer_than={drop_longer_than}: give a number of tokens >= 1, or null to keep every length"
+            )
+        if drop_ratio_above is not None and not drop_ratio_above >= 1:  # `not >=` also rejects nan
+            raise UserInputError(
+                f"drop_ratio_above={drop_ratio_above}: give a length ratio >= 1 (fairseq's WMT recipe uses 1.5), "
+                "or null for no ratio filter"
             )
         if vocab_size < 260:
             raise UserInputError(f"vocab_size={vocab_size}: at least 260 are needed (256 byte tokens + 4 specials)")
@@ -381,7 +458,8 @@ class Seq2SeqDataModule(L.LightningDataModule):
                     raise UserInputError(f"data file {str(path)!r} is not UTF-8 text") from None
 
     def pairs(self, split: str) -> list[tuple[str, str]]:
-        """The (source, target) texts of a split; empty sides are an error."""
+        """The (source, target) texts of a split, in file order. A missing field is an error; an empty side is not
+        (real corpora have a few; `encode_pairs` drops them from the training split)."""
         out = []
         for where, row in self._rows(split):
             src, tgt = get_field(row, self.src_field), get_field(row, self.tgt_field)
@@ -389,8 +467,6 @@ class Seq2SeqDataModule(L.LightningDataModule):
                 if not isinstance(text, str):
                     keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
                     raise UserInputError(f"{where}: no {side} text in field {field!r} (fields: {keys})")
-                if not text.strip():
-                    raise UserInputError(f"{where}: empty {side} text")
             out.append((src, tgt))
         if not out:
             raise UserInputError(f"{split} data holds no pairs")
@@ -422,6 +498,8 @@ class Seq2SeqDataModule(L.LightningDataModule):
 
     def token_path(self, split: str) -> Path:
         h = self.hparams
+        # Only the training split is cleaned, so only its ids depend on the cleaning options.
+        cleaning = (h.drop_empty, h.drop_longer_than, h.drop_ratio_above) if split == "train" else ()
         return token_cache_path(
             self.cache_dir,
             f"pairs-{split}",
@@ -431,6 +509,8 @@ class Seq2SeqDataModule(L.LightningDataModule):
             h.max_tgt_len,
             h.long_source,
             split,
+            PAIR_CACHE_VERSION,
+            *cleaning,
         )
 
     def _training_lines(self) -> Iterator[str]:
@@ -441,12 +521,64 @@ class Seq2SeqDataModule(L.LightningDataModule):
                         yield line[:4000]  # SentencePiece skips longer training lines anyway
 
     def encode_pairs(self, split: str, tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+        """Token ids of a split's pairs, and `counts`: pairs read, pairs with an empty side, then those dropped as
+        empty, too long and by length ratio (always 0 outside the training split, which alone is cleaned)."""
         h = self.hparams
         pairs = self.pairs(split)
-        srcs = encode_sources([s for s, _ in pairs], tokenizer, h.max_src_len, h.long_source, split)
-        tgts = [t[: h.max_tgt_len - 1] for t in tokenizer.encode_batch([t for _, t in pairs])]
+        src_ids = tokenizer.encode_batch([s for s, _ in pairs])
+        tgt_ids = tokenizer.encode_batch([t for _, t in pairs])
+        empty = [not s.strip() or not t.strip() for s, t in pairs]
+        dropped = {"empty": 0, "long": 0, "ratio": 0}
+        if split == "train":
+            keep, dropped = clean_pairs(
+                [len(s) for s in src_ids],
+                [len(t) for t in tgt_ids],
+                empty,
+                h.drop_empty,
+                h.drop_longer_than,
+                h.drop_ratio_above,
+            )
+            if not keep.any():
+                raise UserInputError(
+                    f"train data: cleaning dropped all {len(pairs):,} pairs ({self._dropped_text(dropped)}); "
+                    "check data.drop_empty, data.drop_longer_than and data.drop_ratio_above"
+                )
+            src_ids = [s for s, k in zip(src_ids, keep) if k]
+            tgt_ids = [t for t, k in zip(tgt_ids, keep) if k]
+        counts = [len(pairs), sum(empty), dropped["empty"], dropped["long"], dropped["ratio"]]
+        srcs = fit_sources(src_ids, tokenizer.eos_id, h.max_src_len, h.long_source, split)
+        tgts = [t[: h.max_tgt_len - 1] for t in tgt_ids]
         (src, src_off), (tgt, tgt_off) = pack(srcs), pack(tgts)
-        return {"src": src, "src_offsets": src_off, "tgt": tgt, "tgt_offsets": tgt_off}
+        return {
+            "src": src,
+            "src_offsets": src_off,
+            "tgt": tgt,
+            "tgt_offsets": tgt_off,
+            "counts": torch.tensor(counts, dtype=torch.int64),
+        }
+
+    def _dropped_text(self, dropped: dict[str, int]) -> str:
+        """ "dropped 12 empty, 3,021 over 250 tokens, ..." for the filters that are on."""
+        h = self.hparams
+        parts = [f"{dropped['empty']:,} empty"] if h.drop_empty else []
+        if h.drop_longer_than is not None:
+            parts.append(f"{dropped['long']:,} over {h.drop_longer_than:,} tokens")
+        if h.drop_ratio_above is not None:
+            parts.append(f"{dropped['ratio']:,} with length ratio > {h.drop_ratio_above:g}")
+        return "dropped " + ", ".join(parts)
+
+    def report_cleaning(self, split: str, counts: list[int]) -> None:
+        """One line per split on rank zero: what cleaning dropped from train, or how many empty pairs were kept."""
+        total, empty, *dropped = counts
+        h = self.hparams
+        if split == "train" and (h.drop_empty or h.drop_longer_than is not None or h.drop_ratio_above is not None):
+            text = self._dropped_text(dict(zip(("empty", "long", "ratio"), dropped)))
+            rank_zero_info(f"train: kept {total - sum(dropped):,} of {total:,} pairs ({text})")
+        if empty > dropped[0]:
+            why = (
+                "data.drop_empty is false" if split == "train" else "only train is cleaned, so scores cover every pair"
+            )
+            rank_zero_info(f"{split}: {empty - dropped[0]:,} of {total:,} pairs have an empty side; kept ({why})")
 
     def prepare_data(self) -> None:
         tokenizer = ensure_tokenizer(
@@ -478,7 +610,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
                 continue
             if not self.token_path(split).exists():
                 self.prepare_data()
-            self.datasets[split] = PairDataset(torch.load(self.token_path(split), weights_only=True))
+            encoded = torch.load(self.token_path(split), weights_only=True)
+            self.report_cleaning(split, encoded["counts"].tolist())
+            self.datasets[split] = PairDataset(encoded)
             if split != "train":  # references are scored on the original text
                 self.texts[split] = self.pairs(split)
 
