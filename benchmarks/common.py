@@ -62,6 +62,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_step(model, optimizer: torch.optim.Optimizer, windows: torch.Tensor, autocast) -> torch.Tensor:
+    """One optimizer step of the next-token loss on windows (B, T + 1), the forward under `autocast`: the step
+    the speed benchmarks time. Returns the loss (no host sync)."""
+    from lit_iiet.nn.decoder import next_token_loss
+
+    with autocast:
+        logits = model(windows[:, :-1])
+    loss = next_token_loss(logits, windows)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def machine(device: torch.device) -> str:
     """The GPU's name, or the CPU architecture and torch's thread count."""
     if device.type == "cuda":

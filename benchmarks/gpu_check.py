@@ -40,11 +40,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from benchmarks.common import machine, sync
+from benchmarks.common import machine, sync, train_step
 from benchmarks.vs_hf_llama import bf16_peak
 from lit_iiet.data.lm import PackedLMData
 from lit_iiet.models.lm import LanguageModel
-from lit_iiet.nn.decoder import Decoder, DecoderConfig, next_token_loss
+from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.generate import generate
 from lit_iiet.nn.ode import ODEConfig
 
@@ -175,14 +175,8 @@ def time_schemes(args, cfg: DecoderConfig, windows: torch.Tensor, device: torch.
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
         forward = torch.compile(model) if compiled else model
 
-        def step(forward=forward, optimizer=optimizer) -> float:
-            with autocast:
-                logits = forward(windows[:, :-1])
-            loss = next_token_loss(logits, windows)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
+        def step(forward=forward, optimizer=optimizer) -> torch.Tensor:
+            return train_step(forward, optimizer, windows, autocast)
 
         start = time.perf_counter()
         step()  # compiles, if it does

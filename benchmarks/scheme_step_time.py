@@ -28,8 +28,9 @@ from benchmarks.common import (
     device_and_autocast,
     machine,
     sync,
+    train_step,
 )
-from lit_iiet.nn.decoder import Decoder, DecoderConfig, next_token_loss
+from lit_iiet.nn.decoder import Decoder, DecoderConfig
 
 
 def main() -> None:
@@ -65,12 +66,7 @@ def main() -> None:
             deep[evals] = name
 
     def step(model, optimizer) -> None:
-        with autocast:
-            logits = model(batch[:, :-1])
-        loss = next_token_loss(logits, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, batch, autocast)
 
     for model, optimizer in runs.values():  # warm up allocator, kernels and autotuning
         step(model, optimizer)
