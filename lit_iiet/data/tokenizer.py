@@ -39,9 +39,10 @@ class Tokenizer:
     `Tokenizer(path)` of a tokenizer.json file gives an `HFTokenizer`, the same interface over the `tokenizers`
     library, so every caller takes either kind."""
 
-    def __new__(cls, model_file: str | Path, num_threads: int = -1) -> "Tokenizer":
+    def __new__(cls, model_file: str | Path | None = None, num_threads: int = -1) -> "Tokenizer":
         # The kind is told by the content, not the name: a shard folder stores either kind as tokenizer.model.
-        if cls is Tokenizer and Path(model_file).is_file():
+        # (model_file is None where pickle or copy rebuild an instance, of the class they recorded.)
+        if cls is Tokenizer and model_file is not None and Path(model_file).is_file():
             with open(model_file, "rb") as f:
                 if is_tokenizer_json(f.read(1)):
                     cls = HFTokenizer
@@ -126,11 +127,6 @@ class Tokenizer:
         """The serialized model (SentencePiece protobuf, or tokenizer.json text): what checkpoints store, and what
         tells two tokenizers apart."""
         return self.sp.serialized_model_proto()
-
-    @property
-    def file_name(self) -> str:
-        """The usual name of a file of this kind, as a Hugging Face model directory holds it."""
-        return "tokenizer.model"
 
     @staticmethod
     def from_model_proto(proto: bytes, cache_dir: str | Path | None = None) -> "Tokenizer":
@@ -275,10 +271,6 @@ class HFTokenizer(Tokenizer):
     def model_proto(self) -> bytes:
         # The library's own compact serialization: the same model read from a pretty-printed file compares equal.
         return self.hf.to_str().encode()
-
-    @property
-    def file_name(self) -> str:
-        return "tokenizer.json"
 
 
 def fingerprint(*parts: object) -> str:
