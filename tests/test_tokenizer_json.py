@@ -15,7 +15,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lit_iiet.checkpoint import TOKENIZER_KEY
 from lit_iiet.cli import main
-from lit_iiet.data import Tokenizer
+from lit_iiet.data import SummarizationDataModule, Tokenizer
 from lit_iiet.data.prepare import prepare
 from lit_iiet.data.shards import ShardedLMDataModule
 from lit_iiet.data.tokenizer import HFTokenizer
@@ -154,3 +154,15 @@ def test_predict_needs_only_the_checkpoint(run, tmp_path, monkeypatch):
     ]
     main(["predict", *args, "--model.sampling.max_new_tokens", "8", *GREEDY])
     assert (repo / "out" / "predictions.txt").read_text() == run.text
+
+
+def test_seq2seq_predict_reads_no_split_files_and_needs_distinct_specials(tokenizer_json, tmp_path):
+    sources = tmp_path / "papers.txt"
+    sources.write_text("A paper.\n", encoding="utf-8")
+    missing = str(tmp_path / "missing.jsonl")  # built without error: predict never reads the splits
+    dm = SummarizationDataModule(
+        train=missing, val=missing, test=missing, tokenizer=str(tokenizer_json.path), predict=str(sources)
+    )
+    # <|endoftext|> is eos, bos and pad of this tokenizer: targets could neither start nor end distinctly.
+    with pytest.raises(UserInputError, match="has no distinct <pad>, <bos> and <eos>"):
+        dm.setup("predict")

@@ -2,8 +2,7 @@
 
 A shard folder holds, per split, `.npy` token files (numpy's own format, memory-mapped when read), the tokenizer
 that made them as `tokenizer.model` (a SentencePiece model, or tokenizer.json text: `Tokenizer` tells them apart
-by content), and `manifest.json`, written last: a folder without it is a
-prepare that did not finish. Documents follow each other in corpus order, each ended by <eos>, so a split read
+by content), and `manifest.json`, written last: a folder without it is a prepare that did not finish. Documents follow each other in corpus order, each ended by <eos>, so a split read
 from its shards is the token stream that LMDataModule would hold in memory for the same text and tokenizer.
 
 Why not litdata's chunks or torchdata's StatefulDataLoader: see docs/DESIGN.md ("Data at scale").
