@@ -14,8 +14,8 @@ from lit_iiet.errors import UserInputError
 
 # Lightning's own names for checkpoints it resolves itself.
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
-# The run's SentencePiece model, serialized (bytes survive weights_only loading); written by ODEModule at every
-# save, absent from checkpoints of older versions.
+# The run's tokenizer, serialized (`Tokenizer.model_proto`: a SentencePiece protobuf or tokenizer.json text, as
+# bytes, which survive weights_only loading); written by ODEModule at every save, absent from older checkpoints.
 TOKENIZER_KEY = "tokenizer_model"
 
 
@@ -40,11 +40,11 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
 
 
 def stored_tokenizer(checkpoint: dict, source: str | Path) -> bytes | None:
-    """The serialized SentencePiece model a loaded checkpoint carries; None for checkpoints of older versions."""
+    """The serialized tokenizer a loaded checkpoint carries; None for checkpoints of older versions."""
     proto = checkpoint.get(TOKENIZER_KEY)
     if proto is not None and not isinstance(proto, bytes):
         raise UserInputError(
-            f"checkpoint {str(source)!r}: {TOKENIZER_KEY!r} is a {type(proto).__name__}, not a serialized SentencePiece model"
+            f"checkpoint {str(source)!r}: {TOKENIZER_KEY!r} is a {type(proto).__name__}, not a serialized tokenizer"
         )
     return proto
 

@@ -1,10 +1,10 @@
 """Score decoder-only lit_iiet checkpoints with EleutherAI's lm-evaluation-harness (lm-eval 0.4.13).
 
 Importing this module registers the lm-eval model "lit_iiet" (class `LitIIETLM`). Its model_args are
-`checkpoint=<.ckpt>[,tokenizer=<SentencePiece .model>,batch_size=N,device=D,max_gen_toks=N]`. The tokenizer is
-the one the checkpoint carries; a given tokenizer must be that same model. Checkpoints from before tokenizers
-travelled with them need tokenizer=: the run's `data.tokenizer`, or else the BPE model that LMDataModule trained
-and cached under `$LIT_IIET_CACHE/tokenizers/` (default `~/.cache/lit_iiet/tokenizers/`).
+`checkpoint=<.ckpt>[,tokenizer=<.model or tokenizer.json>,batch_size=N,device=D,max_gen_toks=N]`. The tokenizer is
+the one the checkpoint carries, so the checkpoint is all it needs (no corpus); a given tokenizer must be that
+same model. Checkpoints from before tokenizers travelled with them need tokenizer=: the run's `data.tokenizer`, or
+else the BPE model that LMDataModule trained and cached under `$LIT_IIET_CACHE/tokenizers/` (default `~/.cache/lit_iiet/tokenizers/`).
 
 Command line (lm-eval's built-in tasks plus the YAML tasks found under --include_path):
 
@@ -105,7 +105,7 @@ class LitIIETLM(TemplateLM):
         """
         Args:
             checkpoint: A LanguageModel checkpoint (.ckpt); its hyperparameters rebuild the model.
-            tokenizer: The run's SentencePiece .model file, or a loaded Tokenizer; default: the one the checkpoint
+            tokenizer: The run's SentencePiece .model or tokenizer.json, or a loaded Tokenizer; default: the one the checkpoint
                 carries (a given one must be that same model). Needed with a loaded model, and with checkpoints
                 from before tokenizers travelled with them.
             model: Instead of checkpoint: a loaded LanguageModel or Decoder (moved to device, set to eval mode).
@@ -132,7 +132,7 @@ class LitIIETLM(TemplateLM):
                 if checkpoint is None
                 else f"checkpoint {self.checkpoint!r}, which carries none (saved by an older version),"
             )
-            raise UserInputError(f"give tokenizer=<path to the run's SentencePiece .model file> with {what}")
+            raise UserInputError(f"give tokenizer=<path to the run's .model or tokenizer.json file> with {what}")
         self.tokenizer = tokenizer
         decoder = decoder_from_checkpoint(state, self.checkpoint) if checkpoint is not None else model
         if isinstance(decoder, LanguageModel):
@@ -385,7 +385,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="LanguageModel checkpoint (.ckpt)")
     parser.add_argument(
         "--tokenizer",
-        help="the run's SentencePiece .model file (default: the one the checkpoint "
+        help="the run's SentencePiece .model or tokenizer.json (default: the one the checkpoint "
         "carries; needed for checkpoints of older versions)",
     )
     parser.add_argument(

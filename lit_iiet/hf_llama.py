@@ -6,17 +6,17 @@
 
 `import` reads a local directory (config.json + model.safetensors, or sharded with model.safetensors.index.json)
 and writes `model.ckpt` (loadable by `LanguageModel.load_from_checkpoint` and by `--model.init_from`) and
-`model.yaml` (the matching `model:` section). The checkpoint carries the SentencePiece tokenizer given with
---tokenizer, or else the directory's own `tokenizer.model` if it has one. Any scheme works: a Llama layer is G's
+`model.yaml` (the matching `model:` section). The checkpoint carries the tokenizer given with --tokenizer, or else
+the directory's own `tokenizer.model` (SentencePiece) or, failing that, `tokenizer.json`. Any scheme works: a Llama layer is G's
 attention + SwiGLU, so with euler, or iiet at r = 1, the imported model reproduces the original logits; more
 iterations or RK stages start from the pretrained branch. Scheme parameters that Llama lacks (rk2 gates, PCformer weights) keep their init.
 `export` writes an euler model (or iiet with one iteration everywhere, the same function) back to that format,
-with the checkpoint's tokenizer as `tokenizer.model`.
+with the checkpoint's tokenizer as `tokenizer.model` or `tokenizer.json`, whichever kind it is.
 
 Weight layout: our attention fuses q, k, v into one `qkv` projection and SwiGLU fuses gate and up into `w13`;
 both use the same RoPE convention as Llama (rotate the two halves of each head), so weights map without any
-permutation. Tokenizers are SentencePiece `tokenizer.model` files (Llama 1/2, Mistral); up-training gives it to
-`--data.tokenizer`. Tiktoken-style `tokenizer.json` files (Llama 3) are not supported by our data modules.
+permutation. Tokenizers are SentencePiece `tokenizer.model` files (Llama 1/2, Mistral) or Hugging Face
+`tokenizer.json` files (Llama 3, Qwen, SmolLM); up-training takes the one the imported checkpoint carries.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def import_llama(
     tokenizer: str | Path | None = None,
 ) -> Path:
     """Write out_dir/model.ckpt (a LanguageModel checkpoint) and out_dir/model.yaml; returns the checkpoint path.
-    The checkpoint carries `tokenizer`, default src/tokenizer.model if that exists."""
+    The checkpoint carries `tokenizer`, default src/tokenizer.model, else src/tokenizer.json, if one exists."""
     import lightning
 
     from lit_iiet.checkpoint import TOKENIZER_KEY
@@ -191,8 +191,10 @@ def import_llama(
 
     out_dir = Path(out_dir)
     _refuse_to_overwrite(out_dir)
-    if tokenizer is None and (Path(src) / "tokenizer.model").is_file():
-        tokenizer = Path(src) / "tokenizer.model"
+    if tokenizer is None:
+        # Llama 2 directories hold both files: the SentencePiece model is the original.
+        found = [Path(src) / name for name in ("tokenizer.model", "tokenizer.json") if (Path(src) / name).is_file()]
+        tokenizer = found[0] if found else None
     tokenizer = Tokenizer(tokenizer) if tokenizer is not None else None  # a bad file fails before anything is written
     config, hf_state = read_llama_dir(src)
     cfg = decoder_config_from_llama(config, max_seq_len)
@@ -225,10 +227,11 @@ def import_llama(
 
 def export_llama(ckpt: str | Path, out_dir: str | Path) -> Path:
     """Write an euler (or all-r = 1 iiet) LanguageModel checkpoint as a Llama directory, with the tokenizer it
-    carries as tokenizer.model; returns out_dir."""
+    carries as tokenizer.model (SentencePiece) or tokenizer.json; returns out_dir."""
     from safetensors.torch import save_file
 
     from lit_iiet.checkpoint import load_checkpoint, stored_tokenizer
+    from lit_iiet.data.tokenizer import is_tokenizer_json
 
     out_dir = Path(out_dir)
     _refuse_to_overwrite(out_dir)
@@ -251,7 +254,7 @@ def export_llama(ckpt: str | Path, out_dir: str | Path) -> Path:
     save_file(llama_state, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(llama_config_from_decoder(cfg), indent=2) + "\n")
     if tokenizer is not None:  # checkpoints of older versions carry none
-        (out_dir / "tokenizer.model").write_bytes(tokenizer)
+        (out_dir / ("tokenizer.json" if is_tokenizer_json(tokenizer) else "tokenizer.model")).write_bytes(tokenizer)
     return out_dir
 
 
@@ -282,11 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument(
         "--tokenizer",
         default=None,
-        help="SentencePiece model the checkpoint carries (default: src/tokenizer.model if present)",
+        help="SentencePiece model or tokenizer.json the checkpoint carries (default: src/tokenizer.model, else "
+        "src/tokenizer.json, if present)",
     )
     exp = sub.add_parser("export", help="euler lit_iiet checkpoint -> Hugging Face Llama directory")
     exp.add_argument("ckpt", help="a LanguageModel checkpoint (.ckpt)")
-    exp.add_argument("out_dir", help="new (or empty) directory for config.json, model.safetensors and tokenizer.model")
+    exp.add_argument("out_dir", help="new (or empty) directory for config.json, model.safetensors and the tokenizer")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         if args.command == "import":

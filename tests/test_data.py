@@ -259,7 +259,7 @@ def test_directory_of_txt_files(tmp_path, tok):
     (root / "sub" / "c.txt").write_text(DOCS[2], encoding="utf-8")
     (root / "notes.md").write_text("ignored, not a text suffix")
     dm = local_dm(tmp_path, tok, train=str(root))
-    assert [p.name for p in dm.corpus.files["train"]] == ["a.txt", "b.txt", "c.txt"]
+    assert [p.name for p in dm.corpus.files("train")] == ["a.txt", "b.txt", "c.txt"]
     assert split_documents(dm) == DOCS
     assert dm.tokens["train"].tolist().count(EOS) == 3
 

@@ -213,7 +213,7 @@ def test_two_process_ddp_resumes_from_shards_exactly(tmp_path, shards):
 def test_bad_shard_folders_get_one_line_errors(shards, tmp_path):
     def error(path, **kwargs) -> str:
         with pytest.raises(UserInputError) as info:
-            ShardedLMDataModule(str(path), **kwargs)
+            ShardedLMDataModule(str(path), **kwargs).setup("fit")  # the folder is read when a stage needs it
         assert "\n" not in str(info.value)
         return str(info.value)
 
@@ -232,7 +232,11 @@ def test_bad_shard_folders_get_one_line_errors(shards, tmp_path):
     other = Tokenizer.train(iter(numbered_docs(50)), tmp_path / "other.model", vocab_size=300)
     message = error(shards, tokenizer=str(other.path))
     assert "other.model" in message and "not the one the shards" in message
-    ShardedLMDataModule(str(shards), tokenizer=str(shards / "tokenizer.model"))  # its own tokenizer is fine
+    ShardedLMDataModule(str(shards), tokenizer=str(shards / "tokenizer.model")).setup("fit")  # its own is fine
+    # predict continues prompts: with the checkpoint's tokenizer it needs no folder at all
+    alone = ShardedLMDataModule(str(tmp_path / "missing"), tokenizer=str(other.path))
+    alone.setup("predict")
+    assert alone.tokenizer.model_proto == other.model_proto
 
 
 def test_prepare_never_writes_into_a_used_folder(shards, corpus):

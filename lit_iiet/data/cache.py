@@ -12,6 +12,19 @@ from lit_iiet.data.tokenizer import TOKENIZER_VERSION, Tokenizer, fingerprint
 from lit_iiet.errors import UserInputError
 
 SPLITS = ("train", "val", "test")
+# The splits each Lightning stage reads. Data modules check and tokenize only these, so that `predict` (which
+# continues prompts) needs no corpus and `validate` no training text; no stage (setup() by hand) reads all.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
+
+
+def stage_splits(stage: str | None) -> tuple[str, ...]:
+    return STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS
+
+
+def trainer_stage(trainer) -> str | None:
+    """The stage a Trainer runs ("fit", "validate", ...), for prepare_data(), which Lightning calls without one."""
+    fn = trainer.state.fn if trainer is not None else None
+    return fn.value if fn is not None else None
 
 
 def load_hf_split(source: str, name: str | None, split: str, streaming: bool = False):

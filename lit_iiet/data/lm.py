@@ -22,8 +22,10 @@ from lit_iiet.data.cache import (
     atomic_save,
     ensure_tokenizer,
     load_hf_split,
+    stage_splits,
     token_cache_path,
     tokenizer_cache_path,
+    trainer_stage,
 )
 from lit_iiet.data.tokenizer import ENCODING_VERSION, Tokenizer, default_cache_dir
 from lit_iiet.errors import UserInputError
@@ -152,7 +154,10 @@ def encode_document(tokenizer: Tokenizer, text: str) -> list[int]:
 
 class TextCorpus:
     """Where each split's text comes from: local files, or a local `datasets` source. One place for the data
-    module and for `lit_iiet.data.prepare`, which tokenizes the same sources into shards."""
+    module and for `lit_iiet.data.prepare`, which tokenizes the same sources into shards.
+
+    A split's files are found and checked when it is first used, so a run that never reads a split (`predict`
+    from a checkpoint in a copy without `data/`) does not need its files."""
 
     def __init__(
         self,
@@ -166,13 +171,18 @@ class TextCorpus:
     ) -> None:
         self.text_field, self.hf_dataset, self.hf_name = text_field, hf_dataset, hf_name
         self.hf_splits = {"train": "train", "val": "validation", "test": "test", **(hf_splits or {})}
-        self.files: dict[str, list[Path]] = {}
-        if hf_dataset is None:
-            self.files = {split: expand_files(spec, split) for split, spec in zip(SPLITS, (train, val, test))}
+        self.specs = dict(zip(SPLITS, (train, val, test)))
+        self._files: dict[str, list[Path]] = {}
+
+    def files(self, split: str) -> list[Path]:
+        """The split's text files, checked (one-line errors for missing or empty ones) on first use."""
+        if split not in self._files:
+            self._files[split] = expand_files(self.specs[split], split)
+        return self._files[split]
 
     def has_split(self, split: str) -> bool:
         if self.hf_dataset is None:
-            return bool(self.files.get(split))
+            return bool(self.files(split))
         saved = Path(self.hf_dataset) / "dataset_dict.json"  # a save_to_disk copy lists its splits
         return not saved.is_file() or self.hf_splits[split] in json.loads(saved.read_text()).get("splits", [])
 
@@ -192,7 +202,7 @@ class TextCorpus:
         if self.hf_dataset is not None:
             yield from self._rows(self.hf_split(split, streaming), split)
             return
-        for path in self.files[split]:
+        for path in self.files(split):
             yield from read_documents(path, self.text_field)
 
     def training_lines(self) -> Iterator[str]:
@@ -203,10 +213,13 @@ class TextCorpus:
                     yield line
 
     def source_id(self) -> tuple:
+        """What cache keys name the text by: every split's files, with their sizes and times."""
         if self.hf_dataset is not None:
             return (self.hf_dataset, self.hf_name, sorted(self.hf_splits.items()), self.text_field)
         files = tuple(
-            (str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for fs in self.files.values() for f in fs
+            (str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+            for split in SPLITS
+            for f in self._files_if_readable(split)
         )
         return files + (self.text_field,)
 
@@ -222,10 +235,25 @@ class TextCorpus:
             }
         files = {
             split: [{"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in fs]
-            for split, fs in self.files.items()
-            if fs
+            for split in SPLITS
+            if (fs := self.files(split))
         }
         return {**files, "text_field": self.text_field}
+
+    def without_file_lists(self) -> "TextCorpus":
+        """A copy that has not expanded its globs: what a prepare worker needs (it reads the one file it is
+        given) is then bytes instead of megabytes per job for SlimPajama's 59k files."""
+        copy = TextCorpus.__new__(TextCorpus)
+        copy.__dict__.update(self.__dict__, _files={})
+        return copy
+
+    def _files_if_readable(self, split: str) -> list[Path]:
+        # A split that this run does not read may be missing (validate on a machine without the training text):
+        # the key then names the text that is there. With every file present it is the key it always was.
+        try:
+            return self.files(split)
+        except UserInputError:
+            return []
 
     # --- units of work for `lit_iiet.data.prepare` ----------------------------------------------------------
 
@@ -233,7 +261,7 @@ class TextCorpus:
         """A split cut into independently readable pieces, in corpus order: one per file, or contiguous row ranges
         of a `datasets` split. They do not depend on the number of worker processes, so neither do the shards."""
         if self.hf_dataset is None:
-            return [("file", str(path)) for path in self.files[split]]
+            return [("file", str(path)) for path in self.files(split)]
         n = -(-len(self.hf_split(split)) // rows_per_piece)
         return [("rows", i, n) for i in range(n)]
 
@@ -382,10 +410,12 @@ class PackedLMData(L.LightningDataModule, abc.ABC):
 
 
 class LMDataModule(PackedLMData):
-    """Text for language modelling, from local files or a local `datasets` source, with a SentencePiece tokenizer.
+    """Text for language modelling, from local files or a local `datasets` source, with a SentencePiece or
+    tokenizer.json tokenizer.
 
     Every split is tokenized once into memory (and cached on disk): right for corpora up to a few hundred million
-    tokens. For larger ones, write shards with `python -m lit_iiet.data.prepare` and use ShardedLMDataModule."""
+    tokens. For larger ones, write shards with `python -m lit_iiet.data.prepare` and use ShardedLMDataModule.
+    A stage reads only its splits (fit: train and val; validate: val; test: test; predict: none)."""
 
     def __init__(
         self,
@@ -418,7 +448,8 @@ class LMDataModule(PackedLMData):
                 dataset name / loading script already in the local `datasets` cache (nothing is downloaded).
             hf_name: The dataset configuration name (e.g. "wikitext-103-raw-v1").
             hf_splits: Our split -> the dataset's split, default {"train": "train", "val": "validation", "test": "test"}.
-            tokenizer: A SentencePiece model file to use; None trains a BPE model on the training text (cached).
+            tokenizer: A SentencePiece model or Hugging Face tokenizer.json to use (it needs an end-of-text token);
+                None trains a BPE model on the training text (cached).
             vocab_size: Vocabulary size of the tokenizer trained when tokenizer is None.
             tokenizer_max_lines: Lines sampled from the training text to train the tokenizer.
             seq_len: Tokens per training window (the model sees seq_len inputs and seq_len shifted targets).
@@ -435,8 +466,6 @@ class LMDataModule(PackedLMData):
         if vocab_size < 260:
             raise UserInputError(f"vocab_size={vocab_size}: at least 260 are needed (256 byte tokens + 4 specials)")
         self.corpus = TextCorpus(train, val, test, text_field, hf_dataset, hf_name, hf_splits)
-        if not self.corpus.has_split("train") and tokenizer is None:
-            raise UserInputError("data.train is empty: give training text, or a tokenizer model with data.tokenizer")
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.tokenizer: Tokenizer | None = None
         self.tokens: dict[str, torch.Tensor] = {}
@@ -453,6 +482,8 @@ class LMDataModule(PackedLMData):
         h = self.hparams
         if h.tokenizer is not None:
             return Path(h.tokenizer)
+        if not self.corpus.has_split("train"):
+            raise UserInputError("data.train is empty: give training text, or a tokenizer model with data.tokenizer")
         return tokenizer_cache_path(
             self.cache_dir, "bpe", h.vocab_size, self.corpus.source_id(), h.vocab_size, h.tokenizer_max_lines
         )
@@ -462,8 +493,9 @@ class LMDataModule(PackedLMData):
             self.cache_dir, split, self.tokenizer_path(), self.corpus.source_id(), split, ENCODING_VERSION
         )
 
-    def prepare_data(self) -> None:
-        """Train the tokenizer and tokenize the in-memory splits once (rank 0); later runs read the cache."""
+    def prepare_data(self, splits: tuple[str, ...] | None = None) -> None:
+        """Train the tokenizer and tokenize the splits the Trainer's stage reads (default; all outside a Trainer)
+        once (rank 0); later runs read the cache."""
         h = self.hparams
         tokenizer = ensure_tokenizer(
             self.tokenizer_path(),
@@ -472,9 +504,11 @@ class LMDataModule(PackedLMData):
             h.vocab_size,
             h.tokenizer_max_lines,
         )
-        for split in SPLITS:
+        for split in stage_splits(trainer_stage(self.trainer)) if splits is None else splits:
+            if not self.has_split(split):
+                continue
             out = self.token_path(split)
-            if not self.has_split(split) or out.exists():
+            if out.exists():
                 continue
             # int32 per document, not one Python list of ints (28 bytes per token)
             ids = [
@@ -485,10 +519,11 @@ class LMDataModule(PackedLMData):
 
     def setup(self, stage: str | None = None) -> None:
         self.tokenizer = Tokenizer(self.tokenizer_path())
-        for split in SPLITS:
+        splits = stage_splits(stage)
+        for split in splits:
             if split in self.tokens or not self.has_split(split):
                 continue
             path = self.token_path(split)
             if not path.exists():  # setup() without prepare_data(), e.g. from a notebook
-                self.prepare_data()
+                self.prepare_data(splits)
             self.tokens[split] = torch.load(path, weights_only=True)

@@ -17,7 +17,6 @@ uninterrupted run writes. Progress and an ETA go to stderr every few seconds.
 
 from __future__ import annotations
 
-import copy
 import json
 import multiprocessing
 import os
@@ -476,10 +475,7 @@ def prepare(
         if workers == 1
         else ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=(counter, os.getpid()))
     )
-    # Each job carries the corpus, pickled to its worker: without the file lists, which a piece does not need,
-    # that is bytes instead of megabytes per job for SlimPajama's 59k files.
-    job_corpus = copy.copy(corpus)
-    job_corpus.files = {}
+    job_corpus = corpus.without_file_lists()  # pickled into every job
     with executor as pool, Progress(pieces, counter, earlier_tokens) as progress, open(out / LOG, "a") as log:
         running: dict[Future, tuple] = {}
 

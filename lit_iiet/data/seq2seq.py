@@ -396,14 +396,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
             )
         self.specs = {"train": train, "val": val, "test": test}
         self.predict_file = self._predict_file(predict) if predict is not None else None
-        if hf_dataset is None:
-            for split, spec in self.specs.items():
-                if spec is not None:
-                    self._files(split, spec)  # fail now, before anything runs, if a file is missing
-            if train is None and tokenizer is None:
-                raise UserInputError(
-                    "data.train is not set: give training pairs, or a tokenizer model with data.tokenizer"
-                )
+        # The split files are checked when a stage reads them: predict (data.predict's sources) needs none.
+        if hf_dataset is None and train is None and tokenizer is None:
+            raise UserInputError("data.train is not set: give training pairs, or a tokenizer model with data.tokenizer")
         self.hf_splits = {"train": "train", "val": "validation", "test": "test", **(hf_splits or {})}
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.tokenizer: Tokenizer | None = None
@@ -594,6 +589,11 @@ class Seq2SeqDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.tokenizer = Tokenizer(self.tokenizer_path())
+        tok = self.tokenizer
+        if len({tok.pad_id, tok.bos_id, tok.eos_id}) < 3:  # a tokenizer.json may lack <pad> or <bos>
+            raise UserInputError(
+                f"tokenizer {str(tok.path)!r} has no distinct <pad>, <bos> and <eos>, which pad, start and end targets"
+            )
         if stage == "predict":
             if self.predict_file is None:
                 raise UserInputError(

@@ -1,8 +1,8 @@
 """Pre-tokenized token shards on disk: the format `lit_iiet.data.prepare` writes and ShardedLMDataModule reads.
 
-A shard folder holds, per split, `.npy` token files (numpy's own format, memory-mapped when read), the
-SentencePiece `tokenizer.model` that made them, and `manifest.json`, written last: a folder without it is a
-prepare that did not finish. Documents follow each other in corpus order, each ended by <eos>, so a split read
+A shard folder holds, per split, `.npy` token files (numpy's own format, memory-mapped when read), the tokenizer
+that made them as `tokenizer.model` (a SentencePiece model, or tokenizer.json text: `Tokenizer` tells them apart
+by content), and `manifest.json`, written last: a folder without it is a prepare that did not finish. Documents follow each other in corpus order, each ended by <eos>, so a split read
 from its shards is the token stream that LMDataModule would hold in memory for the same text and tokenizer.
 
 Why not litdata's chunks or torchdata's StatefulDataLoader: see docs/DESIGN.md ("Data at scale").
@@ -10,6 +10,7 @@ Why not litdata's chunks or torchdata's StatefulDataLoader: see docs/DESIGN.md (
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -119,7 +120,10 @@ class TokenShards:
 class ShardedLMDataModule(PackedLMData):
     """Language-modelling data from token shards written by `python -m lit_iiet.data.prepare`: nothing is
     tokenized or held in memory, the training order resumes exactly mid-epoch, and DDP ranks read disjoint
-    windows. Use it for corpora that do not fit in memory (SlimPajama)."""
+    windows. Use it for corpora that do not fit in memory (SlimPajama).
+
+    The folder is read and checked when a stage first needs it: `predict` from a checkpoint needs none, and
+    takes the tokenizer the checkpoint carries (data.tokenizer)."""
 
     def __init__(
         self,
@@ -141,8 +145,8 @@ class ShardedLMDataModule(PackedLMData):
             shuffle: Shuffle the training windows each epoch (seeded by seed_everything and the epoch).
             shuffle_block: Windows shuffled together: the order of the blocks and the windows inside each block
                 are permuted, so the sampler's memory does not grow with the corpus.
-            tokenizer: A SentencePiece model expected to be the shards' own (checked, e.g. the one a checkpoint
-                carries); None uses the folder's tokenizer.model.
+            tokenizer: A tokenizer expected to be the shards' own (checked, e.g. the one a checkpoint carries;
+                predict uses it without reading the folder); None uses the folder's tokenizer.model.
             prompts: Prompts that `predict` continues, e.g. ["ROMEO:"].
         """
         super().__init__()
@@ -152,13 +156,23 @@ class ShardedLMDataModule(PackedLMData):
                 f"seq_len={seq_len}, batch_size={batch_size} and shuffle_block={shuffle_block} must be >= 1"
             )
         self.folder = Path(path)
-        self.manifest = read_manifest(self.folder)
         self.shuffle_block = shuffle_block
+
+    @functools.cached_property
+    def manifest(self) -> dict:
+        return read_manifest(self.folder)
+
+    def setup(self, stage: str | None = None) -> None:
+        given, path = self.hparams.tokenizer, self.hparams.path
+        if stage == "predict" and given is not None:
+            self.tokenizer = Tokenizer(given)  # prompts need no shards
+            return
+        self.manifest  # reading it checks the folder, before anything uses the shards
         self.tokenizer = Tokenizer(self.folder / TOKENIZER_FILE)
         # Compared as models, not files: a checkpoint's tokenizer comes back re-serialized (the CLI sets it here).
-        if tokenizer is not None and Tokenizer(tokenizer).model_proto != self.tokenizer.model_proto:
+        if given is not None and Tokenizer(given).model_proto != self.tokenizer.model_proto:
             raise UserInputError(
-                f"tokenizer {tokenizer!r} is not the one the shards in {path!r} were made with "
+                f"tokenizer {given!r} is not the one the shards in {path!r} were made with "
                 f"({path}/{TOKENIZER_FILE}); prepare the shards with it, or leave data.tokenizer unset"
             )
 

@@ -1,5 +1,6 @@
-"""SentencePiece BPE tokenizer: trained once on the training text and cached, loaded from a given model, or
-restored from the serialized model that every checkpoint carries."""
+"""Tokenizers: a SentencePiece BPE model trained once on the training text and cached, a given SentencePiece
+model or Hugging Face `tokenizer.json` (Llama 3, Qwen, SmolLM, ...), or the serialized model that every
+checkpoint carries. `Tokenizer(path)` loads either kind."""
 
 from __future__ import annotations
 
@@ -25,8 +26,27 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LIT_IIET_CACHE", Path.home() / ".cache" / "lit_iiet"))
 
 
+def is_tokenizer_json(head: bytes) -> bool:
+    """Whether a serialized model (or a file's first bytes) is a Hugging Face tokenizer.json, a JSON object; a
+    SentencePiece model is a protobuf, whose first byte is a field tag, never "{"."""
+    return head[:1] == b"{"
+
+
 class Tokenizer:
-    """Text <-> ids. Ids 0..3 are <pad>, <unk>, <bos>, <eos>; bytes fall back to byte tokens, so any UTF-8 round-trips."""
+    """Text <-> ids with a SentencePiece model. Ours (`Tokenizer.train`) have ids 0..3 <pad>, <unk>, <bos>, <eos>,
+    and bytes fall back to byte tokens, so any UTF-8 round-trips.
+
+    `Tokenizer(path)` of a tokenizer.json file gives an `HFTokenizer`, the same interface over the `tokenizers`
+    library, so every caller takes either kind."""
+
+    def __new__(cls, model_file: str | Path | None = None, num_threads: int = -1) -> "Tokenizer":
+        # The kind is told by the content, not the name: a shard folder stores either kind as tokenizer.model.
+        # (model_file is None where pickle or copy rebuild an instance, of the class they recorded.)
+        if cls is Tokenizer and model_file is not None and Path(model_file).is_file():
+            with open(model_file, "rb") as f:
+                if is_tokenizer_json(f.read(1)):
+                    cls = HFTokenizer
+        return super().__new__(cls)
 
     def __init__(self, model_file: str | Path, num_threads: int = -1) -> None:
         """num_threads: threads a batch encode may use (-1: all cores; 1 where processes already run in parallel)."""
@@ -38,7 +58,9 @@ class Tokenizer:
         try:
             self.sp.load(str(path))
         except (OSError, RuntimeError) as e:
-            raise UserInputError(f"tokenizer model {str(path)!r} is not a SentencePiece model ({e})") from None
+            raise UserInputError(
+                f"tokenizer model {str(path)!r} is neither a SentencePiece model nor a tokenizer.json ({e})"
+            ) from None
 
     @property
     def vocab_size(self) -> int:
@@ -74,7 +96,7 @@ class Tokenizer:
             lines = self.sp.encode(text.split("\n"))
             ids = [i for line in lines[:-1] for i in (*line, self._newline_id)] + lines[-1]
         else:
-            ids = self.sp.encode(text)
+            ids = self.encode(text)
         if eos:
             ids.append(self.eos_id)
         return ids
@@ -102,16 +124,18 @@ class Tokenizer:
 
     @property
     def model_proto(self) -> bytes:
-        """The serialized SentencePiece model: what checkpoints store, and what tells two tokenizers apart."""
+        """The serialized model (SentencePiece protobuf, or tokenizer.json text): what checkpoints store, and what
+        tells two tokenizers apart."""
         return self.sp.serialized_model_proto()
 
     @staticmethod
     def from_model_proto(proto: bytes, cache_dir: str | Path | None = None) -> "Tokenizer":
-        """The tokenizer of a serialized model, written once to a file named by its content under
+        """The tokenizer of a serialized model (either kind), written once to a file named by its content under
         `<cache_dir>/tokenizers/` (default: `default_cache_dir()`), so data modules can read it by path and their
         token caches, keyed on that path, stay valid."""
         digest = hashlib.sha256(proto).hexdigest()[:16]
-        path = Path(cache_dir or default_cache_dir()) / "tokenizers" / f"sp-{digest}.model"
+        name = f"hf-{digest}.json" if is_tokenizer_json(proto) else f"sp-{digest}.model"
+        path = Path(cache_dir or default_cache_dir()) / "tokenizers" / name
         if not path.is_file() or path.read_bytes() != proto:  # a damaged copy is replaced
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -168,6 +192,85 @@ class Tokenizer:
         tmp.write_bytes(buffer.getvalue())
         tmp.replace(model_file)
         return Tokenizer(model_file)
+
+
+# Special tokens looked up, in this order, in a tokenizer.json, whose own file does not say which is which
+# (tokenizer_config.json does, but it does not travel with the model). The end-of-text token separates the
+# packed documents, so it is required; models without a begin-of-text token (GPT-2 style) start with it too.
+EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+BOS_TOKENS = ("<s>", "<|begin_of_text|>", "<bos>")
+PAD_TOKENS = ("<pad>", "<|pad|>", "<unk>")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` model (tokenizer.json: Llama 3, Qwen, SmolLM, any HF BPE) behind the
+    `Tokenizer` interface.
+
+    Text is encoded without the model's post-processor, so no <bos> is added: as with SentencePiece, a document
+    is its text's ids followed by <eos>. Special tokens (<eos> included) decode to nothing. A special token's text
+    inside a document encodes to that token, as in `transformers`."""
+
+    lines_are_independent = False  # byte-level pre-tokenizers merge runs of newlines: documents encode whole
+
+    def __init__(self, model_file: str | Path, num_threads: int = -1) -> None:
+        """num_threads: unused; a document is one `encode` call, which runs on one thread."""
+        from tokenizers import Tokenizer as Model
+
+        path = Path(model_file)
+        if not path.is_file():
+            raise UserInputError(f"tokenizer model {str(path)!r} does not exist")
+        self.path = path
+        try:
+            self.hf = Model.from_file(str(path))
+        except Exception as e:  # the library raises plain Exceptions with serde's message
+            raise UserInputError(f"tokenizer model {str(path)!r} is not a tokenizer.json ({str(e)[:200]})") from None
+        # A tokenizer.json may carry a model_max_length truncation or padding; documents are encoded whole.
+        self.hf.no_truncation()
+        self.hf.no_padding()
+        eos = self._first_token(EOS_TOKENS)
+        if eos is None:
+            raise UserInputError(
+                f"tokenizer {str(path)!r} has no end-of-text token (looked for {', '.join(EOS_TOKENS)}); "
+                "documents are separated by it"
+            )
+        self._eos = eos
+        self._bos = self._first_token(BOS_TOKENS)
+        pad = self._first_token(PAD_TOKENS)
+        # Without a pad token: <bos> pads, which is never a target (LM windows are packed and have no padding).
+        self._pad = pad if pad is not None else self.bos_id
+
+    def _first_token(self, candidates: tuple[str, ...]) -> int | None:
+        return next((i for t in candidates if (i := self.hf.token_to_id(t)) is not None), None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos if self._bos is not None else self._eos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def model_proto(self) -> bytes:
+        # The library's own compact serialization: the same model read from a pretty-printed file compares equal.
+        return self.hf.to_str().encode()
 
 
 def fingerprint(*parts: object) -> str:
