@@ -265,7 +265,7 @@ class LanguageModel(ODEModule):
         was_training = self.training
         self.eval()
         out = generate(
-            model or self,
+            model if model is not None else self,
             torch.tensor([ids], device=self.device),
             max_new,
             s.temperature,
