@@ -1,7 +1,7 @@
 """One command that tells a GPU user in minutes whether lit_iiet works on their machine, and how fast.
 
     python -m benchmarks.gpu_check                          # one GPU, bf16-mixed, a 134M model: a few minutes
-    python -m benchmarks.gpu_check --device cpu --tiny      # the same code paths on a CPU in seconds (the tests)
+    python -m benchmarks.gpu_check --device cpu --tiny      # the same code paths on a CPU in half a minute (tests)
 
 Random tokens, so no data is needed. Sections, each reported even when another fails:
 
