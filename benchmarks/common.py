@@ -83,11 +83,13 @@ def machine(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def fit_and_test(args: list[str], run_dir: Path) -> dict:
+def fit_and_test(args: list[str], run_dir: Path, task: str = "lm") -> dict:
     """`python -m lit_iiet fit ARGS`, then `test` of its last checkpoint, in this process and into run_dir.
 
     An interrupted fit resumes from its last checkpoint. Returns the val/loss curve [(step, loss)], the final
-    val/loss and test/loss, the last validation's `iiet/` scalars and the fit's wall time in seconds.
+    val/loss and test/loss, the last validation's `iiet/` scalars and the fit's wall time in seconds. For task
+    "mt" (an encoder-decoder config) the losses are the token NLL without label smoothing (`*/nll_loss`), the
+    validation decodes nothing (its loss covers the whole split) and the result adds test BLEU and chrF.
     """
     from lit_iiet.analysis.logs import read_scalars
     from lit_iiet.cli import main
@@ -99,20 +101,23 @@ def fit_and_test(args: list[str], run_dir: Path) -> dict:
         "false",
         "--trainer.enable_model_summary",
         "false",
-        "--model.val_sample_prompt",
-        "null",
     ]
+    common += ["--model.val_decode_batches", "0"] if task == "mt" else ["--model.val_sample_prompt", "null"]
     last = run_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
     main(["fit", *args, *common] + (["--ckpt_path", str(last)] if last.exists() else []))
     fit_seconds = time.perf_counter() - start
     main(["test", *args, *common, "--ckpt_path", str(last)])
     scalars = read_scalars(run_dir / "lightning_logs")
-    val = scalars["val/loss"]
-    return {
+    loss = "nll_loss" if task == "mt" else "loss"
+    val = scalars[f"val/{loss}"]
+    result = {
         "val_curve": val,
         "val_loss": val[-1][1],
-        "test_loss": scalars["test/loss"][-1][1],
+        "test_loss": scalars[f"test/{loss}"][-1][1],
         "iiet": {k: v[-1][1] for k, v in scalars.items() if k.startswith("iiet/")},
         "fit_seconds": fit_seconds,
     }
+    if task == "mt":
+        result.update(test_bleu=scalars["test/bleu"][-1][1], test_chrf=scalars["test/chrf"][-1][1])
+    return result

@@ -242,10 +242,10 @@ def export_llama(ckpt: str | Path, out_dir: str | Path) -> Path:
     cfg, ode = DecoderConfig(**hparams["arch"]), ODEConfig.from_dict(hparams["ode"])
     one_step = ode.iiet.damping == 1.0 and ode.iiet.relaxation == "fixed"  # else iteration 1 is y + b G(y)
     plain = ode.scheme == "euler" or (ode.scheme == "iiet" and set(ode.schedule(cfg.n_layers)) == {1} and one_step)
-    if not plain or ode.branch_norm:
+    if not plain or ode.branch_norm or ode.branch_scale is not None:
         raise UserInputError(
             f"scheme={ode.scheme!r} iters={ode.iters!r} has no Llama equivalent; only euler (or iiet with 1 iteration "
-            "in every layer, iiet.damping 1.0, fixed relaxation and branch_norm false) can be exported"
+            "in every layer, iiet.damping 1.0, fixed relaxation, branch_norm false and no branch_scale) can be exported"
         )
     ours = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     llama_state = to_llama_state(ours, cfg)  # refuses what Llama cannot express before anything is written

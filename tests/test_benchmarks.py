@@ -69,6 +69,47 @@ def test_scheme_study_tunes_on_validation_resumes_from_its_csv_and_refuses_chang
     assert reused.returncode != 0 and "a tuning run is not reused as a final run" in reused.stderr
 
 
+TINY_MT = [
+    f"--override={option}"
+    for option in (
+        "--model.arch.d_model=32",
+        "--model.arch.n_heads=2",
+        "--model.arch.enc_layers=1",
+        "--model.arch.dec_layers=1",
+        "--model.arch.d_ff=64",
+        "--model.arch.vocab_size=512",
+        "--data.vocab_size=512",
+        "--data.batch_size=4",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=1",
+        "--model.optim.warmup_steps=1",
+    )
+]
+
+
+def test_translation_study_records_test_bleu_and_chrf_of_the_written_hypotheses(tmp_path):
+    import sacrebleu
+
+    cmd = [sys.executable, "-m", "benchmarks.scheme_study", "--out", str(tmp_path), "--name", "mt"]
+    mixed = subprocess.run([*cmd, "--arms", "mt euler", "euler"], cwd=ROOT, capture_output=True, text=True)
+    assert mixed.returncode != 0 and "--arms mixes tasks (lm, mt)" in mixed.stderr
+    args = ["--arms", "mt iiet", "--lrs", "2e-3", "--seeds", "1", "--jobs", "1", *TINY_MT]
+    result = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = csv.DictReader(open(tmp_path / "mt.csv"))
+    assert row["command"].startswith("python -m lit_iiet fit --config conf/mt/bible_fr_en_iiet.yaml")
+    logs = tmp_path / "runs" / "mt_iiet" / "final_lr0.002_seed1" / "lightning_logs"
+    (hyp_file,) = logs.glob("*/test.hyp.txt")
+    hyps, refs = hyp_file.read_text().splitlines(), (hyp_file.parent / "test.ref.txt").read_text().splitlines()
+    assert len(hyps) == 4  # one test batch
+    assert float(row["test_bleu"]) == round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
+    assert float(row["test_chrf"]) == round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2)
+    assert float(row["evals_per_token"]) == 3.0
+    assert "| mt iiet | 0.002 | 1 |" in (tmp_path / "mt.md").read_text()
+
+
 def test_gpu_check_runs_its_code_paths_on_a_cpu(tmp_path):
     # The GPU check's every section at a toy shape: training steps, decoding against HF Llama, Lightning fits
     # under FSDP (one gloo process) and the single-device strategy, and a fit killed by SIGKILL and resumed.

@@ -325,10 +325,55 @@ def test_iiet_sublayer_unit_r1_equals_euler():
     assert torch.allclose(model(idx), vanilla(idx), atol=1e-12)
 
 
+def test_branch_scale_is_a_step_size_of_every_scheme():
+    """G scaled by s on G(z) = hA z: IIET converges to (I - s hA)^-1 y and euler is y + s hA y."""
+    A, h, s = linear_system(4), 0.3, 0.4
+    y = torch.randn(3, DIM, dtype=torch.float64)
+    eye = torch.eye(DIM, dtype=torch.float64)
+    implicit = torch.linalg.solve(eye - s * h * A, y.T).T
+    update = LayerUpdate(ODEConfig("iiet", 80, branch_scale=s), 1, DIM)
+    assert torch.allclose(update(0, y, linear_branch(A, h)), implicit, atol=1e-12)
+    explicit = LayerUpdate(ODEConfig("euler", branch_scale=s), 1, DIM)
+    assert torch.allclose(explicit(0, y, linear_branch(A, h)), y @ (eye + s * h * A).T, atol=1e-14)
+
+
+def test_branch_scale_1_is_the_plain_layer_at_initialisation_and_learns():
+    vanilla, scaled = tiny_decoder("iiet", 3), tiny_decoder("iiet", 3, branch_scale=1.0)
+    scaled.load_state_dict(vanilla.state_dict(), strict=False)
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.equal(scaled(idx), vanilla(idx))
+    small = tiny_decoder("iiet", 3, branch_scale=0.1)
+    small.load_state_dict(vanilla.state_dict(), strict=False)
+    assert not torch.allclose(small(idx), vanilla(idx))
+    small(idx).sum().backward()
+    assert small.update.branch_scale.grad.abs().sum() > 0
+
+
+def test_shared_dropout_mask_is_one_mask_per_layer_step():
+    """dropout_mask 'layer': every evaluation of a step sees the same output masks (so G(z, 0) == G(z, 1) for the
+    same z, and the iteration solves one fixed-point problem); 'evaluation' draws new masks. r = 1 draws the same
+    masks either way."""
+    cfg = DecoderConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=4, max_seq_len=32, dropout=0.3)
+    z = torch.randn(2, 8, 32, dtype=torch.float64)
+    cos, sin = Decoder(cfg, ODEConfig("euler")).rope_cos[:8], Decoder(cfg, ODEConfig("euler")).rope_sin[:8]
+    outputs = {}
+    for mode in ("layer", "evaluation"):
+        torch.manual_seed(0)
+        block = Decoder(cfg, ODEConfig("iiet", 2, dropout_mask=mode)).blocks[0].train()
+        block.attn.dropout = 0.0  # attention-weight dropout draws per evaluation in both modes
+        G = block.branch(cos, sin, None, 0)
+        outputs[mode] = (G(z, 0), G(z, 1))
+    assert torch.equal(*outputs["layer"])
+    assert not torch.allclose(*outputs["evaluation"])
+    assert torch.equal(outputs["layer"][0], outputs["evaluation"][0])
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"scheme": "midpoint"}, "unknown scheme 'midpoint'"),
+        ({"branch_scale": 0.0}, "branch_scale=0.0 must be a number > 0"),
+        ({"dropout_mask": "token"}, "unknown dropout_mask 'token'"),
         ({"scheme": "iiet", "iters": 0}, "iters=0"),
         ({"scheme": "iiet", "iters": [2, 0, 1]}, "iters=[2, 0, 1]"),
         ({"scheme": "rk2", "iters": 3}, "only used by schemes 'iiet' and 'looped'"),

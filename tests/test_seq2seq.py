@@ -33,6 +33,10 @@ SCHEMES = {
     "rk2": (ODEConfig("rk2"), ODEConfig("rk2_gated")),
     "rk4": (ODEConfig("rk4"), ODEConfig("rk4")),
     "pcformer": (ODEConfig("pcformer", branch_norm=True), ODEConfig("pcformer", branch_norm=True)),
+    "iiet_scaled": (
+        ODEConfig("iiet", 3, branch_scale=0.5, dropout_mask="layer"),
+        ODEConfig("iiet", 2, branch_scale=0.3, dropout_mask="layer"),
+    ),
 }
 
 
@@ -266,6 +270,29 @@ def test_rouge_equals_rouge_score():
     for key in ("rouge1", "rouge2", "rougeLsum"):
         assert ours[key] == pytest.approx(100 * sum(d[key].fmeasure for d in direct) / 2, abs=1e-9)
     assert ours["rougeLsum"] != ours["rouge2"]
+
+
+def test_gpt2_init_shrinks_the_projections_into_the_stream():
+    """init gpt2: weights N(0, 0.02), biases 0, projections into the stream N(0, 0.02 / sqrt(writes)) with 2 writes
+    per encoder layer and 3 per decoder layer; the embedding keeps N(0, 1 / d_model)."""
+    torch.manual_seed(0)
+    cfg = Seq2SeqConfig(V, d_model=128, n_heads=4, enc_layers=2, dec_layers=3, d_ff=256, init="gpt2")
+    model = Seq2Seq(cfg, ODEConfig("iiet", 3), ODEConfig("euler"))
+    expected = {
+        "encoder.0.attn.proj.weight": 0.02 / 2,
+        "encoder.1.ffn.w2.weight": 0.02 / 2,
+        "decoder.2.cross_attn.proj.weight": 0.02 / 3,
+        "decoder.0.ffn.w2.weight": 0.02 / 3,
+        "decoder.1.self_attn.qkv.weight": 0.02,
+        "encoder.0.ffn.w1.weight": 0.02,
+        "embed.weight": 128**-0.5,
+    }
+    params = dict(model.named_parameters())
+    for name, std in expected.items():
+        assert abs(params[name].std().item() / std - 1) < 0.05, name
+    assert all(params[n].abs().sum() == 0 for n in params if n.endswith("bias"))
+    with pytest.raises(UserInputError, match="init='xavier'; choose 'torch' or 'gpt2'"):
+        Seq2SeqConfig(V, init="xavier")
 
 
 def test_label_smoothing_is_fairseqs_convention():

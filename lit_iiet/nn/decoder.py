@@ -20,6 +20,7 @@ from lit_iiet.nn.layers import (
     RMSNorm,
     SwiGLU,
     feed_forward,
+    gpt2_init,
     linear_weights,
     rope_tables,
     self_attention,
@@ -79,14 +80,14 @@ class DecoderConfig:
 class Block(nn.Module):
     """One pre-norm layer; it only provides its residual branch G, the scheme decides how to step with it."""
 
-    def __init__(self, cfg: DecoderConfig, branch_norm: bool) -> None:
+    def __init__(self, cfg: DecoderConfig, ode: ODEConfig) -> None:
         super().__init__()
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dropout)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.d_ff or swiglu_hidden(cfg.d_model))
-        self.branch_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if branch_norm else None
-        self.dropout = cfg.dropout
+        self.branch_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if ode.branch_norm else None
+        self.dropout, self.shared_mask = cfg.dropout, ode.dropout_mask == "layer"
 
     def branch(
         self,
@@ -101,10 +102,11 @@ class Block(nn.Module):
 
         shared_kv: every evaluation attends to the keys and values of evaluation 0 (one cache slot per layer).
         """
+        d, training, shared = self.dropout, self.training, self.shared_mask
         attn, fill = self_attention(
-            self.attn, self.norm1, cos, sin, self.dropout, self.training, caches, pos, shared_kv=shared_kv
+            self.attn, self.norm1, cos, sin, d, training, caches, pos, shared_kv=shared_kv, shared_mask=shared
         )
-        ffn = feed_forward(self.ffn, self.norm2, self.dropout, self.training)
+        ffn = feed_forward(self.ffn, self.norm2, d, training, shared)
         decoding = caches is not None
         return Branch([attn, ffn], self.branch_norm, checkpoint, fill if decoding else None, decoding)
 
@@ -140,7 +142,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg, self.ode = cfg, ode
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, ode.branch_norm) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, ode) for _ in range(cfg.n_layers))
         self.update = LayerUpdate(ode, cfg.n_layers, cfg.d_model)
         # Activation checkpointing while training: "none", "layer" (keep each layer's input, recompute the
         # layer with all its evaluations) or "iteration" (keep each F-evaluation's input, recompute one G).
@@ -152,15 +154,7 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the projections into the residual
-            if name.endswith(("attn.proj.weight", "ffn.w2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dim() == 2 and module.weight.shape[0] > 1:
-            nn.init.normal_(module.weight, std=0.02)
+        gpt2_init(self, 2 * cfg.n_layers)
 
     @property
     def schedule(self) -> list[int]:

@@ -8,6 +8,7 @@ One attention and one cache serve every scheme and both model families. The cach
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +200,23 @@ class Attention(nn.Module):
 # F-evaluation (its KV-cache slot), rows the batch rows z holds when only some are computed (docs/DESIGN.md, section 3).
 
 
+def output_dropout(p: float, training: bool, shared_mask: bool = False) -> Callable[[Tensor], Tensor]:
+    """Dropout of one sub-layer's output over a layer step's F-evaluations: a fresh mask at every call, or with
+    shared_mask the first call's mask reused by the later ones (one mask per layer step)."""
+    if not training or p == 0.0:
+        return lambda x: x
+    if not shared_mask:
+        return lambda x: F.dropout(x, p, True)
+    masks: list[Tensor] = []
+
+    def drop(x: Tensor) -> Tensor:
+        if not masks:
+            masks.append(F.dropout(torch.ones_like(x), p, True))
+        return x * masks[0]
+
+    return drop
+
+
 def self_attention(
     attn: Attention,
     norm: nn.Module,
@@ -211,14 +229,17 @@ def self_attention(
     shared_kv: bool = False,
     causal: bool = True,
     key_mask: Tensor | None = None,
+    shared_mask: bool = False,
 ):
     """The self-attention sub-layer dropout(Attn(norm(z))) of the tokens at [pos, pos + T), and its cache filler.
 
     Evaluation e reads and writes cache slot caches[e]. shared_kv: every evaluation attends to the keys and values
     of evaluation 0 (one cache slot per layer). fill(z, e, rows) writes slot e of the rows `rows` from their
     states z without attending (exact per-token early exit: a stopped token's keys come from its frozen state).
+    shared_mask: one output-dropout mask for all evaluations (`output_dropout`).
     """
     first_kv: list[tuple[Tensor, Tensor]] = []  # shared_kv without a cache: evaluation 0's keys and values
+    drop = output_dropout(dropout, training, shared_mask)
 
     def step(z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
         h = norm(z)
@@ -233,7 +254,7 @@ def self_attention(
             cache = caches[e] if caches is not None else None
             mask = key_mask if key_mask is None or rows is None else key_mask[rows]
             out = attn(h, cos, sin, cache, pos, key_mask=mask, causal=causal, rows=rows)
-        return F.dropout(out, dropout, training)
+        return drop(out)
 
     def fill(z: Tensor, e: int, rows: Tensor) -> None:
         _, k, v = attn.project(norm(z), cos, sin, queries=False)
@@ -243,24 +264,32 @@ def self_attention(
 
 
 def cross_attention(
-    attn: Attention, norm: nn.Module, memory_kv: tuple[Tensor, Tensor], key_mask: Tensor, dropout: float, training: bool
+    attn: Attention,
+    norm: nn.Module,
+    memory_kv: tuple[Tensor, Tensor],
+    key_mask: Tensor,
+    dropout: float,
+    training: bool,
+    shared_mask: bool = False,
 ):
     """The cross-attention sub-layer dropout(CrossAttn(norm(z), memory)) over an encoder output's keys and values."""
+    drop = output_dropout(dropout, training, shared_mask)
 
     def step(z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
         kv, mask = memory_kv, key_mask
         if rows is not None:
             kv, mask = (memory_kv[0][rows], memory_kv[1][rows]), key_mask[rows]
-        return F.dropout(attn(norm(z), key_mask=mask, memory_kv=kv), dropout, training)
+        return drop(attn(norm(z), key_mask=mask, memory_kv=kv))
 
     return step
 
 
-def feed_forward(ffn: nn.Module, norm: nn.Module, dropout: float, training: bool):
+def feed_forward(ffn: nn.Module, norm: nn.Module, dropout: float, training: bool, shared_mask: bool = False):
     """The feed-forward sub-layer dropout(FFN(norm(z)))."""
+    drop = output_dropout(dropout, training, shared_mask)
 
     def step(z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
-        return F.dropout(ffn(norm(z)), dropout, training)
+        return drop(ffn(norm(z)))
 
     return step
 
@@ -288,6 +317,25 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
+
+
+def gpt2_init(stack: nn.Module, residual_writes: int, std: float = 0.02) -> None:
+    """GPT-2's initialisation of a stack: every nn.Linear and nn.Embedding weight N(0, std) (but one-row weights
+    such as gates and routers, which their schemes initialise), biases 0; then the projections that write into
+    the residual stream (attention `proj`, FFN `w2`) N(0, std / sqrt(residual_writes)), so the stream grows alike
+    whatever the depth (GPT-2 counts two writes per layer). Draws in `Module.apply` order (a seed's weights stay
+    what they were)."""
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[0] > 1:
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    stack.apply(init)
+    for name, p in stack.named_parameters():
+        if name.endswith(("attn.proj.weight", "ffn.w2.weight")):
+            nn.init.normal_(p, std=std / math.sqrt(residual_writes))
 
 
 def linear_weights(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:

@@ -17,6 +17,7 @@ called as `G(z, e)`, where e numbers the F-evaluations of the layer so that each
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Literal, get_args, get_type_hints
 
@@ -35,7 +36,8 @@ class Branch:
     """G(z) of one layer: the sum of its sub-layer outputs, each sub-layer reading the running residual.
 
     For a decoder-only block, sublayers = [attention, FFN] gives G(z) = a + FFN(z + a) with a = Attn(z).
-    `norm`, if given, is applied to G's output (PCformer's "RK norm").
+    `norm`, if given, is applied to G's output (PCformer's "RK norm"); `scale`, if given, multiplies it after that
+    (the learned per-channel branch scale of `ODEConfig.branch_scale`, set by the scheme with `scaled`).
     """
 
     def __init__(
@@ -47,9 +49,20 @@ class Branch:
         decoding: bool = False,
     ) -> None:
         self.sublayers, self.norm, self.checkpoint = sublayers, norm, checkpoint
+        self.scale: Tensor | None = None
         # Per-token early exit while decoding one token per row: `fill(z, e, rows)` writes the KV-cache slot e
         # of rows that stopped iterating, from their frozen state (exact mode), without evaluating G.
         self.fill, self.decoding = fill, decoding
+
+    def scaled(self, scale: Tensor) -> "Branch":
+        """This G with its output multiplied by `scale` (C,): a new Branch, this one is left as it is."""
+        other = copy.copy(self)
+        other.scale = scale
+        return other
+
+    def _output(self, out: Tensor) -> Tensor:
+        out = out if self.norm is None else self.norm(out)
+        return out if self.scale is None else out * self.scale
 
     def __call__(self, z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
         if self.checkpoint and torch.is_grad_enabled():
@@ -67,7 +80,7 @@ class Branch:
         for sublayer in self.sublayers[1:]:
             d = sublayer(h, e, rows)
             out, h = out + d, h + d
-        return out if self.norm is None else self.norm(out)
+        return self._output(out)
 
     def _evaluate(self, z: Tensor, e: int, rows: Tensor | None = None) -> Tensor:
         """rows: the batch rows z holds when G runs on a compacted sub-batch (their KV-cache rows)."""
@@ -76,7 +89,7 @@ class Branch:
             d = sublayer(h, e) if rows is None else sublayer(h, e, rows)
             out = d if out is None else out + d
             h = h + d
-        return out if self.norm is None else self.norm(out)
+        return self._output(out)
 
 
 # --- the schemes -------------------------------------------------------------------------------------------
@@ -432,11 +445,21 @@ class ODEConfig:
     and two-stage training switches). The other schemes have a fixed number of evaluations and take 1."""
     branch_norm: bool = False
     """RMSNorm on every G output (PCformer's RK norm). Breaks iiet r = 1 == euler; off by default."""
+    branch_scale: float | None = None
+    """A learned per-channel scale of G's output, one vector per layer, starting at this value (LayerScale; e.g.
+    0.1 makes every update start at a tenth of G); None: off. 1.0 is the plain layer at initialisation."""
+    dropout_mask: Literal["evaluation", "layer"] = "evaluation"
+    """Dropout of the sub-layer outputs: a fresh mask for every F-evaluation, or one mask per layer step that all
+    its evaluations share (as deep-equilibrium models do: the iterations then solve one fixed-point problem).
+    Attention-weight dropout draws a mask per evaluation either way."""
     iiet: IIETConfig = field(default_factory=IIETConfig)
     """scheme iiet: the solver, its output and damping, the per-token policy and the KV-cache mode."""
 
     def __post_init__(self) -> None:
         _check_choice("scheme", self.scheme, Scheme)
+        _check_choice("dropout_mask", self.dropout_mask, get_type_hints(ODEConfig)["dropout_mask"])
+        if self.branch_scale is not None and not self.branch_scale > 0:
+            raise UserInputError(f"branch_scale={self.branch_scale!r} must be a number > 0 or null")
         if isinstance(self.iiet, dict):
             self.iiet = IIETConfig(**self.iiet)
         iters = [self.iters] if isinstance(self.iters, int) else list(self.iters)
@@ -506,6 +529,8 @@ class LayerUpdate(nn.Module):
             for router in self.routers:  # start undecided (sigmoid = 0.5); the BCE term calibrates the threshold
                 nn.init.zeros_(router.weight)
                 nn.init.zeros_(router.bias)
+        if cfg.branch_scale is not None:
+            self.branch_scale = nn.Parameter(torch.full((n_layers, dim), float(cfg.branch_scale)))
         if cfg.scheme == "iiet" and cfg.iiet.relaxation == "learned":
             self.relaxation = nn.Parameter(torch.full((n_layers,), float(cfg.iiet.damping)))
         if cfg.scheme == "rk2_gated":
@@ -635,6 +660,8 @@ class LayerUpdate(nn.Module):
         s, states = self.cfg.scheme, [y] if self._observer is not None else None
         if layer == 0:
             self.aux_losses = []
+        if self.cfg.branch_scale is not None:
+            G = G.scaled(self.branch_scale[layer])
         if s == "euler":
             out = euler(y, G)
         elif s == "iiet" and not self._full and (self.cfg.adaptive or self.cfg.shared_kv):

@@ -24,6 +24,7 @@ from lit_iiet.nn.layers import (
     SwiGLU,
     cross_attention,
     feed_forward,
+    gpt2_init,
     linear_weights,
     rope_tables,
     self_attention,
@@ -59,6 +60,10 @@ class Seq2SeqConfig:
     """Share the output projection with the (joint) embedding."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
+    init: Literal["torch", "gpt2"] = "torch"
+    """Initial weights of the layers: torch (nn.Linear's default, uniform within 1 / sqrt(fan_in)) or gpt2 (N(0, 0.02),
+    biases 0, the projections into the residual stream N(0, 0.02 / sqrt(writes)) with 2 writes per encoder layer
+    and 3 per decoder layer: much smaller first updates). The embedding is N(0, 1 / d_model) either way."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
@@ -67,6 +72,8 @@ class Seq2SeqConfig:
             )
         if self.ffn not in ("relu", "swiglu"):
             raise UserInputError(f"ffn={self.ffn!r}; choose 'relu' or 'swiglu'")
+        if self.init not in ("torch", "gpt2"):
+            raise UserInputError(f"init={self.init!r}; choose 'torch' or 'gpt2'")
         for name in ("vocab_size", "enc_layers", "dec_layers", "d_ff", "max_src_len", "max_tgt_len"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"{name}={getattr(self, name)} must be >= 1")
@@ -79,39 +86,43 @@ def _ffn(cfg: Seq2SeqConfig) -> nn.Module:
 class EncoderBlock(nn.Module):
     """G(z) = a + FFN(N2(z + a)) with a = bidirectional self-attention over the unpadded source."""
 
-    def __init__(self, cfg: Seq2SeqConfig, branch_norm: bool) -> None:
+    def __init__(self, cfg: Seq2SeqConfig, ode: ODEConfig) -> None:
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps), RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_heads, cfg.dropout)
         self.ffn = _ffn(cfg)
-        self.branch_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if branch_norm else None
-        self.dropout = cfg.dropout
+        self.branch_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if ode.branch_norm else None
+        self.dropout, self.shared_mask = cfg.dropout, ode.dropout_mask == "layer"
 
     def branch(self, cos: Tensor, sin: Tensor, src_mask: Tensor) -> Branch:
+        d, training, shared = self.dropout, self.training, self.shared_mask
         attn, _ = self_attention(
-            self.attn, self.norm1, cos, sin, self.dropout, self.training, causal=False, key_mask=src_mask
+            self.attn, self.norm1, cos, sin, d, training, causal=False, key_mask=src_mask, shared_mask=shared
         )
-        return Branch([attn, feed_forward(self.ffn, self.norm2, self.dropout, self.training)], self.branch_norm)
+        return Branch([attn, feed_forward(self.ffn, self.norm2, d, training, shared)], self.branch_norm)
 
 
 class DecoderBlock(nn.Module):
     """G(z) = a + c + FFN(N3(z + a + c)): causal self-attention a, cross-attention c to the encoder output."""
 
-    def __init__(self, cfg: Seq2SeqConfig, branch_norm: bool) -> None:
+    def __init__(self, cfg: Seq2SeqConfig, ode: ODEConfig) -> None:
         super().__init__()
         self.norm1, self.norm2, self.norm3 = (RMSNorm(cfg.d_model, cfg.norm_eps) for _ in range(3))
         self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_heads, cfg.dropout)
         self.cross_attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_heads, cfg.dropout, cross=True)
         self.ffn = _ffn(cfg)
-        self.branch_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if branch_norm else None
-        self.dropout = cfg.dropout
+        self.branch_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if ode.branch_norm else None
+        self.dropout, self.shared_mask = cfg.dropout, ode.dropout_mask == "layer"
 
     def branch(self, cos, sin, memory_kv, src_mask, caches: list[KVCache] | None, pos: int) -> Branch:
         """G for the target tokens at [pos, pos + T); evaluation e reads and writes self-attention slot caches[e]."""
-        d, training = self.dropout, self.training
-        self_attn, _ = self_attention(self.self_attn, self.norm1, cos, sin, d, training, caches, pos)
-        cross_attn = cross_attention(self.cross_attn, self.norm2, memory_kv, src_mask, d, training)
-        return Branch([self_attn, cross_attn, feed_forward(self.ffn, self.norm3, d, training)], self.branch_norm)
+        d, training, shared = self.dropout, self.training, self.shared_mask
+        self_attn, _ = self_attention(
+            self.self_attn, self.norm1, cos, sin, d, training, caches, pos, shared_mask=shared
+        )
+        cross_attn = cross_attention(self.cross_attn, self.norm2, memory_kv, src_mask, d, training, shared)
+        ffn = feed_forward(self.ffn, self.norm3, d, training, shared)
+        return Branch([self_attn, cross_attn, ffn], self.branch_norm)
 
 
 class Seq2Seq(nn.Module):
@@ -122,12 +133,15 @@ class Seq2Seq(nn.Module):
         self.cfg, self.enc_ode, self.dec_ode = cfg, enc_ode, dec_ode
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=cfg.d_model**-0.5)  # scaled by sqrt(d_model) in embed_tokens
-        self.encoder = nn.ModuleList(EncoderBlock(cfg, enc_ode.branch_norm) for _ in range(cfg.enc_layers))
+        self.encoder = nn.ModuleList(EncoderBlock(cfg, enc_ode) for _ in range(cfg.enc_layers))
         self.enc_update = LayerUpdate(enc_ode, cfg.enc_layers, cfg.d_model)
         self.enc_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.decoder = nn.ModuleList(DecoderBlock(cfg, dec_ode.branch_norm) for _ in range(cfg.dec_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(cfg, dec_ode) for _ in range(cfg.dec_layers))
         self.dec_update = LayerUpdate(dec_ode, cfg.dec_layers, cfg.d_model)
         self.dec_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if cfg.init == "gpt2":
+            gpt2_init(self.encoder, 2 * cfg.enc_layers)
+            gpt2_init(self.decoder, 3 * cfg.dec_layers)
         self.out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_output:
             self.out.weight = self.embed.weight
