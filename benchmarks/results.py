@@ -157,10 +157,11 @@ def table(name: str, rows: list[dict]) -> str:
     out += ["| arm | lr | seeds | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
     for arm in arms:
         runs = final[arm].values()
-        cells = [
-            _fmt([float(r[m]) for r in runs if r.get(m) not in (None, "")], 2 if "loss" not in m else 3)
-            for m in metrics
-        ]
+        cells = []
+        for m in metrics:
+            values = [float(r[m]) for r in runs if r.get(m) not in (None, "")]
+            kept = f" ({len(values)} of {len(runs)} runs)" if 0 < len(values) < len(runs) else ""
+            cells.append(_fmt(values, 2 if "loss" not in m else 3) + kept)
         out.append(f"| {arm} | {lrs[arm]:g} | {len(final[arm])} | " + " | ".join(cells) + " |")
     out.append("")
 
