@@ -109,6 +109,29 @@ def test_translation_study_records_test_bleu_and_chrf_of_the_written_hypotheses(
     assert float(row["evals_per_token"]) == 3.0
     assert "| mt iiet | 0.002 | 1 |" in (tmp_path / "mt.md").read_text()
 
+    # collect_runs turns a folder of fit runs into a study CSV: seed and lr from each run's saved config, the last
+    # val NLL and the requested scalars from its TensorBoard logs, the command from command.txt.
+    from benchmarks.collect_runs import main as collect
+    from lit_iiet.analysis.logs import read_scalars
+
+    (logs.parent / "command.txt").write_text("python -m lit_iiet fit ...\n")
+    (logs.parent.parent / "not_a_run").mkdir()
+    out = tmp_path / "collected.csv"
+    assert collect([str(logs.parent.parent), "--out", str(out), "--scalars", "iiet/increment/enc0/*"]) == 0
+    (collected,) = csv.DictReader(open(out))
+    scalars = read_scalars(logs)
+    assert (collected["arm"], collected["lr"], collected["seed"], collected["step"]) == (
+        logs.parent.name,
+        "0.002",
+        "1",
+        "2",
+    )
+    assert float(collected["val_loss"]) == pytest.approx(float(row["val_loss"]), abs=1e-5)  # val/nll_loss
+    assert float(collected["test_loss"]) == pytest.approx(float(row["test_loss"]), abs=1e-5)
+    assert float(collected["iiet/increment/enc0/2"]) == pytest.approx(scalars["iiet/increment/enc0/2"][-1][1], rel=1e-4)
+    assert collected["command"] == "python -m lit_iiet fit ..."
+    assert collect([str(logs.parent.parent), "--out", str(out), "--reference", "euler"]) == 1
+
 
 def test_gpu_check_runs_its_code_paths_on_a_cpu(tmp_path):
     # The GPU check's every section at a toy shape: training steps, decoding against HF Llama, Lightning fits

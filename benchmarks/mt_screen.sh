@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-seed screen of the translation diagnosis (docs/RESULTS.md): the Bible Fr->En configs, 400 steps of
+# length-bucketed batches (--data.max_tokens 1400), seed 1337, validation NLL over the whole split, gradient norms
+# every 50 steps. Runs are skipped once finished; an interrupted run starts again. Then its CSV and table:
+#
+#     bash benchmarks/mt_screen.sh [OUT]          # OUT defaults to runs/mt_screen; one thread, about 20-40 min a run
+#     python -m benchmarks.collect_runs OUT --out docs/results/mt_screen.csv --reference euler \
+#         --scalars 'iiet/increment/enc*' 'iiet/contraction/enc*' 'grad/enc*' 'train/nll_loss'
+#     python -m benchmarks.results
+set -euo pipefail
+out=${1:-runs/mt_screen}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+run() {
+  local name=$1 encoder=$2
+  shift 2
+  [ -f "$out/$name/done" ] && return
+  rm -rf "${out:?}/$name"
+  mkdir -p "$out/$name"
+  local cmd=(python -m lit_iiet fit --config "conf/mt/bible_fr_en_$encoder.yaml" "$@" --data.max_tokens 1400
+    --trainer.max_steps 400 --trainer.val_check_interval 200 --model.val_decode_batches 0
+    "--trainer.callbacks+=lit_iiet.callbacks.GradientNorms" --trainer.callbacks.every_n_steps=50)
+  echo "${cmd[*]}" > "$out/$name/command.txt"
+  "${cmd[@]}" --trainer.enable_progress_bar false --trainer.default_root_dir "$out/$name" > "$out/$name.log" 2>&1
+  touch "$out/$name/done"
+}
+run euler euler
+run iiet iiet
+run iiet_branch_scale iiet --model.enc_ode.branch_scale 0.1
+run iiet_gpt2_init iiet --model.arch.init gpt2
+run looped iiet --model.enc_ode.scheme looped
+run iiet_shared_dropout iiet --model.enc_ode.dropout_mask layer
+run euler_gpt2_init euler --model.arch.init gpt2
+run iiet_decoder iiet --model.dec_ode.scheme iiet --model.dec_ode.iters 3
+run iiet_r2 iiet --model.enc_ode.iters 2
