@@ -108,9 +108,9 @@ class IIETCLI(LightningCLI):
 
     def _apply_checkpoint_rule(self, subcommand: str, ckpt_path: str, given) -> None:
         """Lightning merges the checkpoint's hyperparameters over the config, the command line's too. The rule
-        (README, "Using it"): the model comes from the checkpoint, behaviour from the config given now. An option
-        among the model's `runtime_options` keeps its given value; an option that defines the model and was given
-        on the command line with another value than the checkpoint's is an error naming both."""
+        (docs/USAGE.md, "The command line"): the model comes from the checkpoint, behaviour from the config given
+        now. An option among the model's `runtime_options` keeps its given value; an option that defines the model
+        and was given on the command line with another value than the checkpoint's is an error naming both."""
         merged = self.config[subcommand]["model"]
         explicit = command_line_keys(getattr(self, "command_line", []))
         given_args, merged_args = given.get("init_args"), merged.get("init_args")

@@ -35,7 +35,7 @@ def compound_split(text: str) -> str:
 def compound_split_bleu(hypotheses: list[str], references: list[str]) -> dict[str, float | str]:
     """Tokenized BLEU with hyphenated compounds split, as the IIET / ODE Transformer papers score WMT'14 En-De
     (fairseq's compound_split_bleu.sh, then multi-bleu): both sides tokenized (here with sacrebleu's 13a, not
-    Moses; see the README), `compound_split`, then case-sensitive corpus BLEU over whitespace tokens without
+    Moses; see docs/SEQ2SEQ.md), `compound_split`, then case-sensitive corpus BLEU over whitespace tokens without
     smoothing (multi-bleu.perl's formula). For comparison with papers only; `bleu_chrf` is the score to report."""
     tokenize = Tokenizer13a()
     hyps = [compound_split(tokenize(h)) for h in hypotheses]

@@ -15,7 +15,7 @@ def without_scheme(name: str) -> dict:
 
 @pytest.mark.parametrize("name", [n for n in SCHEME_CONFIGS if n != "iiet"])
 def test_shakespeare_scheme_configs_differ_only_in_the_scheme(name):
-    """The README says the eight conf/lm/shakespeare_<scheme>.yaml differ only in the scheme (and their run
+    """docs/USAGE.md says the eight conf/lm/shakespeare_<scheme>.yaml differ only in the scheme (and their run
     folder): everything else equals shakespeare_iiet.yaml, so their results compare schemes and nothing else."""
     (config, ode), (reference, reference_ode) = without_scheme(name), without_scheme("iiet")
     assert config == reference

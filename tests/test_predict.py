@@ -21,7 +21,7 @@ from lit_iiet.metrics import compound_split, compound_split_bleu
 from lit_iiet.models import Seq2SeqModel
 
 # French sources of very different lengths: an untrained model's outputs run to max_len_a * length + max_len_b,
-# so a line in the wrong place shows. The first is the README snippet's.
+# so a line in the wrong place shows. The first is the docs/SEQ2SEQ.md snippet's.
 SOURCES = [
     "Au commencement, Dieu créa les cieux et la terre.",
     "Jésus pleura.",
@@ -93,7 +93,8 @@ def test_mt_predict_writes_outputs_in_input_order_with_the_command_lines_beam(mt
 
 
 def test_readme_python_snippet_gives_what_predict_writes(mt_run, mt_predicted):
-    section = (ROOT / "README.md").read_text(encoding="utf-8").split("### Translating and summarizing new text", 1)[1]
+    page = (ROOT / "docs" / "SEQ2SEQ.md").read_text(encoding="utf-8")
+    section = page.split("## Translating and summarizing new text", 1)[1]
     snippet = re.search(r"```python\n(.+?)```", section, re.S).group(1)
     assert "generate_text([SOURCE], beam=5)".replace("SOURCE", repr(SOURCES[0]).replace("'", '"')) in snippet
     with contextlib.redirect_stdout(io.StringIO()) as out:

@@ -136,7 +136,7 @@ class Seq2SeqModel(ODEModule):
             compound_split_bleu: Translation only: also score tokenized BLEU with hyphenated compounds split
                 (`val/bleu_compound_split`, `test/bleu_compound_split`), the convention of the IIET / ODE Transformer
                 papers' WMT'14 En-De tables, to compare with them. The detokenized sacreBLEU (`bleu`, with its
-                signature) stays the score to report; the README says how the two differ.
+                signature) stays the score to report; docs/SEQ2SEQ.md says how the two differ.
             init_from: Checkpoint whose weights initialise the model before `fit` (no optimizer state or step).
         """
         super().__init__()
@@ -423,7 +423,7 @@ class Seq2SeqModel(ODEModule):
             )
             if "bleu_compound_split" in s:
                 print(
-                    f"test compound-split BLEU = {s['bleu_compound_split']:.2f}  (tokenized, for comparison with papers; README)\n"
+                    f"test compound-split BLEU = {s['bleu_compound_split']:.2f}  (tokenized, for comparison with papers; docs/SEQ2SEQ.md)\n"
                     f"  signature: {s['bleu_compound_split_signature']}"
                 )
         else:
