@@ -333,13 +333,14 @@ class Seq2SeqModel(ODEModule):
 
     @contextlib.contextmanager
     def _observe_convergence(self, batch: dict) -> Iterator[None]:
-        """Feed the iterates of every iterated stack (real tokens only) to its convergence meter."""
+        """Feed the states of both stacks (real tokens only) to their convergence meters: the iterates of an
+        iterated stack, the input and output of a layer of any other scheme (its update's relative size, which
+        compares the schemes' first updates)."""
         masks = {"enc": batch["src_mask"], "dec": batch["tgt_out"] != self.datamodule.tokenizer.pad_id}
         with contextlib.ExitStack() as stack:
             for stack_name, update in (("enc", self.model.enc_update), ("dec", self.model.dec_update)):
-                if update.cfg.scheme == "iiet":
-                    meter = self.convergence[stack_name]
-                    stack.enter_context(update.observe(meter.observer(update.schedule, masks[stack_name])))
+                meter = self.convergence[stack_name]
+                stack.enter_context(update.observe(meter.observer(update.schedule, masks[stack_name])))
             yield
 
     def _eval_step(self, batch: dict, batch_idx: int, split: str) -> None:
