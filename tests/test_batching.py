@@ -224,6 +224,8 @@ def tiny_mt(files, run) -> list[str]:
         "128",
         "--data.batch_size",
         "4",
+        "--data.max_tokens",
+        "null",
         "--model.decoding.beam",
         "2",
         "--model.decoding.max_len_a",

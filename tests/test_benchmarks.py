@@ -80,6 +80,7 @@ TINY_MT = [
         "--model.arch.vocab_size=512",
         "--data.vocab_size=512",
         "--data.batch_size=4",
+        "--data.max_tokens=null",
         "--trainer.max_steps=2",
         "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=2",

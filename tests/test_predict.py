@@ -139,6 +139,8 @@ SUM = [
     "600",
     "--data.batch_size",
     "2",
+    "--data.max_tokens",
+    "null",
     "--model.arch.max_src_len",
     "64",
     "--data.max_src_len",

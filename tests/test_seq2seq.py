@@ -590,6 +590,8 @@ TINY_MT = [
     "600",
     "--data.batch_size",
     "8",
+    "--data.max_tokens",
+    "null",
     "--data.max_src_len",
     "48",
     "--data.max_tgt_len",
