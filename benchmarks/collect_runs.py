@@ -3,7 +3,8 @@
     python -m benchmarks.collect_runs runs/mt_screen --out docs/results/mt_screen.csv \
         --scalars 'iiet/increment/enc*' 'grad/enc*'
 
-Every subfolder holding `lightning_logs` is a run; its name is the arm. seed and lr come from the config that
+Every subfolder holding `lightning_logs` is a run; its name is the arm. A run is left out until it has validated at
+its trainer.max_steps. seed and lr come from the config that
 LightningCLI saved with the run, val_loss / test_loss from the last logged `val/nll_loss` / `test/nll_loss` (the
 token NLL of an encoder-decoder) or else `val/loss` / `test/loss`, the command from the run's `command.txt` when the
 script that ran it wrote one. --scalars adds the last value of every matching TensorBoard scalar as a column.
@@ -30,12 +31,16 @@ def last(scalars: dict, *tags: str) -> str:
     return ""
 
 
-def collect(run: Path, patterns: list[str]) -> dict:
+def collect(run: Path, patterns: list[str]) -> dict | None:
+    """The run's row, or None while it has not validated at its trainer.max_steps (unfinished)."""
     configs = sorted(run.glob("lightning_logs/version_*/config.yaml"))
     if not configs:
         raise SystemExit(f"collect_runs: {run} has no lightning_logs/version_*/config.yaml")
     config = yaml.safe_load(configs[-1].read_text())
     scalars = read_scalars(run / "lightning_logs")
+    max_steps = config["trainer"].get("max_steps") or -1
+    if max_steps > 0 and (not scalars.get("val/loss") or scalars["val/loss"][-1][0] + 1 < max_steps):
+        return None
     row = {
         "arm": run.name,
         "seed": config.get("seed_everything"),
@@ -62,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"collect_runs: no run folders (with lightning_logs) in {args.folder}", file=sys.stderr)
         return 1
-    rows = [collect(run, args.scalars) for run in runs]
+    rows = [row for row in (collect(run, args.scalars) for run in runs) if row is not None]
+    unfinished = sorted({run.name for run in runs} - {row["arm"] for row in rows})
+    if unfinished:
+        print(f"collect_runs: left out, not validated at their max_steps yet: {', '.join(unfinished)}")
+    if not rows:
+        print(f"collect_runs: no finished run in {args.folder}", file=sys.stderr)
+        return 1
     if args.reference:
         if args.reference not in {r["arm"] for r in rows}:
             print(f"collect_runs: --reference {args.reference!r} is not a run in {args.folder}", file=sys.stderr)

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # One-seed screen of the translation diagnosis (docs/RESULTS.md): the Bible Fr->En configs, 400 steps of
 # length-bucketed batches (--data.max_tokens 1400), seed 1337, validation NLL over the whole split, gradient norms
-# every 50 steps. Runs are skipped once finished; an interrupted run starts again. Then its CSV and table:
+# every 50 steps. A finished run is skipped; an unfinished one starts again. Name arms to run only those (two
+# instances with disjoint arms use both cores). Then its CSV and table:
 #
-#     bash benchmarks/mt_screen.sh [OUT]          # OUT defaults to runs/mt_screen; one thread, about 20-40 min a run
+#     bash benchmarks/mt_screen.sh [OUT [ARM ...]]    # OUT defaults to runs/mt_screen; one thread, 20-40 min a run
 #     python -m benchmarks.collect_runs OUT --out docs/results/mt_screen.csv --reference euler \
-#         --scalars 'iiet/increment/enc*' 'iiet/contraction/enc*' 'grad/enc*' 'train/nll_loss'
+#         --scalars 'iiet/increment/enc*' 'iiet/contraction/enc*' 'grad/enc*'
 #     python -m benchmarks.results
 set -euo pipefail
 out=${1:-runs/mt_screen}
+shift || true
+selected=" $* "
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 run() {
   local name=$1 encoder=$2
   shift 2
-  [ -f "$out/$name/done" ] && return
+  [ "$selected" = "  " ] || [[ "$selected" == *" $name "* ]] || return 0
+  [ -f "$out/$name/done" ] && return 0
   rm -rf "${out:?}/$name"
   mkdir -p "$out/$name"
   local cmd=(python -m lit_iiet fit --config "conf/mt/bible_fr_en_$encoder.yaml" "$@" --data.max_tokens 1400
@@ -28,7 +32,7 @@ run iiet iiet
 run iiet_branch_scale iiet --model.enc_ode.branch_scale 0.1
 run iiet_gpt2_init iiet --model.arch.init gpt2
 run looped iiet --model.enc_ode.scheme looped
-run iiet_shared_dropout iiet --model.enc_ode.dropout_mask layer
 run euler_gpt2_init euler --model.arch.init gpt2
+run iiet_shared_dropout iiet --model.enc_ode.dropout_mask layer
 run iiet_decoder iiet --model.dec_ode.scheme iiet --model.dec_ode.iters 3
 run iiet_r2 iiet --model.enc_ode.iters 2
