@@ -165,14 +165,18 @@ def table(name: str, rows: list[dict]) -> str:
         out.append(f"| {arm} | {lrs[arm]:g} | {len(final[arm])} | " + " | ".join(cells) + " |")
     out.append("")
 
-    compared = [m for m in metrics if m != "val_loss"]
-    out += [
-        f"Paired by seed against `{reference}` (arm minus {reference}): mean difference, 95% interval, p. "
-        "An interval that covers 0 is no difference.",
-        "",
-        "| arm | metric | pairs | difference | 95% interval | p | verdict |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    compared = [m for m in metrics if m != "val_loss"] if len(arms) > 1 else []
+    out += (
+        []
+        if not compared
+        else [
+            f"Paired by seed against `{reference}` (arm minus {reference}): mean difference, 95% interval, p. "
+            "An interval that covers 0 is no difference.",
+            "",
+            "| arm | metric | pairs | difference | 95% interval | p | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+    )
     for arm in arms:
         if arm == reference:
             continue
@@ -197,7 +201,7 @@ def table(name: str, rows: list[dict]) -> str:
                 f"{d['p']:.3g} | {verdict} |"
             )
     commands = sorted({r["command"] for r in rows if r.get("command")})
-    out += ["", f"Commands ({len(commands)} distinct) are in the CSV's `command` column."]
+    out += ([""] if compared else []) + [f"Commands ({len(commands)} distinct) are in the CSV's `command` column."]
     return "\n".join(out) + "\n"
 
 
