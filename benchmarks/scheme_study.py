@@ -117,6 +117,9 @@ MT_ARMS: dict[str, Arm] = {
     "mt iiet branch scale": mt(
         "iiet", ("--model.enc_ode.branch_scale", "0.1"), "IIET r = 3, learned branch scale from 0.1", "option"
     ),
+    "mt euler branch scale": mt(
+        "euler", ("--model.enc_ode.branch_scale", "0.1"), "vanilla encoder, learned branch scale from 0.1", "option"
+    ),
 }
 for encoder, name in (("euler", "euler"), ("iiet", "iiet")):
     MT_ARMS[f"mt {name} gpt2 init"] = mt(
