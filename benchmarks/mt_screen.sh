@@ -31,6 +31,7 @@ run euler euler
 run iiet iiet
 run iiet_branch_scale iiet --model.enc_ode.branch_scale 0.1
 run iiet_gpt2_init iiet --model.arch.init gpt2
+run euler_branch_scale euler --model.enc_ode.branch_scale 0.1
 run looped iiet --model.enc_ode.scheme looped
 run euler_gpt2_init euler --model.arch.init gpt2
 run iiet_shared_dropout iiet --model.enc_ode.dropout_mask layer
