@@ -19,10 +19,11 @@ SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 TOKENIZER_KEY = "tokenizer_model"
 
 
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+def load_checkpoint(path: str | Path, mmap: bool = False, map_location="cpu") -> dict:
     """torch.load(path, weights_only=True) with one-line errors; the file is only read, never written.
 
     mmap=True maps the tensors instead of reading them: what is never touched (optimizer states) costs no memory.
+    map_location: as torch.load's.
     """
     path = Path(path)
     if not path.is_file():
@@ -30,7 +31,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     if not zipfile.is_zipfile(path):
         raise UserInputError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint (no zip archive)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserInputError(f"checkpoint {str(path)!r} cannot be read ({first_line[:200]})") from None

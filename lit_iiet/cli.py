@@ -27,10 +27,9 @@ from lit_iiet.errors import UserInputError, exit_on_user_error, user_error_in
 from lit_iiet.models.base import upgrade_hparams
 
 
-def runtime_options(class_path: str) -> tuple[str, ...]:
-    """The model class's options that only change behaviour (`ODEModule.runtime_options`), dotted."""
+def model_class(class_path: str) -> type | None:
     module, _, name = class_path.rpartition(".")
-    return getattr(getattr(importlib.import_module(module), name, None), "runtime_options", ())
+    return getattr(importlib.import_module(module), name, None)
 
 
 def command_line_keys(args: list[str]) -> set[str]:
@@ -116,13 +115,12 @@ class IIETCLI(LightningCLI):
         given_args, merged_args = given.get("init_args"), merged.get("init_args")
         if given.get("class_path") != merged.get("class_path") or given_args is None or merged_args is None:
             return
-        behaviour = runtime_options(merged["class_path"])
+        cls = model_class(merged["class_path"])
+        is_runtime_change = getattr(cls, "is_runtime_change", lambda key, old, new: False)  # see ODEModule
         for key, value in given_args.items():
             if key not in merged_args or merged_args[key] == value:
                 continue
-            # A policy switch to or from "router" changes the model: routers are parameters.
-            router_switch = key.endswith(".iiet.policy") and "router" in (value, merged_args[key])
-            if any(key == o or key.startswith(o + ".") for o in behaviour) and not router_switch:
+            if is_runtime_change(key, merged_args[key], value):
                 merged_args[key] = value
             elif any(
                 f"model.{key}".startswith(k) or f"model.init_args.{key}".startswith(k)

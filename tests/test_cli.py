@@ -2,6 +2,7 @@
 
 import hashlib
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,10 @@ import yaml
 from conftest import ROOT, TINY
 
 from lit_iiet.analysis.logs import read_scalars, read_texts
+from lit_iiet.checkpoint import TOKENIZER_KEY
 from lit_iiet.cli import main
 from lit_iiet.errors import UserInputError
-from lit_iiet.models import LanguageModel
+from lit_iiet.models import LanguageModel, Seq2SeqModel
 
 CONFIGS = sorted(p for group in ("lm", "mt", "sum") for p in (ROOT / "conf" / group).glob("*.yaml"))
 TRAINER_PRESETS = sorted((ROOT / "conf" / "trainer").glob("*.yaml"))
@@ -430,6 +432,31 @@ def test_ckpt_path_honours_behaviour_options(trained_run, tmp_path):
         )
         texts.append((tmp_path / seed / "predictions.txt").read_text())
     assert texts[0] == texts[1] and len(texts[0]) > len("ROMEO:")
+
+
+def test_from_checkpoint_samples_what_predict_writes(trained_run, tmp_path):
+    """In Python, the checkpoint alone gives the model, in eval mode, with its tokenizer: greedy sampling without a
+    Trainer writes predict's text. As with --ckpt_path, runtime options replace the checkpoint's and options that
+    define the model are refused; so is a checkpoint of the other model family."""
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    root = str(tmp_path)
+    greedy = ["--model.sampling.temperature", "0", "--data.prompts", '["ROMEO:"]', "--trainer.default_root_dir", root]
+    main(["predict", *TINY, *greedy, "--ckpt_path", str(ckpt)])
+    lm = LanguageModel.from_checkpoint(ckpt, sampling={"temperature": 0})
+    assert not lm.training and lm.sampling.max_new_tokens == 8
+    assert lm.tokenizer.model_proto == torch.load(ckpt, weights_only=True)[TOKENIZER_KEY]
+    assert lm.sample("ROMEO:") + "\n\n" == (tmp_path / "predictions.txt").read_text()
+    residual = LanguageModel.from_checkpoint(ckpt, **{"ode.iiet.policy": "residual", "ode.iiet.threshold": 0.5})
+    assert (residual.model.ode.iiet.policy, residual.model.ode.iiet.threshold) == ("residual", 0.5)
+    for options, message in [
+        ({"arch": {"d_model": 64}}, "is not a runtime option of LanguageModel; allowed: sampling, val_sample_prompt"),
+        ({"ode.iiet.policy": "router"}, "ode.iiet.policy='router' changes the model, not only how it runs"),
+        ({"sampling": {"temprature": 0}}, "sampling: unknown setting 'temprature'; choose from max_new_tokens"),
+    ]:
+        with pytest.raises(UserInputError, match=re.escape(message)):
+            LanguageModel.from_checkpoint(ckpt, **options)
+    with pytest.raises(UserInputError, match="is a LanguageModel checkpoint, not a Seq2SeqModel one"):
+        Seq2SeqModel.from_checkpoint(ckpt)
 
 
 @pytest.mark.parametrize(

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import Any, Self
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.core.saving import _default_map_location
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from lit_iiet.checkpoint import TOKENIZER_KEY, load_checkpoint
+from lit_iiet.checkpoint import TOKENIZER_KEY, checkpoint_tokenizer, load_checkpoint
+from lit_iiet.data.tokenizer import Tokenizer
 from lit_iiet.errors import UserInputError
 from lit_iiet.nn.ode import upgrade_ode_dict
 
@@ -76,19 +80,142 @@ class ODEModule(L.LightningModule):
     # Options (dotted, under the model's init_args) that set how a trained model runs, not what it is: with
     # --ckpt_path the CLI takes them from the config and command line given now, and the rest from the checkpoint.
     runtime_options: tuple[str, ...] = ()
+    # Hyperparameters that every checkpoint of the class holds: how `from_checkpoint` tells the model families
+    # apart in a checkpoint that LightningCLI did not write (a Llama import), which records no class.
+    checkpoint_keys: tuple[str, ...] = ()
+    _own_tokenizer: Tokenizer | None = None  # the checkpoint's, restored by from_checkpoint
     init_from: str | None = None
     flops_per_batch: int | None = None  # of the current training batch; Lightning's ThroughputMonitor reads it too
     _peak_flops: int | None = None
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """Lightning's, also for a checkpoint whose hyperparameters are in an older layout (`upgrade_hparams`):
-        the upgraded configs are passed as keyword arguments, which Lightning puts over the stored ones."""
-        if isinstance(checkpoint_path, (str, Path)):
-            stored = load_checkpoint(checkpoint_path, mmap=True).get("hyper_parameters", {})
-            upgraded = upgrade_hparams(stored)
-            kwargs = {**{k: upgraded[k] for k in ODE_KEYS if k in stored and upgraded[k] != stored[k]}, **kwargs}
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        map_location: str | torch.device = "cpu",
+        cache_dir: str | Path | None = None,
+        **runtime_options: Any,
+    ) -> Self:
+        """A trained model in eval mode on map_location, with the tokenizer its checkpoint carries (`tokenizer`),
+        ready for `sample` (LanguageModel) or `generate_text` (Seq2SeqModel) without a Trainer.
+
+        Args:
+            path: A checkpoint of `fit` (or of `python -m lit_iiet average`, or a Llama import).
+            map_location: Device of the model.
+            cache_dir: Where the checkpoint's tokenizer is restored; default $LIT_IIET_CACHE or ~/.cache/lit_iiet.
+            **runtime_options: Settings among the class's `runtime_options` that replace the checkpoint's, by their
+                dotted names: `sampling={"temperature": 0}` (a dict updates the stored settings, a config object
+                replaces them) or `**{"ode.iiet.policy": "residual"}`. Options that define the model are not
+                accepted: they must match the weights.
+        """
+        return cls.from_loaded_checkpoint(load_checkpoint(path), path, map_location, cache_dir, **runtime_options)
+
+    @classmethod
+    def from_loaded_checkpoint(
+        cls,
+        checkpoint: dict,
+        source: str | Path,
+        map_location: str | torch.device = "cpu",
+        cache_dir: str | Path | None = None,
+        **runtime_options: Any,
+    ) -> Self:
+        """`from_checkpoint` for a checkpoint already read with `load_checkpoint`, so that a caller that also needs
+        the rest of the file reads it once; `source` names it in errors."""
+        hparams = cls.checkpoint_hparams(checkpoint, source)
+        hparams.pop("init_from", None)  # the weights are the checkpoint's; fit must not replace them
+        for name, value in runtime_options.items():
+            cls.set_runtime_option(hparams, name, value, source)
+        model = cls.with_weights(checkpoint, source, hparams)
+        model._own_tokenizer = checkpoint_tokenizer(checkpoint, source, cache_dir=cache_dir)
+        return model.to(map_location).eval()
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path,
+        map_location=None,
+        hparams_file=None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs,
+    ) -> Self:
+        """Lightning's method on the loader of `from_checkpoint`. As in Lightning, `kwargs` replace any stored
+        hyperparameter (the model's too), the module comes back in training mode, and the weights stay on the
+        device they were saved from unless map_location says otherwise. Lightning's own loader reads what ours
+        does not: file objects, hparams_file, weights_only=False."""
+        if hparams_file is not None or weights_only is False or not isinstance(checkpoint_path, (str, Path)):
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, weights_only=weights_only, **kwargs
+            )
+        checkpoint = load_checkpoint(checkpoint_path, map_location=map_location or _default_map_location)
+        hparams = {**cls.checkpoint_hparams(checkpoint, checkpoint_path), **kwargs}
+        model = cls.with_weights(checkpoint, checkpoint_path, hparams, strict)
+        model.configure_model()
+        state = checkpoint["state_dict"]
+        return model.to(next((t.device for t in state.values() if isinstance(t, Tensor)), torch.device("cpu")))
+
+    @classmethod
+    def checkpoint_hparams(cls, checkpoint: dict, source: str | Path) -> dict:
+        """A loaded checkpoint's hyperparameters in today's layout (`upgrade_hparams`), once it is known to be one
+        of this class: by the class LightningCLI recorded, else by the `checkpoint_keys` it carries."""
+        hparams = upgrade_hparams(dict(checkpoint.get("hyper_parameters", {})))
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None)
+        theirs = str(class_path).rpartition(".")[2] if class_path is not None else None
+        missing = [key for key in cls.checkpoint_keys if key not in hparams]
+        if theirs is not None and theirs != cls.__name__:
+            raise UserInputError(f"checkpoint {str(source)!r} is a {theirs} checkpoint, not a {cls.__name__} one")
+        if theirs is None and (missing or not cls.checkpoint_keys):
+            what = " / ".join(missing) or "model"
+            raise UserInputError(
+                f"checkpoint {str(source)!r} is not a {cls.__name__} checkpoint (no {what} hyperparameters)"
+            )
+        return hparams
+
+    @classmethod
+    def with_weights(cls, checkpoint: dict, source: str | Path, hparams: dict, strict: bool | None = None) -> Self:
+        """The module that `hparams` build (those __init__ takes), holding the checkpoint's weights."""
+        accepted = inspect.signature(cls.__init__).parameters
+        model = cls(**{k: v for k, v in hparams.items() if k in accepted and k != "self"})
+        model.check_state_dict(checkpoint["state_dict"], str(source))
+        model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading if strict is None else strict)
+        return model
+
+    @classmethod
+    def is_runtime_change(cls, key: str, old: Any, new: Any) -> bool:
+        """Whether setting option `key` (dotted, under the model's init_args) from old to new changes only how the
+        model runs: it is, or lies under, one of `runtime_options`, and is no switch of the IIET policy to or from
+        "router" (routers are parameters)."""
+        router_switch = key.endswith("iiet.policy") and "router" in (old, new)
+        return not router_switch and any(key == o or key.startswith(o + ".") for o in cls.runtime_options)
+
+    @classmethod
+    def set_runtime_option(cls, hparams: dict, name: str, value: Any, source: str | Path) -> None:
+        """Put one of `runtime_options` (dotted name) into a checkpoint's hyperparameters. A dict updates the
+        stored settings; a config dataclass replaces them."""
+        if name not in cls.runtime_options:
+            allowed = ", ".join(cls.runtime_options)
+            raise UserInputError(
+                f"{name}={value!r} is not a runtime option of {cls.__name__}; allowed: {allowed} "
+                "(the others define the model and come from the checkpoint)"
+            )
+        *parents, leaf = name.split(".")
+        node = hparams
+        for key in parents:
+            node = node.setdefault(key, {})
+        old = node.get(leaf)
+        if is_dataclass(value):
+            value = asdict(value)
+        elif isinstance(value, dict) and isinstance(old, dict):
+            unknown = sorted(set(value) - set(old))
+            if unknown:
+                raise UserInputError(f"{name}: unknown setting {unknown[0]!r}; choose from {', '.join(old)}")
+            value = {**old, **value}
+        if not cls.is_runtime_change(name, old, value):
+            raise UserInputError(
+                f"{name}={value!r} changes the model, not only how it runs; checkpoint {str(source)!r} has {old!r}"
+            )
+        node[leaf] = value
 
     def save_configs(self, **configs) -> None:
         """save_hyperparameters, with each config dataclass stored as a plain dict.
@@ -103,6 +230,18 @@ class ODEModule(L.LightningModule):
     @property
     def datamodule(self):
         return self.trainer.datamodule if self._trainer is not None else None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The data module's tokenizer in a Trainer; outside one, the checkpoint's that `from_checkpoint` restored."""
+        tokenizer = getattr(self.datamodule, "tokenizer", None) or self._own_tokenizer
+        if tokenizer is None:
+            name = type(self).__name__
+            raise UserInputError(
+                f"this {name} has no tokenizer: load it with {name}.from_checkpoint(path) from a checkpoint that carries "
+                "one, or run it in a Trainer with its data module"
+            )
+        return tokenizer
 
     def check_vocab(self, vocab_size: int, key: str = "model.arch.vocab_size") -> None:
         tokenizer = getattr(self.datamodule, "tokenizer", None)

@@ -81,6 +81,7 @@ class LanguageModel(ODEModule):
         "ode.iiet.early_exit_compaction",
         "ode.iiet.kv_mode",
     )
+    checkpoint_keys = ("arch", "ode")  # see ODEModule
 
     def __init__(
         self,
@@ -250,11 +251,12 @@ class LanguageModel(ODEModule):
 
     @torch.no_grad()
     def sample(self, prompt: str, generator: torch.Generator | None = None, model=None) -> str:
-        """Continue a text prompt with the sampling settings; needs the datamodule's tokenizer.
+        """Continue a text prompt with the sampling settings and `tokenizer`: the data module's in a Trainer, or,
+        without one, the checkpoint's (`LanguageModel.from_checkpoint(path).sample("ROMEO:")`).
 
         model: what runs the forward passes: this module (inside a step) or, outside the steps, `forward_module()`.
         """
-        tokenizer = self.trainer.datamodule.tokenizer
+        tokenizer = self.tokenizer
         ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # an empty prompt starts after a document break
         s = self.sampling
         max_new = min(s.max_new_tokens, self.model.cfg.max_seq_len - len(ids))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -14,9 +13,7 @@ import torch.distributed as dist
 from torchmetrics import MeanMetric
 
 from lit_iiet.analysis.convergence import ConvergenceMeter
-from lit_iiet.checkpoint import checkpoint_tokenizer, load_checkpoint
 from lit_iiet.data.seq2seq import collate_sources, encode_sources, source_batches
-from lit_iiet.data.tokenizer import Tokenizer
 from lit_iiet.errors import UserInputError
 from lit_iiet.media import log_text
 from lit_iiet.metrics import bleu_chrf, compound_split_bleu, rouge
@@ -107,6 +104,7 @@ class Seq2SeqModel(ODEModule):
     and `generate_text` translate or summarize new text."""
 
     runtime_options = ("decoding", "compound_split_bleu", "val_text_samples", "val_decode_batches")  # see ODEModule
+    checkpoint_keys = ("arch", "enc_ode")  # see ODEModule
 
     def __init__(
         self,
@@ -159,7 +157,6 @@ class Seq2SeqModel(ODEModule):
             raise UserInputError(f"val_text_samples={val_text_samples} must be >= 0")
         self.label_smoothing, self.val_decode_batches, self.init_from = label_smoothing, val_decode_batches, init_from
         self.val_text_samples, self.compound_split_bleu = val_text_samples, compound_split_bleu
-        self._own_tokenizer: Tokenizer | None = None  # from_checkpoint's; in a Trainer the data module's is used
         self.model = Seq2Seq(arch, enc_ode, dec_ode)
         self.save_configs(arch=arch, enc_ode=enc_ode, dec_ode=dec_ode, optim=self.optim, decoding=self.decoding)
         self.loss_metric, self.nll_metric = MeanMetric(), MeanMetric()
@@ -211,16 +208,6 @@ class Seq2SeqModel(ODEModule):
 
     # --- decoding and evaluation ---------------------------------------------------------------------------
 
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The data module's tokenizer in a Trainer; outside one, the checkpoint's that `from_checkpoint` restored."""
-        tokenizer = getattr(self.datamodule, "tokenizer", None) or self._own_tokenizer
-        if tokenizer is None:
-            raise UserInputError(
-                "this model has no tokenizer: load it with Seq2SeqModel.from_checkpoint(path), or run it in a Trainer with its data module"
-            )
-        return tokenizer
-
     def decoding_with(self, **overrides) -> BeamConfig:
         """model.decoding with some settings replaced (e.g. beam=5), for one call; the model's own stay as they are."""
         names = [f.name for f in fields(BeamConfig)]
@@ -270,35 +257,6 @@ class Seq2SeqModel(ODEModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict[int, str]:
         # {input position: text}: TextPredictionWriter writes them one per line in input order.
         return self.decode_batch(batch)
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | Path, map_location: str | torch.device = "cpu", cache_dir: str | Path | None = None
-    ) -> "Seq2SeqModel":
-        """A trained model in eval mode with the tokenizer its checkpoint carries, ready for `generate_text`.
-
-        Args:
-            path: A checkpoint of `fit` (or of `lit_iiet.average_checkpoints`).
-            map_location: Device of the model.
-            cache_dir: Where the checkpoint's tokenizer is restored; default $LIT_IIET_CACHE or ~/.cache/lit_iiet.
-        """
-        checkpoint = load_checkpoint(path)
-        hparams = checkpoint.get("hyper_parameters", {})
-        if "arch" not in hparams or "enc_ode" not in hparams:
-            raise UserInputError(
-                f"checkpoint {str(path)!r} is not a Seq2SeqModel checkpoint (no arch / enc_ode hyperparameters)"
-            )
-        tokenizer = checkpoint_tokenizer(checkpoint, path, cache_dir=cache_dir)
-        if tokenizer is None:
-            raise UserInputError(
-                f"checkpoint {str(path)!r} carries no tokenizer (it predates them); use `python -m lit_iiet predict` with its data.tokenizer"
-            )
-        accepted = inspect.signature(cls.__init__).parameters
-        model = cls(**{k: v for k, v in hparams.items() if k in accepted and k != "init_from"})
-        model.check_state_dict(checkpoint["state_dict"], str(path))
-        model.load_state_dict(checkpoint["state_dict"])
-        model._own_tokenizer = tokenizer
-        return model.to(map_location).eval()
 
     @torch.no_grad()
     def generate_text(
