@@ -19,7 +19,6 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
 from datetime import date
 
 import torch
@@ -29,17 +28,12 @@ from lit_iiet.data import LMDataModule
 from lit_iiet.models import LanguageModel
 from lit_iiet.nn.decoder import next_token_loss
 from lit_iiet.nn.generate import generate
-from lit_iiet.nn.ode import ODEConfig
 
 
 def load(path: str, **iiet_overrides):
     """A checkpoint's Decoder, optionally under another iteration policy or cache mode (`ode.iiet.*`, same weights)."""
-    module = LanguageModel.load_from_checkpoint(path, map_location="cpu")
-    if iiet_overrides:
-        ode = ODEConfig.from_dict(module.hparams["ode"])
-        ode = replace(ode, iiet=replace(ode.iiet, **iiet_overrides))
-        module = LanguageModel.load_from_checkpoint(path, map_location="cpu", ode=asdict(ode))
-    return module.model.eval()
+    options = {f"ode.iiet.{name}": value for name, value in iiet_overrides.items()}
+    return LanguageModel.from_checkpoint(path, **options).model
 
 
 @torch.no_grad()

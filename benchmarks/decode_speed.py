@@ -57,7 +57,7 @@ def main() -> None:
     models = {}
     for item in args.models:
         label, _, path = item.partition("=")
-        models[label] = LanguageModel.load_from_checkpoint(path, map_location=args.device).model.eval()
+        models[label] = LanguageModel.from_checkpoint(path, map_location=args.device).model
     ratios = decode_speeds(models, args.batch, args.prompt, args.tokens, args.rounds, args.device)
     print(
         f"Cached greedy decoding, {date.today()}, {machine(torch.device(args.device))}, torch {torch.__version__}; batch {args.batch}, "

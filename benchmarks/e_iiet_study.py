@@ -74,7 +74,7 @@ def run(label: str, args: list[str], out: Path, seed: int | None, extra: list[st
         return json.loads(done.read_text())
     args = [*args, *extra] + (["--seed_everything", str(seed)] if seed is not None else [])
     result = fit_and_test(args, run_dir)
-    module = LanguageModel.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    module = LanguageModel.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     result |= {
         "label": label,
         "command": "python -m lit_iiet fit " + " ".join(args),
@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         for label, fit_args in rows(args.vanilla, args.teacher, args.thresholds, out).items():
             results[label] = run(label, fit_args, out, args.seed, args.override)
 
-    models = {
-        label: LanguageModel.load_from_checkpoint(r["checkpoint"], map_location="cpu").model.eval()
-        for label, r in results.items()
-    }
+    models = {label: LanguageModel.from_checkpoint(r["checkpoint"]).model for label, r in results.items()}
     speed = decode_speeds(models, batch=1, prompt_len=16, tokens=96, rounds=args.rounds, device="cpu")
     full = sum(results["IIET"]["schedule"])
     lines = [

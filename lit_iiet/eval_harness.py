@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -134,7 +133,8 @@ class LitIIETLM(TemplateLM):
             )
             raise UserInputError(f"give tokenizer=<path to the run's .model or tokenizer.json file> with {what}")
         self.tokenizer = tokenizer
-        decoder = decoder_from_checkpoint(state, self.checkpoint) if checkpoint is not None else model
+        # The file is read once: the tokenizer above and the model here come from the same loaded checkpoint.
+        decoder = LanguageModel.from_loaded_checkpoint(state, self.checkpoint) if checkpoint is not None else model
         if isinstance(decoder, LanguageModel):
             decoder = decoder.model
         self.model: Decoder = decoder.to(self._device).eval()
@@ -325,29 +325,6 @@ class LitIIETLM(TemplateLM):
         text = self.tok_decode(ids[: ids.index(self.eot_token_id)] if done else ids)
         stops = [text.find(s) for s in until if s in text]
         return (text[: min(stops)], True) if stops else (text, done)
-
-
-# --- loading -----------------------------------------------------------------------------------------------
-
-
-def load_decoder(checkpoint: str | Path) -> Decoder:
-    """The Decoder of a LanguageModel checkpoint, rebuilt from its stored hyperparameters (read once)."""
-    return decoder_from_checkpoint(load_checkpoint(checkpoint), str(checkpoint))
-
-
-def decoder_from_checkpoint(state: dict, checkpoint: str) -> Decoder:
-    """The Decoder of a loaded LanguageModel checkpoint (`load_checkpoint`); `checkpoint` names it in errors."""
-    hparams = state.get("hyper_parameters", {})
-    class_path = hparams.get("_class_path", "LanguageModel")
-    if "arch" not in hparams or not class_path.endswith("LanguageModel"):
-        what = f"checkpoint {str(checkpoint)!r} ({class_path})"
-        raise UserInputError(f"{what} is not a decoder-only LanguageModel checkpoint")
-    # The same as LanguageModel.load_from_checkpoint, without reading a large file a second time.
-    accepted = inspect.signature(LanguageModel.__init__).parameters
-    module = LanguageModel(**{k: v for k, v in hparams.items() if k in accepted and k != "self"})
-    module.check_state_dict(state["state_dict"], str(checkpoint))
-    module.load_state_dict(state["state_dict"])
-    return module.model
 
 
 def _positive_int(value: int | str, name: str) -> int:

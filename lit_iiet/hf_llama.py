@@ -232,14 +232,16 @@ def export_llama(ckpt: str | Path, out_dir: str | Path) -> Path:
 
     from lit_iiet.checkpoint import load_checkpoint, stored_tokenizer
     from lit_iiet.data.tokenizer import is_tokenizer_json
+    from lit_iiet.models.base import as_config
+    from lit_iiet.models.lm import LanguageModel
 
     out_dir = Path(out_dir)
     _refuse_to_overwrite(out_dir)
     checkpoint = load_checkpoint(ckpt)
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "arch" not in hparams or "ode" not in hparams:
-        raise UserInputError(f"checkpoint {str(ckpt)!r} is not a decoder-only LanguageModel checkpoint")
-    cfg, ode = DecoderConfig(**hparams["arch"]), ODEConfig.from_dict(hparams["ode"])
+    # A LanguageModel's configs, checked and upgraded as from_checkpoint does; no module is built: the stored
+    # weights map to Llama's as they are.
+    hparams = LanguageModel.checkpoint_hparams(checkpoint, ckpt)
+    cfg, ode = as_config(DecoderConfig, hparams["arch"]), as_config(ODEConfig, hparams["ode"])
     one_step = ode.iiet.damping == 1.0 and ode.iiet.relaxation == "fixed"  # else iteration 1 is y + b G(y)
     plain = ode.scheme == "euler" or (ode.scheme == "iiet" and set(ode.schedule(cfg.n_layers)) == {1} and one_step)
     if not plain or ode.branch_norm or ode.branch_scale is not None:

@@ -93,7 +93,7 @@ class IIAD(Callback):
             return
         from lit_iiet.models.lm import LanguageModel
 
-        self.teacher = LanguageModel.load_from_checkpoint(self.teacher_path, map_location="cpu", weights_only=True)
+        self.teacher = LanguageModel.from_checkpoint(self.teacher_path).requires_grad_(False)
         if self.teacher.model.update.cfg.scheme != "iiet":
             raise UserInputError(
                 f"IIAD teacher {self.teacher_path!r} has scheme {self.teacher.model.update.cfg.scheme!r}, not 'iiet'"
@@ -101,7 +101,6 @@ class IIAD(Callback):
         # The student starts as the teacher (on resume, the checkpoint's weights replace these afterwards) ...
         pl_module.load_weights(self.teacher.state_dict(), self.teacher_path)
         pl_module.check_embed_scale(self.teacher.hparams["arch"], self.teacher_path)
-        self.teacher.eval().requires_grad_(False)
         if trainer.ckpt_path is not None:  # resuming: weights and the pruned schedule come from the checkpoint
             return
         teacher_model = self.teacher.model.to(pl_module.device)
