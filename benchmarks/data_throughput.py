@@ -4,7 +4,7 @@
 
 One run, on a generated local corpus (the shipped Shakespeare, Bible and aclsum texts cut into documents and
 written in shuffled order into 64 MB JSONL files until --gb GB):
-- prepare throughput (tokens/s) of `python -m lit_iiet.data.prepare` with 1 and 2 worker processes on a sample
+- prepare throughput (tokens/s) of `python -m lit_iiet prepare` with 1 and 2 worker processes on a sample
   of --sample_files files, and with 2 workers on the whole corpus; the first half of the whole corpus's shard
   files (prepare cuts pieces per file, so they are what it writes for those files) is the "half" corpus;
 - loader throughput in tokens/s of one process (ShardedLMDataModule's training loader, num_workers 0, the
@@ -84,7 +84,8 @@ def prepare_shards(files: list[Path], out: Path, tokenizer: Path, workers: int) 
     cmd = [
         sys.executable,
         "-m",
-        "lit_iiet.data.prepare",
+        "lit_iiet",
+        "prepare",
         str(out),
         "--train",
         json.dumps(list(map(str, files))),

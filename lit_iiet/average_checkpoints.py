@@ -1,7 +1,7 @@
 """Average the weights of several checkpoints of one run (as fairseq's average_checkpoints.py does for WMT).
 
-    python -m lit_iiet.average_checkpoints runs/wmt14_en_de_iiet/checkpoints --last 5 --output avg.ckpt
-    python -m lit_iiet.average_checkpoints a.ckpt b.ckpt c.ckpt --output avg.ckpt
+    python -m lit_iiet average runs/wmt14_en_de_iiet/checkpoints --last 5 --output avg.ckpt
+    python -m lit_iiet average a.ckpt b.ckpt c.ckpt --output avg.ckpt
 
 Keep more than the best and last checkpoint while training, e.g. --checkpoint.save_top_k -1
 --checkpoint.every_n_train_steps 1000. The output carries the newest input's hyperparameters and step, the
@@ -81,8 +81,9 @@ def select(inputs: list[str], last: int | None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m lit_iiet average`; `python -m lit_iiet.average_checkpoints` is an alias."""
     parser = argparse.ArgumentParser(
-        prog="python -m lit_iiet.average_checkpoints",
+        prog="python -m lit_iiet average",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

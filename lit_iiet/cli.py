@@ -1,7 +1,9 @@
-"""`python -m lit_iiet {fit,validate,test,predict} --config conf/....yaml`: LightningCLI with the project's defaults.
+"""`lit-iiet COMMAND ...` (or `python -m lit_iiet COMMAND ...`): the project's one command.
 
-Every option is a typed, docstring'd `__init__` argument of a LightningModule, a LightningDataModule, the
-Trainer or a callback; `--help` and `--print_config` show them all.
+fit, validate, test and predict are LightningCLI with the project's defaults: every option is a typed,
+docstring'd `__init__` argument of a LightningModule, a LightningDataModule, the Trainer or a callback;
+`--help` and `--print_config` show them all. prepare, average, convert and evaluate hand the rest of the
+command line to their module's own parser (`TOOLS`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,34 @@ from lit_iiet.callbacks import TextPredictionWriter
 from lit_iiet.checkpoint import SPECIAL_CKPT_PATHS, checkpoint_tokenizer, load_checkpoint
 from lit_iiet.errors import UserInputError, exit_on_user_error, user_error_in
 from lit_iiet.models.base import upgrade_hparams
+
+PROG = "python -m lit_iiet"
+TRAINER_COMMANDS = {
+    "fit": "train a model, or resume a run with --ckpt_path",
+    "validate": "score a checkpoint on the validation split",
+    "test": "score a checkpoint on the test split (BLEU / ROUGE for translation and summaries)",
+    "predict": "continue prompts, or translate / summarize a file, with a checkpoint",
+}
+# Commands with their own parser: command -> (module whose main(argv) runs it, summary).
+TOOLS = {
+    "prepare": ("lit_iiet.data.prepare", "tokenize a local corpus once into token shards"),
+    "average": ("lit_iiet.average_checkpoints", "average the weights of several checkpoints of one run"),
+    "convert": ("lit_iiet.hf_llama", "Hugging Face Llama checkpoints to lit_iiet and back (import | export)"),
+    "evaluate": ("lit_iiet.eval_harness", "score a language-model checkpoint on lm-evaluation-harness tasks"),
+}
+
+
+def usage() -> str:
+    """The top-level help: every command with one line."""
+    rows = {**TRAINER_COMMANDS, **{name: summary for name, (_, summary) in TOOLS.items()}}
+    commands = "\n".join(f"  {name:<10}{summary}" for name, summary in rows.items())
+    return (
+        f"usage: {PROG} COMMAND [options]   (installed: lit-iiet COMMAND [options])\n\n"
+        "ODE-inspired Transformers (IIET, RK2/RK4, PCformer) in PyTorch Lightning.\n\n"
+        f"commands:\n{commands}\n\n"
+        "fit, validate, test and predict take --config, --model.*, --data.*, --trainer.* and --ckpt_path.\n"
+        f"`{PROG} COMMAND --help` lists a command's options."
+    )
 
 
 def model_class(class_path: str) -> type | None:
@@ -218,12 +248,30 @@ def help_command(message: str, subcommand: str) -> str:
     group = re.match(r'Parser key "(model|data)":', message)
     class_path = re.search(r"Problem with given class_path '([^']+)'", message)
     if group and class_path:
-        return f"python -m lit_iiet {subcommand} --{group.group(1)}.help {class_path.group(1)}"
-    return f"python -m lit_iiet {subcommand} --help"
+        return f"{PROG} {subcommand} --{group.group(1)}.help {class_path.group(1)}"
+    return f"{PROG} {subcommand} --help"
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m lit_iiet` and the `lit-iiet` script; tests call it with a list of arguments."""
+    given = list(sys.argv[1:] if args is None else args)
+    command = given[0] if given else None
+    if command in TOOLS:
+        importlib.import_module(TOOLS[command][0]).main(given[1:])
+        return
+    if command in ("-h", "--help"):
+        print(usage())
+        return
+    if command is None or (command not in TRAINER_COMMANDS and not command.startswith("-")):
+        with exit_on_user_error():
+            choices = ", ".join([*TRAINER_COMMANDS, *TOOLS])
+            what = "no command given" if command is None else f"unknown command {command!r}"
+            raise UserInputError(f"{what}; choose one of {choices} (see {PROG} --help)")
+    lightning_cli(args)
+
+
+def lightning_cli(args: list[str] | None) -> None:
+    """fit, validate, test and predict."""
     set_docstring_parse_options(attribute_docstrings=True)
     # LMDataModule's sampler resumes mid-epoch from Lightning's own counters; this warning does not apply.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -236,7 +284,7 @@ def main(args: list[str] | None = None) -> None:
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 # Bad options raise instead of printing the whole usage: they end in one line, as other bad input.
-                parser_kwargs={"parser_mode": "omegaconf", "prog": "python -m lit_iiet", "exit_on_error": False},
+                parser_kwargs={"parser_mode": "omegaconf", "prog": PROG, "exit_on_error": False},
                 save_config_kwargs={"overwrite": True},
                 args=args,
             )

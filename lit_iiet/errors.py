@@ -1,6 +1,6 @@
 """The one exception type for bad user input (config values, data files, checkpoints), and how commands report it.
 
-Every command (`python -m lit_iiet`, `lit_iiet.hf_llama`, `lit_iiet.eval_harness`) turns it into a one-line
+Every command (`python -m lit_iiet fit`, `... convert`, `... evaluate` and the others) turns it into a one-line
 message and exit code 2 instead of a traceback. It lives outside `nn/` so that the pure
 PyTorch code can raise it without importing Lightning.
 """

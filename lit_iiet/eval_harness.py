@@ -8,7 +8,7 @@ else the BPE model that LMDataModule trained and cached under `$LIT_IIET_CACHE/t
 
 Command line (lm-eval's built-in tasks plus the YAML tasks found under --include_path):
 
-    python -m lit_iiet.eval_harness --checkpoint runs/shakespeare_iiet/checkpoints/last.ckpt \\
+    python -m lit_iiet evaluate --checkpoint runs/shakespeare_iiet/checkpoints/last.ckpt \\
         --include_path tests/assets/lm_eval_task --tasks shakespeare_cloze shakespeare_next_line
 
 In Python, `LitIIETLM(model=..., tokenizer=...)` wraps an already loaded `LanguageModel` or `Decoder`. Pass it to
@@ -17,10 +17,10 @@ this module has been imported.
 
 lm-eval's own `lm-eval` / `lm_eval` command: lm-eval 0.4.13 finds models only in its in-process registry. It
 reads no entry points, and its `--include_path` loads task YAMLs, not model code. So `lm-eval --model lit_iiet`
-only works after this module has been imported in the same process, for example:
+only works after this module has been imported in the same process: `python -m lit_iiet evaluate` followed by
+one of lm-eval's commands (`LM_EVAL_COMMANDS`) is lm-eval's command line with the model registered:
 
-    python -c "import lit_iiet.eval_harness; from lm_eval.__main__ import cli_evaluate; cli_evaluate()" \\
-        run --model lit_iiet --model_args checkpoint=... --device cpu --tasks ...
+    python -m lit_iiet evaluate run --model lit_iiet --model_args checkpoint=... --device cpu --tasks ...
 
 Scoring follows lm-eval's HF adapter: a document starts after <eos> (our models train on documents each
 followed by <eos>; there is no <bos>). A context longer than max_seq_len is cut from the left. Rolling
@@ -33,6 +33,7 @@ import argparse
 import difflib
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,11 +354,17 @@ def _device(name: str | None) -> torch.device:
 
 # --- command line ------------------------------------------------------------------------------------------
 
+PROG = "python -m lit_iiet evaluate"
+LM_EVAL_COMMANDS = ("run", "ls", "validate")  # lm-eval's own subcommands, which `main` hands to lm-eval's parser
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m lit_iiet.eval_harness",
+        prog=PROG,
         description="Score a lit_iiet LanguageModel checkpoint on lm-evaluation-harness tasks.",
+        epilog=f"lm-eval's own command line, with the model 'lit_iiet' registered: {PROG} "
+        f"{{{','.join(LM_EVAL_COMMANDS)}}} ..., e.g. {PROG} run --model lit_iiet --model_args checkpoint=CKPT "
+        "--tasks TASKS (its options: run --help).",
     )
     parser.add_argument("--checkpoint", required=True, help="LanguageModel checkpoint (.ckpt)")
     parser.add_argument(
@@ -444,10 +451,27 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `python -m lit_iiet.eval_harness`; bad input ends with one line and exit code 2."""
+    """`python -m lit_iiet evaluate` (`python -m lit_iiet.eval_harness` is an alias); bad input ends with one line
+    and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in LM_EVAL_COMMANDS:
+        lm_eval_command_line(argv)
+        return
     args = parse_args(argv)
     with exit_on_user_error():
         evaluate(args)
+
+
+def lm_eval_command_line(argv: list[str]) -> None:
+    """lm-eval's own command line, in this process, where importing this module registered "lit_iiet"."""
+    from lm_eval.__main__ import cli_evaluate
+
+    saved, sys.argv = sys.argv, ["lm-eval", *argv]  # lm-eval's parser reads sys.argv
+    try:
+        with exit_on_user_error():
+            cli_evaluate()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Hugging Face Llama checkpoints <-> our Transformer++, so a pretrained model can be up-trained into IIET.
 
-    python -m lit_iiet.hf_llama import path/to/llama_dir runs/llama_iiet --scheme iiet --iters 3
+    python -m lit_iiet convert import path/to/llama_dir runs/llama_iiet --scheme iiet --iters 3
     python -m lit_iiet fit --config conf/lm/....yaml --config runs/llama_iiet/model.yaml   # up-train
-    python -m lit_iiet.hf_llama export runs/llama/checkpoints/last.ckpt path/to/exported_dir
+    python -m lit_iiet convert export runs/llama/checkpoints/last.ckpt path/to/exported_dir
 
 `import` reads a local directory (config.json + model.safetensors, or sharded with model.safetensors.index.json)
 and writes `model.ckpt` (loadable by `LanguageModel.load_from_checkpoint` and by `--model.init_from`) and
@@ -274,8 +274,9 @@ def _yaml(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m lit_iiet convert`; `python -m lit_iiet.hf_llama` is an alias."""
     parser = argparse.ArgumentParser(
-        prog="python -m lit_iiet.hf_llama", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m lit_iiet convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="Hugging Face Llama directory -> lit_iiet checkpoint (any scheme)")

@@ -13,6 +13,7 @@ import yaml
 from conftest import ROOT, TINY
 
 from lit_iiet.analysis.logs import read_scalars, read_texts
+from lit_iiet.average_checkpoints import main as average_main
 from lit_iiet.checkpoint import TOKENIZER_KEY
 from lit_iiet.cli import main
 from lit_iiet.errors import UserInputError
@@ -516,3 +517,70 @@ def test_checkpoint_from_before_the_iiet_group_still_loads(trained_run, tmp_path
         main(["validate", *TINY, "--trainer.default_root_dir", str(tmp_path / name), "--ckpt_path", str(path)])
         losses.append(read_scalars(tmp_path / name)["val/loss"])
     assert losses[0] == losses[1] and len(losses[0]) == 1
+
+
+# --- one command: python -m lit_iiet COMMAND (the lit-iiet script) ---------------------------------------------
+
+COMMANDS = ["fit", "validate", "test", "predict", "prepare", "average", "convert", "evaluate"]
+TOOL_OPTIONS = {
+    "prepare": ["--train", "--tokenizer", "--max_tokens", "--workers"],
+    "average": ["inputs", "--last", "--output"],
+    "convert": ["import", "export"],
+    "evaluate": ["--checkpoint", "--tasks", "--include_path", "--output"],
+}
+
+
+def test_help_lists_every_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_iiet", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.findall(r"^  (\w+) ", result.stdout, re.MULTILINE) == COMMANDS, result.stdout
+
+
+@pytest.mark.parametrize("command", list(TOOL_OPTIONS))
+def test_each_tool_command_shows_its_options(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code in (0, None) and f"usage: python -m lit_iiet {command}" in out, out
+    assert all(option in out for option in TOOL_OPTIONS[command]), out
+
+
+@pytest.mark.parametrize(
+    "args, options", [(["convert", "import"], ["--scheme", "--iters"]), (["evaluate", "run"], ["--model_args"])]
+)
+def test_convert_and_evaluate_keep_their_own_subcommands(args, options, capsys):
+    """convert's import / export, and lm-eval's own command line (run, ls, validate) under evaluate."""
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code in (0, None) and all(option in out for option in options), out
+
+
+def test_an_unknown_command_is_one_line_naming_the_commands(capsys):
+    for args, what in ((["averge", "a.ckpt"], "unknown command 'averge'"), ([], "no command given")):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2
+        assert err == f"lit_iiet: error: {what}; choose one of {', '.join(COMMANDS)} (see python -m lit_iiet --help)"
+
+
+def test_average_command_writes_what_the_old_entry_point_writes(trained_run, tmp_path):
+    """`python -m lit_iiet average` as a user runs it (a separate process) and the main of the old
+    `python -m lit_iiet.average_checkpoints`, on the same two checkpoints."""
+    last = trained_run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    tripled = {k: v * 3 if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
+    torch.save({**checkpoint, "state_dict": tripled, "global_step": 7}, tmp_path / "tripled.ckpt")
+    inputs = [str(last), str(tmp_path / "tripled.ckpt")]
+    cmd = [sys.executable, "-m", "lit_iiet", "average", *inputs, "--output", str(tmp_path / "new.ckpt")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    average_main([*inputs, "--output", str(tmp_path / "old.ckpt")])
+    new, old = (torch.load(tmp_path / f"{name}.ckpt", weights_only=True) for name in ("new", "old"))
+    assert new.keys() == old.keys() and new["averaged_from"] == inputs and new["global_step"] == 7
+    assert all(torch.equal(value, old["state_dict"][key]) for key, value in new["state_dict"].items())
+    embed = checkpoint["state_dict"]["model.embed.weight"]
+    torch.testing.assert_close(new["state_dict"]["model.embed.weight"], 2 * embed)  # (w + 3 w) / 2

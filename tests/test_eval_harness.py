@@ -295,6 +295,18 @@ def test_command_line_runs_and_refuses_to_overwrite(run, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"lit_iiet: error: output {str(output)!r} already exists; give a new path"
 
 
+def test_lm_evals_own_command_line_runs_under_evaluate(run, capsys):
+    """`python -m lit_iiet evaluate run ...` is lm-eval's own parser with the model "lit_iiet" registered (lm-eval's
+    `lm-eval` command cannot load it); a missing checkpoint still ends with one line and exit code 2."""
+    args = ["run", "--model", "lit_iiet", "--device", "cpu", "--include_path", TASKS, "--tasks", "shakespeare_cloze"]
+    main([*args, "--limit", "4", "--model_args", f"checkpoint={run.checkpoint}"])
+    assert "|shakespeare_cloze|" in capsys.readouterr().out.replace(" ", "")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--model_args", "checkpoint=missing.ckpt"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1] == "lit_iiet: error: checkpoint 'missing.ckpt' does not exist"
+
+
 def test_bad_input_is_one_line(run, tmp_path, capsys):
     """A tokenizer larger than the model's vocabulary or other than the checkpoint's, and an unknown task, end with
     exit code 2 and one line."""

@@ -414,7 +414,7 @@ class LMDataModule(PackedLMData):
     tokenizer.json tokenizer.
 
     Every split is tokenized once into memory (and cached on disk): right for corpora up to a few hundred million
-    tokens. For larger ones, write shards with `python -m lit_iiet.data.prepare` and use ShardedLMDataModule.
+    tokens. For larger ones, write shards with `python -m lit_iiet prepare` and use ShardedLMDataModule.
     A stage reads only its splits (fit: train and val; validate: val; test: test; predict: none)."""
 
     def __init__(

@@ -1,4 +1,4 @@
-"""`python -m lit_iiet.data.prepare OUT --train ...`: tokenize a local corpus once, in parallel, into token shards.
+"""`python -m lit_iiet prepare OUT --train ...`: tokenize a local corpus once, in parallel, into token shards.
 
 Reads the same sources as LMDataModule (text / JSONL / JSONL.zst / parquet files, folders, globs, or a local
 `datasets` copy) and writes, per split, one `.npy` token file per piece of the corpus (a file, or 100k rows of a
@@ -10,7 +10,7 @@ cut the same way whatever the number of workers, so the shards do not depend on 
 kill -9) resumes when the same command is run again: finished pieces are kept, and the result is the one an
 uninterrupted run writes. Progress and an ETA go to stderr every few seconds.
 
-    python -m lit_iiet.data.prepare shards/slimpajama --train 'SlimPajama-627B/train/**/*.jsonl.zst' \\
+    python -m lit_iiet prepare shards/slimpajama --train 'SlimPajama-627B/train/**/*.jsonl.zst' \\
         --val 'SlimPajama-627B/validation/**/*.jsonl.zst' --tokenizer tokenizers/llama2.model \\
         --max_tokens 15e9 --max_val_tokens 1e8 --workers 16
 """
@@ -551,10 +551,11 @@ def prepare(
 
 
 def main(args: list[str] | None = None) -> None:
+    """`python -m lit_iiet prepare`; `python -m lit_iiet.data.prepare` is an alias."""
     from jsonargparse import CLI
 
     with exit_on_user_error():
-        CLI(prepare, args=args, as_positional=True, prog="python -m lit_iiet.data.prepare")
+        CLI(prepare, args=args, as_positional=True, prog="python -m lit_iiet prepare")
 
 
 if __name__ == "__main__":

@@ -43,15 +43,11 @@ def read_manifest(folder: str | Path) -> dict:
     """The manifest of a finished shard folder, with every file it names checked; one-line errors otherwise."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserInputError(
-            f"shard folder {str(folder)!r} does not exist (write it with python -m lit_iiet.data.prepare)"
-        )
+        raise UserInputError(f"shard folder {str(folder)!r} does not exist (write it with python -m lit_iiet prepare)")
     path = folder / MANIFEST
     if not path.is_file():
         if not any(folder.iterdir()):
-            raise UserInputError(
-                f"shard folder {str(folder)!r} is empty (write it with python -m lit_iiet.data.prepare)"
-            )
+            raise UserInputError(f"shard folder {str(folder)!r} is empty (write it with python -m lit_iiet prepare)")
         raise UserInputError(
             f"shard folder {str(folder)!r} has no {MANIFEST}: its prepare did not finish; run the same prepare command again to resume it"
         )
@@ -118,7 +114,7 @@ class TokenShards:
 
 
 class ShardedLMDataModule(PackedLMData):
-    """Language-modelling data from token shards written by `python -m lit_iiet.data.prepare`: nothing is
+    """Language-modelling data from token shards written by `python -m lit_iiet prepare`: nothing is
     tokenized or held in memory, the training order resumes exactly mid-epoch, and DDP ranks read disjoint
     windows. Use it for corpora that do not fit in memory (SlimPajama).
 
@@ -138,7 +134,7 @@ class ShardedLMDataModule(PackedLMData):
     ) -> None:
         """
         Args:
-            path: The shard folder written by `python -m lit_iiet.data.prepare` (it holds its tokenizer.model).
+            path: The shard folder written by `python -m lit_iiet prepare` (it holds its tokenizer.model).
             seq_len: Tokens per training window (the model sees seq_len inputs and seq_len shifted targets).
             batch_size: Windows per batch and per device.
             num_workers: DataLoader worker processes.
