@@ -16,6 +16,7 @@ KV slot per layer (the approximate cache mode, to measure its quality cost). For
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -40,32 +41,34 @@ def load(path: str, **iiet_overrides):
 def validate(model, batches) -> tuple[float, float, float | None]:
     """Val loss, F-evaluations per token per layer, and agreement with full iteration (None if not adaptive)."""
     loss_sum, n, evals_sum, agree_sum = 0.0, 0, 0.0, 0.0
-    adaptive = model.update.cfg.scheme == "iiet" and model.update.cfg.adaptive
+    update = model.update
     for batch in batches:
-        logits = model(batch[:, :-1])
+        with update.trace() as trace:
+            logits = model(batch[:, :-1])
         tokens = batch[:, 1:].numel()
         loss_sum += next_token_loss(logits, batch, reduction="sum").item()
-        if model.update.cfg.scheme == "iiet":
-            evals_sum += torch.stack(list(model.update.counts.values())).float().mean(0).sum().item()
+        if update.implicit:
+            evals_sum += torch.stack(list(trace.counts.values())).float().mean(0).sum().item()
         else:
-            evals_sum += tokens * model.update.total_evals() / model.cfg.n_layers
-        if adaptive:
-            with model.update.full_iterations():
+            evals_sum += tokens * update.total_evals() / model.cfg.n_layers
+        if update.adaptive:
+            with update.trace(full_iterations=True):
                 agree_sum += (model(batch[:, :-1]).argmax(-1) == logits.argmax(-1)).sum().item()
         n += tokens
-    return loss_sum / n, evals_sum / n, agree_sum / n if adaptive else None
+    return loss_sum / n, evals_sum / n, agree_sum / n if update.adaptive else None
 
 
 class DecodeCounter:
-    """Sums each decoding step's per-token iteration counts (to report evaluations and idle slots)."""
+    """Sums each decoding step's per-token iteration counts from the model's open trace (to report evaluations
+    and idle slots)."""
 
-    def __init__(self, model) -> None:
-        self.model, self.evals, self.slots = model, 0.0, 0.0
+    def __init__(self, model, trace) -> None:
+        self.model, self.trace, self.evals, self.slots = model, trace, 0.0, 0.0
 
     def __call__(self, module, args, output) -> None:
         update = self.model.update
-        if args[0].shape[1] == 1 and update.cfg.scheme == "iiet":  # one new token per row: a decoding step
-            for layer, counts in update.counts.items():
+        if args[0].shape[1] == 1 and update.implicit:  # one new token per row: a decoding step
+            for layer, counts in self.trace.counts.items():
                 self.evals += counts.sum().item()
                 self.slots += counts.numel() * update.schedule[layer]
 
@@ -103,18 +106,19 @@ def main() -> int:
 
     vocab = min(m.cfg.vocab_size for m in models.values())
     speeds = {(label, b): [] for label in models for b in args.batches}
-    counters = {label: DecodeCounter(model) for label, model in models.items()}
-    for label, model in models.items():
-        model.register_forward_hook(counters[label])
-    for b in args.batches:
-        prompt = torch.randint(4, vocab, (b, args.prompt), generator=torch.Generator().manual_seed(0))
-        for model in models.values():
-            generate(model, prompt, 8, temperature=0.0)  # warm-up
-        for _ in range(args.rounds):
-            for label, model in models.items():
-                start = time.perf_counter()
-                generate(model, prompt, args.tokens, temperature=0.0)
-                speeds[label, b].append(b * args.tokens / (time.perf_counter() - start))
+    with contextlib.ExitStack() as traces:
+        counters = {label: DecodeCounter(m, traces.enter_context(m.update.trace())) for label, m in models.items()}
+        for label, model in models.items():
+            model.register_forward_hook(counters[label])
+        for b in args.batches:
+            prompt = torch.randint(4, vocab, (b, args.prompt), generator=torch.Generator().manual_seed(0))
+            for model in models.values():
+                generate(model, prompt, 8, temperature=0.0)  # warm-up
+            for _ in range(args.rounds):
+                for label, model in models.items():
+                    start = time.perf_counter()
+                    generate(model, prompt, args.tokens, temperature=0.0)
+                    speeds[label, b].append(b * args.tokens / (time.perf_counter() - start))
     base = {b: statistics.median(speeds["vanilla", b]) for b in args.batches}
 
     print(

@@ -29,20 +29,6 @@ from lit_iiet.nn.decoder import Decoder, DecoderConfig
 from lit_iiet.nn.ode import IIETConfig, ODEConfig
 
 
-class EvalCounter:
-    """Sums the per-token iteration counts of decoding steps (one new token per row)."""
-
-    def __init__(self, model: Decoder) -> None:
-        self.model, self.evals, self.tokens = model, 0, 0
-        model.register_forward_hook(self)
-
-    def __call__(self, module, args, output) -> None:
-        if args[0].shape[1] == 1:
-            counts = self.model.update.counts
-            self.evals += sum(int(c.sum()) for c in counts.values())
-            self.tokens += args[0].shape[0] * len(counts)
-
-
 @torch.no_grad()
 def decode(model: Decoder, prompt: torch.Tensor, tokens: int) -> float:
     """Seconds for cached greedy decoding of `tokens` tokens after the prompt."""
@@ -57,6 +43,24 @@ def decode(model: Decoder, prompt: torch.Tensor, tokens: int) -> float:
 
 
 @torch.no_grad()
+def evals_per_token(model: Decoder, prompt: torch.Tensor, tokens: int) -> float:
+    """F-evaluations per decoded token and layer over one cached greedy decoding (one new token per row a step)."""
+    evals, slots = 0, 0
+
+    def count(module, args, output) -> None:
+        nonlocal evals, slots
+        if args[0].shape[1] == 1:
+            evals += sum(int(c.sum()) for c in trace.counts.values())
+            slots += args[0].shape[0] * len(trace.counts)
+
+    with model.update.trace() as trace:
+        hook = model.register_forward_hook(count)
+        decode(model, prompt, tokens)
+        hook.remove()
+    return evals / slots
+
+
+@torch.no_grad()
 def median_increment(model: Decoder, prompt: torch.Tensor) -> float:
     """The median relative increment ||z_2 - z_1|| / ||z_1|| over the prompt's tokens and the layers."""
     increments = []
@@ -65,7 +69,7 @@ def median_increment(model: Decoder, prompt: torch.Tensor) -> float:
         z1, z2 = states[1].float(), states[2].float()
         increments.append(((z2 - z1).norm(dim=-1) / z1.norm(dim=-1).clamp_min(1e-12)).flatten())
 
-    with model.update.observe(observe):
+    with model.update.trace(observe=observe):
         model(prompt)
     return float(torch.cat(increments).median())
 
@@ -106,11 +110,9 @@ def main() -> None:
             models["residual", compaction] = build(width, replace(fixed, iiet=residual))
             router = IIETConfig(policy="router", early_exit_compaction=compaction)
             models["router", compaction] = build(width, replace(fixed, iiet=router))
-        counters = {key: EvalCounter(m) for key, m in models.items()}
         seconds = {key: [] for key in models}
-        for key, model in models.items():  # warm-up, and the evaluation counts (the same every round)
-            decode(model, prompt, args.tokens)
-        evals = {key: c.evals / c.tokens for key, c in counters.items()}
+        # Also the warm-up: the evaluation counts are the same every round.
+        evals = {key: evals_per_token(model, prompt, args.tokens) for key, model in models.items()}
         for _ in range(args.rounds):
             for key, model in models.items():
                 seconds[key].append(decode(model, prompt, args.tokens))

@@ -56,19 +56,19 @@ def main() -> int:
     for variant in VARIANTS:
         torch.manual_seed(0)
         model = Decoder(cfg, ODEConfig("iiet", args.iters)).to(device).train()
-        model.checkpointing = variant if variant in ("layer", "iteration") else "none"
         if variant == "compile":
             model.compile()
         models[variant], optimizers[variant] = model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def loss_of(model) -> torch.Tensor:
+    def loss_of(variant: str) -> torch.Tensor:
+        checkpointing = variant if variant in ("layer", "iteration") else "none"
         with autocast:
-            logits = model(batch[:, :-1])
+            logits = models[variant](batch[:, :-1], checkpointing=checkpointing)
         return next_token_loss(logits, batch)
 
     def step(variant: str) -> None:
         optimizers[variant].zero_grad(set_to_none=True)
-        loss_of(models[variant]).backward()
+        loss_of(variant).backward()
         optimizers[variant].step()
 
     for variant in VARIANTS:  # warm-up; for "compile" this is the compilation
@@ -92,7 +92,7 @@ def main() -> int:
         optimizers[variant].zero_grad(set_to_none=False)  # gradients already allocated: the peak is activations
 
         def forward_backward(variant=variant) -> None:
-            loss_of(models[variant]).backward()
+            loss_of(variant).backward()
 
         peaks[variant] = cuda_peak(forward_backward, device) if device.type == "cuda" else cpu_peak(forward_backward)
 

@@ -242,9 +242,7 @@ def export_llama(ckpt: str | Path, out_dir: str | Path) -> Path:
     # weights map to Llama's as they are.
     hparams = LanguageModel.checkpoint_hparams(checkpoint, ckpt)
     cfg, ode = as_config(DecoderConfig, hparams["arch"]), as_config(ODEConfig, hparams["ode"])
-    one_step = ode.iiet.damping == 1.0 and ode.iiet.relaxation == "fixed"  # else iteration 1 is y + b G(y)
-    plain = ode.scheme == "euler" or (ode.scheme == "iiet" and set(ode.schedule(cfg.n_layers)) == {1} and one_step)
-    if not plain or ode.branch_norm or ode.branch_scale is not None:
+    if not ode.vanilla(cfg.n_layers):
         raise UserInputError(
             f"scheme={ode.scheme!r} iters={ode.iters!r} has no Llama equivalent; only euler (or iiet with 1 iteration "
             "in every layer, iiet.damping 1.0, fixed relaxation, branch_norm false and no branch_scale) can be exported"

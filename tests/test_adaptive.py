@@ -39,8 +39,8 @@ def tokens(batch=3, length=20, seed=1):
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def counts_of(model) -> dict[int, torch.Tensor]:
-    return {layer: c.clone() for layer, c in model.update.counts.items()}
+def counts_of(trace) -> dict[int, torch.Tensor]:
+    return {layer: c.clone() for layer, c in trace.counts.items()}
 
 
 def replaying(model, decisions: dict[int, torch.Tensor]) -> None:
@@ -56,9 +56,10 @@ def test_always_continue_reproduces_fixed_iterations():
         ODEConfig("iiet", 3, iiet=IIETConfig(policy="fixed")),
     ):
         model = make(ode)
-        torch.testing.assert_close(model(x), fixed(x), atol=1e-5, rtol=0)  # residual: the adaptive code path
-        assert all(bool((c == 3).all()) for c in model.update.counts.values())
-        with model.update.full_iterations():
+        with model.update.trace() as trace:
+            torch.testing.assert_close(model(x), fixed(x), atol=1e-5, rtol=0)  # residual: the adaptive code path
+        assert all(bool((c == 3).all()) for c in trace.counts.values())
+        with model.update.trace(full_iterations=True):
             torch.testing.assert_close(model(x), fixed(x), atol=1e-5, rtol=0)
 
 
@@ -71,8 +72,9 @@ def test_stopping_after_the_first_iteration_is_the_vanilla_layer():
     euler = make(ODEConfig("euler"))
     euler.load_state_dict({k: v for k, v in router.state_dict().items() if "routers" not in k})
     x = tokens()
-    torch.testing.assert_close(router(x), euler(x), atol=1e-5, rtol=0)
-    assert all(bool((c == 1).all()) for c in router.update.counts.values())
+    with router.update.trace() as trace:
+        torch.testing.assert_close(router(x), euler(x), atol=1e-5, rtol=0)
+    assert all(bool((c == 1).all()) for c in trace.counts.values())
 
 
 POLICIES = {
@@ -90,12 +92,13 @@ POLICIES = {
 def test_decisions_never_depend_on_later_tokens(name):
     ode, seed = POLICIES[name]
     model, x = make(ode, seed), tokens()
-    logits, before = model(x), counts_of(model)
-    future = x.clone()
-    future[:, 12:] = tokens(seed=7)[:, 12:]
-    logits_future = model(future)
+    with model.update.trace() as trace:
+        logits, before = model(x), counts_of(trace)
+        future = x.clone()
+        future[:, 12:] = tokens(seed=7)[:, 12:]
+        logits_future = model(future)
     for layer in before:
-        assert torch.equal(model.update.counts[layer][:, :12], before[layer][:, :12])
+        assert torch.equal(trace.counts[layer][:, :12], before[layer][:, :12])
     torch.testing.assert_close(logits_future[:, :12], logits[:, :12], atol=1e-5, rtol=0)
     assert any(bool((c < 3).any()) for c in before.values()), "the policy should stop some tokens early"
 
@@ -103,10 +106,11 @@ def test_decisions_never_depend_on_later_tokens(name):
 def decode_recording_decisions(model, x, prompt=5):
     """Prefill the prompt, then decode token by token over the cache; returns logits and the decisions taken."""
     cache = model.init_cache(x.shape[0], x.shape[1])
-    logits, decisions = [model(x[:, :prompt], cache, 0)], [counts_of(model)]
-    for t in range(prompt, x.shape[1]):
-        logits.append(model(x[:, t : t + 1], cache, t))
-        decisions.append(counts_of(model))
+    with model.update.trace() as trace:
+        logits, decisions = [model(x[:, :prompt], cache, 0)], [counts_of(trace)]
+        for t in range(prompt, x.shape[1]):
+            logits.append(model(x[:, t : t + 1], cache, t))
+            decisions.append(counts_of(trace))
     return torch.cat(logits, 1), {layer: torch.cat([d[layer] for d in decisions], 1) for layer in decisions[0]}
 
 
@@ -122,9 +126,10 @@ def test_cached_decoding_equals_the_replayed_full_forward(name, compaction):
     steps = torch.stack([d[:, 5:] for d in decisions.values()])
     assert bool((steps < 3).any()) and bool((steps == 3).any()), "some rows stop while others go on: compaction is used"
     replaying(model, decisions)
-    full = model(x)
+    with model.update.trace() as trace:
+        full = model(x)
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
-    assert all(torch.equal(model.update.counts[layer], decisions[layer]) for layer in decisions)
+    assert all(torch.equal(trace.counts[layer], decisions[layer]) for layer in decisions)
 
 
 @torch.no_grad()
@@ -159,11 +164,12 @@ def test_shared_kv_is_exact_against_itself_and_an_approximation_of_iiet():
 def test_router_training_is_expert_choice_with_a_causal_aux_target():
     model = make(ODEConfig("iiet", 3, iiet=IIETConfig(policy="router", router_capacity=0.25)), router_seed=0).train()
     x = tokens()
-    model(x).logsumexp(-1).mean().backward()
-    for c in model.update.counts.values():
+    with model.update.trace() as trace:
+        model(x).logsumexp(-1).mean().backward()
+    for c in trace.counts.values():
         per_iteration = [(c > k).sum().item() for k in range(3)]
         assert per_iteration[0] == x.numel() and per_iteration[1] == round(0.25 * x.numel()) == per_iteration[2]
-    aux = model.update.aux_loss()
+    aux = model.update.aux_loss(trace)
     assert aux is not None and aux.item() > 0
     assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in model.update.routers)
 

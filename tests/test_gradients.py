@@ -45,8 +45,9 @@ def test_gradient_norms_equal_autograd_per_layer_and_per_iterate(tmp_path):
 
     # The same step by hand: states recorded, their gradients retained.
     reference = TinyLM(windows).model
-    with reference.update.record() as states:
+    with reference.update.trace(record=True) as trace:
         loss = next_token_loss(reference(windows[:, :-1]), windows)
+    states = trace.states
     for layer_states in states.values():
         for z in layer_states:
             z.retain_grad()

@@ -74,9 +74,9 @@ def test_measures_on_known_iterates():
     model = Decoder(DecoderConfig(64, n_layers=1, d_model=16, n_heads=2, max_seq_len=16), ODEConfig("iiet", 2))
     idx = torch.randint(0, 64, (2, 9))
     stats = iteration_stats(model, [idx])
-    with model.update.record() as recorded:
+    with model.update.trace(record=True) as trace:
         model(idx[:, :-1])
-    y, z1, z2 = recorded[0]
+    y, z1, z2 = trace.states[0]
     expected = ((z2 - z1).norm(dim=-1) / z1.norm(dim=-1)).mean().item()
     assert stats.refinement[0] == pytest.approx(expected, rel=1e-5)
     assert stats.increments[0][0] == pytest.approx(((z1 - y).norm(dim=-1) / y.norm(dim=-1)).mean().item(), rel=1e-5)
@@ -127,11 +127,12 @@ def test_distillation_loss_is_zero_when_student_equals_teacher(teacher):
     iiad = IIAD(str(teacher), threshold=0.0, hidden_mse_weight=1.0)
     iiad.teacher = LanguageModel.load_from_checkpoint(teacher).eval()
     student = LanguageModel.load_from_checkpoint(teacher).eval()
-    terms = iiad.loss_terms(student, calibration(1)[0])
+    student.add_loss_terms(iiad.distillation_terms, hidden_states=True)  # as IIAD does at fit start
+    terms = student.loss_terms(calibration(1)[0])
     assert terms["kd"].item() == 0.0 and terms["hidden_mse"].item() == 0.0
     assert terms["loss"].item() == pytest.approx(terms["ce"].item(), abs=1e-5)
     student.model.update.set_schedule([1, 1, 1])  # a pruned student differs from the teacher
-    assert iiad.loss_terms(student, calibration(1)[0])["kd"].item() > 1e-6
+    assert student.loss_terms(calibration(1)[0])["kd"].item() > 1e-6
 
 
 def test_iiad_prunes_distils_and_never_touches_the_teacher(teacher, tmp_path):
@@ -182,7 +183,8 @@ def test_teacher_gets_no_gradient(teacher):
     iiad.teacher = LanguageModel.load_from_checkpoint(teacher).eval().requires_grad_(False)
     student = LanguageModel.load_from_checkpoint(teacher)
     student.model.update.set_schedule([1, 3, 1])
-    iiad.loss_terms(student, calibration(1)[0])["loss"].backward()
+    student.add_loss_terms(iiad.distillation_terms)
+    student.loss_terms(calibration(1)[0])["loss"].backward()
     assert all(p.grad is None for p in iiad.teacher.parameters())
     assert all(p.grad is not None for p in student.model.blocks.parameters())
 

@@ -1,6 +1,7 @@
 """The schemes against known answers: a linear ODE's exact solution, orders of accuracy, implicit Euler."""
 
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -9,21 +10,7 @@ from torch import nn
 from lit_iiet.analysis.convergence import ConvergenceMeter
 from lit_iiet.errors import UserInputError
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
-from lit_iiet.nn.ode import (
-    Branch,
-    LayerUpdate,
-    ODEConfig,
-    anderson,
-    euler,
-    fixed_point,
-    iiet,
-    looped,
-    pcformer_corrector,
-    pcformer_predictor,
-    rk2,
-    rk2_gated,
-    rk4,
-)
+from lit_iiet.nn.ode import SCHEMES, Branch, ODEConfig, SchemeName, anderson, fixed_point
 
 DIM = 4
 
@@ -49,21 +36,23 @@ def linear_branch(A: torch.Tensor, h: float) -> Branch:
     return Branch([lambda z, e: z @ (h * A).T])
 
 
+def one_layer(scheme: str, iters=1, **ode):
+    """The scheme of a one-layer stack of width DIM; one_layer(...)(0, y, G) is its step."""
+    return SCHEMES[scheme](ODEConfig(scheme, iters, **ode), 1, DIM)
+
+
+def one_step(scheme: str, y: torch.Tensor, G, iters=1, **ode) -> torch.Tensor:
+    return one_layer(scheme, iters, **ode)(0, y, G)
+
+
 SCHEME_STEPS = {
-    "euler": lambda y, G: euler(y, G),
-    "rk2": lambda y, G: rk2(y, G),
-    "rk2_gated": lambda y, G: rk2_gated(y, G, zero_gate()),
-    "rk4": lambda y, G: rk4(y, G),
-    "iiet_converged": lambda y, G: iiet(y, G, iters=60),
+    "euler": lambda y, G: one_step("euler", y, G),
+    "rk2": lambda y, G: one_step("rk2", y, G),
+    "rk2_gated": lambda y, G: one_step("rk2_gated", y, G),  # its gate starts at g = 1/2: Heun's RK2
+    "rk4": lambda y, G: one_step("rk4", y, G),
+    "iiet_converged": lambda y, G: one_step("iiet", y, G, 60),
 }
 ORDERS = {"euler": 1, "rk2": 2, "rk2_gated": 2, "rk4": 4, "iiet_converged": 1}
-
-
-def zero_gate() -> nn.Linear:
-    gate = nn.Linear(2 * DIM, 1)
-    nn.init.zeros_(gate.weight)
-    nn.init.zeros_(gate.bias)  # g = 1/2: the gated block at initialisation is Heun's RK2
-    return gate
 
 
 def integrate(step, A: torch.Tensor, n: int, t: float = 1.0) -> torch.Tensor:
@@ -92,7 +81,7 @@ def test_rk4_single_step_matches_taylor_polynomial():
     y = torch.randn(1, DIM, dtype=torch.float64)
     hA = h * A
     taylor = sum(torch.linalg.matrix_power(hA, k) / math.factorial(k) for k in range(5))
-    assert torch.allclose(rk4(y, linear_branch(A, h)), y @ taylor.T, atol=1e-13)
+    assert torch.allclose(one_step("rk4", y, linear_branch(A, h)), y @ taylor.T, atol=1e-13)
 
 
 def test_iiet_converges_to_implicit_euler_step():
@@ -100,22 +89,22 @@ def test_iiet_converges_to_implicit_euler_step():
     A, h = linear_system(2), 0.1
     y = torch.randn(3, DIM, dtype=torch.float64)
     implicit = torch.linalg.solve(torch.eye(DIM, dtype=torch.float64) - h * A, y.T).T
-    assert torch.allclose(iiet(y, linear_branch(A, h), iters=80), implicit, atol=1e-12)
+    assert torch.allclose(one_step("iiet", y, linear_branch(A, h), 80), implicit, atol=1e-12)
     # r = 1 is explicit Euler, and the r-th Picard iterate is the Neumann series truncated after (hA)^r.
     G = linear_branch(A, h)
-    assert torch.equal(iiet(y, G, iters=1), euler(y, G))
+    assert torch.equal(one_step("iiet", y, G, 1), one_step("euler", y, G))
     neumann = sum(torch.linalg.matrix_power(h * A, k) for k in range(4))
-    assert torch.allclose(iiet(y, G, iters=3), y @ neumann.T, atol=1e-14)
+    assert torch.allclose(one_step("iiet", y, G, 3), y @ neumann.T, atol=1e-14)
 
 
 def test_damped_iteration_has_the_same_fixed_point():
     A, h = linear_system(3), 0.1
     y = torch.randn(2, DIM, dtype=torch.float64)
     implicit = torch.linalg.solve(torch.eye(DIM, dtype=torch.float64) - h * A, y.T).T
-    assert torch.allclose(iiet(y, linear_branch(A, h), iters=200, damping=0.5), implicit, atol=1e-12)
+    assert torch.allclose(one_step("iiet", y, linear_branch(A, h), 200, iiet={"damping": 0.5}), implicit, atol=1e-12)
     # One damped iteration is a shortened explicit step: y + b G(y).
     G = linear_branch(A, h)
-    assert torch.allclose(iiet(y, G, iters=1, damping=0.5), y + 0.5 * G(y, 0), atol=1e-15)
+    assert torch.allclose(one_step("iiet", y, G, 1, iiet={"damping": 0.5}), y + 0.5 * G(y, 0), atol=1e-15)
 
 
 def test_learned_relaxation_keeps_the_fixed_point_and_learns():
@@ -143,7 +132,7 @@ def test_anderson_solves_a_linear_implicit_step_where_picard_diverges():
     assert (anderson(y, G, 3 * DIM, memory=DIM + 1) - implicit).norm() < 1e-3 * implicit.norm()
     assert (fixed_point(y, G, DIM + 2) - implicit).norm() > 10 * implicit.norm()
     # One evaluation is the explicit Euler step, as for Picard.
-    assert torch.equal(anderson(y, G, 1), euler(y, G))
+    assert torch.equal(anderson(y, G, 1), one_step("euler", y, G))
 
 
 def test_anderson_reaches_a_residual_in_fewer_evaluations_than_picard():
@@ -198,9 +187,9 @@ def test_convergence_meter_on_a_scalar_linear_map():
     """G(z) = a z gives z_k = (1 + a + ... + a^k) y: increment k is |a|^k / |1 + ... + a^(k-1)| and each
     contraction estimate is |a|. A masked token (another a) must not count."""
     a = torch.tensor([-0.5, 0.9]).view(1, 2, 1)  # token 0 and a padding token
-    update = LayerUpdate(ODEConfig("iiet", 3), 1, DIM)
+    update = one_layer("iiet", 3)
     meter = ConvergenceMeter()
-    with update.observe(meter.observer(update.schedule, mask=torch.tensor([[True, False]]))):
+    with update.trace(observe=meter.observer(update.schedule, mask=torch.tensor([[True, False]]))):
         update(0, torch.randn(1, 2, DIM, dtype=torch.float64), Branch([lambda z, e: a * z]))
     partial = [1.0, 0.5, 0.75]  # 1, 1 + a, 1 + a + a^2 for a = -0.5
     assert meter.tokens == 1
@@ -217,7 +206,7 @@ def test_mean_output_with_two_iterations_is_heun():
     A = linear_system(4)
     y = torch.randn(2, DIM, dtype=torch.float64)
     G = linear_branch(A, 0.2)
-    assert torch.allclose(iiet(y, G, iters=2, output="mean"), rk2(y, G), atol=1e-15)
+    assert torch.allclose(one_step("iiet", y, G, 2, iiet={"output": "mean"}), one_step("rk2", y, G), atol=1e-15)
 
 
 def test_sublayer_unit_solves_each_sublayer_implicitly():
@@ -228,7 +217,7 @@ def test_sublayer_unit_solves_each_sublayer_implicitly():
     eye = torch.eye(DIM, dtype=torch.float64)
     u = torch.linalg.solve(eye - h * A1, y.T).T
     expected = torch.linalg.solve(eye - h * A2, u.T).T
-    assert torch.allclose(iiet(y, G, iters=80, unit="sublayer"), expected, atol=1e-12)
+    assert torch.allclose(one_step("iiet", y, G, 80, iiet={"unit": "sublayer"}), expected, atol=1e-12)
 
 
 def test_fixed_point_residual_shrinks_with_r_for_contractive_G():
@@ -260,13 +249,16 @@ def test_pcformer_predictor_and_corrector_closed_form():
     f1 = y @ hA
     f2 = (y + f1) @ hA
     expected_p = y + alpha * (1 - alpha) * f1 + alpha * f2
-    prediction = pcformer_predictor(y, G, alpha)
+    pcformer = one_layer("pcformer")  # its one layer mixes [embedding, this layer]
+    pcformer.alpha = nn.Parameter(alpha)
+    pcformer.w_in, pcformer.w_out = nn.Parameter(torch.tensor([[0.25, 0.75]])), nn.Parameter(torch.tensor([[0.4, 0.6]]))
+    pcformer.norm_p, pcformer.norm_h = nn.ModuleList([nn.Identity()]), nn.ModuleList([nn.Identity()])
+    prediction = pcformer.predict(y, G)
     assert torch.allclose(prediction, expected_p, atol=1e-15)
 
     emb = torch.randn(2, DIM, dtype=torch.float64)
-    w_in, w_out = torch.tensor([0.25, 0.75]), torch.tensor([0.4, 0.6])
     history = [emb]
-    out = pcformer_corrector(history, prediction, G, w_in, w_out, nn.Identity(), nn.Identity())
+    out = pcformer.correct(0, history, prediction, G)
     c = 0.25 * emb + 0.75 * expected_p
     h_corr = c + c @ hA
     assert torch.allclose(out, 0.4 * emb + 0.6 * h_corr, atol=1e-15)
@@ -300,9 +292,9 @@ def test_looped_is_r_explicit_euler_steps_with_the_same_weights():
     y = torch.randn(3, DIM, dtype=torch.float64)
     G = linear_branch(A, h)
     step = torch.eye(DIM, dtype=torch.float64) + h * A
-    assert torch.allclose(looped(y, G, r), y @ torch.linalg.matrix_power(step, r).T, atol=1e-13)
+    assert torch.allclose(one_step("looped", y, G, r), y @ torch.linalg.matrix_power(step, r).T, atol=1e-13)
     neumann = sum(torch.linalg.matrix_power(h * A, k) for k in range(r + 1))
-    assert torch.allclose(iiet(y, G, r), y @ neumann.T, atol=1e-13)
+    assert torch.allclose(one_step("iiet", y, G, r), y @ neumann.T, atol=1e-13)
 
 
 def test_looped_r1_equals_euler_and_r2_differs_from_iiet():
@@ -331,9 +323,9 @@ def test_branch_scale_is_a_step_size_of_every_scheme():
     y = torch.randn(3, DIM, dtype=torch.float64)
     eye = torch.eye(DIM, dtype=torch.float64)
     implicit = torch.linalg.solve(eye - s * h * A, y.T).T
-    update = LayerUpdate(ODEConfig("iiet", 80, branch_scale=s), 1, DIM)
+    update = one_layer("iiet", 80, branch_scale=s)
     assert torch.allclose(update(0, y, linear_branch(A, h)), implicit, atol=1e-12)
-    explicit = LayerUpdate(ODEConfig("euler", branch_scale=s), 1, DIM)
+    explicit = one_layer("euler", branch_scale=s)
     assert torch.allclose(explicit(0, y, linear_branch(A, h)), y @ (eye + s * h * A).T, atol=1e-14)
 
 
@@ -391,6 +383,10 @@ def test_shared_dropout_mask_is_one_mask_per_layer_step():
 def test_bad_ode_config(kwargs, message):
     with pytest.raises(UserInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
         ODEConfig(**kwargs)
+
+
+def test_every_scheme_name_has_its_module():
+    assert list(SCHEMES) == list(get_args(SchemeName))
 
 
 def test_schedule_length_must_match_layers():

@@ -57,10 +57,9 @@ def gradients(ode: ODEConfig, checkpointing: str, dropout: float = 0.1) -> dict[
     model = Decoder(
         DecoderConfig(vocab_size=50, n_layers=2, d_model=32, n_heads=2, max_seq_len=32, dropout=dropout), ode
     )
-    model.checkpointing = checkpointing
     x = torch.randint(0, 50, (2, 12))
     torch.manual_seed(1)  # the same dropout masks in every run; checkpointing must replay them on recomputation
-    model(x).logsumexp(-1).mean().backward()
+    model(x, checkpointing=checkpointing).logsumexp(-1).mean().backward()
     return {name: p.grad for name, p in model.named_parameters()}
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 
 class ConvergenceMeter:
-    """Sums the per-token measures over the tokens of many batches; `observer()` plugs into LayerUpdate.observe."""
+    """Sums the per-token measures over the tokens of many batches; `observer()` plugs into `Scheme.trace`."""
 
     def __init__(self) -> None:
         self.reset()
@@ -35,7 +35,7 @@ class ConvergenceMeter:
         self.step_sum: dict[tuple[int, int], Tensor] = {}
 
     def observer(self, schedule: list[int], mask: Tensor | None = None) -> Callable[[int, list[Tensor]], None]:
-        """fn(layer, states) for LayerUpdate.observe over one forward pass with the iteration `schedule`;
+        """fn(layer, states) for `Scheme.trace(observe=...)` over one forward pass with the iteration `schedule`;
         mask (B, T) bool keeps only real tokens (not padding)."""
         counted = [False]
 
@@ -98,8 +98,9 @@ def solver_residuals(model, batches: list[Tensor], max_evals: int = 6, memory: i
     try:
         for batch in batches:
             idx = batch[:, :-1]
-            with model.update.record() as states:
+            with model.update.trace(record=True) as trace:
                 model(idx)
+            states = trace.states
             T = idx.shape[1]
             tokens += idx.numel()
             for layer, block in enumerate(model.blocks):

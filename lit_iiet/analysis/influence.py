@@ -72,11 +72,12 @@ def lm_loss(model, batches: list[Tensor]) -> float:
 def iteration_stats(model, batches: list[Tensor], forward=None) -> IterationStats:
     """Observe every layer's iterates on the calibration windows and average the per-token measures.
 
-    model: a `Decoder` (any object with `.update` of scheme iiet and `forward(idx)`); batches: (B, T + 1) windows.
+    model: a `Decoder` (any object with an implicit `.update`, i.e. scheme iiet, and `forward(idx)`); batches:
+    (B, T + 1) windows.
     forward: what to call for the logits, if not model (a sharded wrapper around it: `ODEModule.forward_module`).
     """
     update = model.update
-    if update.cfg.scheme != "iiet" or update.cfg.iiet.unit != "layer":
+    if not update.implicit or update.cfg.iiet.unit != "layer":
         raise UserInputError(
             f"iteration influence needs scheme 'iiet' with iiet.unit 'layer', not {update.cfg.scheme!r}/{update.cfg.iiet.unit!r}"
         )
@@ -100,7 +101,7 @@ def iteration_stats(model, batches: list[Tensor], forward=None) -> IterationStat
                 increments(layer, states)
                 drift(layer, states)
 
-            with update.observe(observe):
+            with update.trace(observe=observe):
                 logits = (forward or model)(batch[:, :-1])
             loss_sum += next_token_loss(logits, batch, reduction="sum").item()
     finally:

@@ -8,7 +8,7 @@ import re
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_iiet.nn.ode import LayerUpdate
+from lit_iiet.nn.ode import Scheme
 
 # A stack's layers are model.<stack>.<layer>; its update module is model.<prefix>update. Tags name layers as the
 # convergence metrics do: "enc0", "dec1" in an encoder-decoder, "0", "1" in a decoder-only model.
@@ -25,7 +25,7 @@ class GradientNorms(Callback):
       input y, k = 1..r the iterates; the last one is the layer's output), for every scheme.
 
     <layer> is `enc<l>` / `dec<l>` in an encoder-decoder and `<l>` in a decoder-only model. The iterate gradients
-    come from hooks registered through `LayerUpdate.observe` during the logged steps only.
+    come from hooks registered through `Scheme.trace` during the logged steps only.
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:
@@ -37,12 +37,12 @@ class GradientNorms(Callback):
         self._stack: contextlib.ExitStack | None = None
         self._norms: dict[str, torch.Tensor] = {}
 
-    def _updates(self, pl_module) -> list[tuple[str, LayerUpdate]]:
+    def _updates(self, pl_module) -> list[tuple[str, Scheme]]:
         model = pl_module.model
         return [
             (prefix, getattr(model, name))
             for prefix, name in STACKS.values()
-            if isinstance(getattr(model, name, None), LayerUpdate)
+            if isinstance(getattr(model, name, None), Scheme)
         ]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -50,7 +50,7 @@ class GradientNorms(Callback):
             return
         self._norms, self._stack = {}, contextlib.ExitStack()
         for prefix, update in self._updates(pl_module):
-            self._stack.enter_context(update.observe(self._hook_states(prefix)))
+            self._stack.enter_context(update.trace(observe=self._hook_states(prefix)))
 
     def _hook_states(self, prefix: str):
         def observe(layer: int, states: list[torch.Tensor]) -> None:

@@ -8,12 +8,12 @@ teacher's weights with that schedule, and continue training it on
 
 with T the temperature and h_l the layer outputs. The paper's exact metric and loss were not recoverable; these
 are the documented defaults. The teacher is frozen and never
-changes; the student's checkpoints carry the pruned schedule, so they load and generate like any other.
+changes; the student's checkpoints carry the pruned schedule, so they load and generate like any other. The
+distillation terms reach the student's loss through `LanguageModel.add_loss_terms`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Literal
 
 import torch
@@ -29,7 +29,6 @@ from lit_iiet.analysis.influence import (
     schedule_from_influence,
 )
 from lit_iiet.errors import UserInputError
-from lit_iiet.nn.decoder import next_token_loss
 
 
 def calibration_batches(trainer, n: int, device) -> list[Tensor]:
@@ -40,13 +39,6 @@ def calibration_batches(trainer, n: int, device) -> list[Tensor]:
             break
         batches.append(batch.to(device))
     return batches
-
-
-def set_schedule(pl_module, schedule: list[int]) -> None:
-    """Change the model's iteration schedule and the hyperparameters that checkpoints carry."""
-    pl_module.model.update.set_schedule(schedule)
-    for hparams in (pl_module.hparams, pl_module._hparams_initial):
-        hparams["ode"] = {**hparams["ode"], "iters": list(schedule)}
 
 
 class IIAD(Callback):
@@ -94,9 +86,9 @@ class IIAD(Callback):
         from lit_iiet.models.lm import LanguageModel
 
         self.teacher = LanguageModel.from_checkpoint(self.teacher_path).requires_grad_(False)
-        if self.teacher.model.update.cfg.scheme != "iiet":
+        if not self.teacher.model.update.implicit:
             raise UserInputError(
-                f"IIAD teacher {self.teacher_path!r} has scheme {self.teacher.model.update.cfg.scheme!r}, not 'iiet'"
+                f"IIAD teacher {self.teacher_path!r} has scheme {self.teacher.model.ode.scheme!r}, not 'iiet'"
             )
         # The student starts as the teacher (on resume, the checkpoint's weights replace these afterwards) ...
         pl_module.load_weights(self.teacher.state_dict(), self.teacher_path)
@@ -111,7 +103,7 @@ class IIAD(Callback):
         full = stats.schedule
         self.schedule = schedule_from_influence(stats.metric(self.metric), full, self.threshold, self.target_compute)
         self.stats = stats
-        set_schedule(pl_module, self.schedule)  # ... with fewer iterations
+        pl_module.set_schedule(self.schedule)  # ... with fewer iterations
         rank_zero_info(
             f"IIAD: {self.metric} per layer {[round(v, 4) for v in stats.metric(self.metric)]}; schedule {full} -> "
             f"{self.schedule} ({relative_compute(self.schedule, full):.0%} of the teacher's layer evaluations)"
@@ -119,37 +111,26 @@ class IIAD(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.teacher.to(pl_module.device)
-        pl_module.distiller = self
+        pl_module.add_loss_terms(self.distillation_terms, hidden_states=self.hidden_mse_weight > 0)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        pl_module.distiller = None
+        pl_module.remove_loss_terms(self.distillation_terms)
 
-    def loss_terms(self, student, batch: Tensor) -> dict[str, Tensor]:
-        """CE on the data, the temperature-scaled KL to the frozen teacher, and (optionally) hidden-state MSE."""
-        inputs = batch[:, :-1]
-        record = self.hidden_mse_weight > 0
-        with contextlib.ExitStack() as stack:
-            if record:  # every layer's output, of both models, for the hidden-state MSE
-                s_rec = stack.enter_context(student.model.update.record())
-                t_rec = stack.enter_context(self.teacher.model.update.record())
-            s_logits = student.model(inputs).float()
-            with torch.no_grad():
-                t_logits = self.teacher.model(inputs).float()
+    def distillation_terms(
+        self, batch: Tensor, logits: Tensor, states: dict[int, list[Tensor]]
+    ) -> dict[str, tuple[Tensor, float]]:
+        """The student's extra loss terms (`LanguageModel.add_loss_terms`): the temperature-scaled KL of its logits
+        to the frozen teacher's and, with hidden_mse_weight, the MSE between their layer outputs."""
+        hidden = self.hidden_mse_weight > 0
+        with torch.no_grad(), self.teacher.model.update.trace(record=hidden) as teacher:
+            t_logits = self.teacher.model(batch[:, :-1]).float()
         T = self.temperature
-        ce = next_token_loss(s_logits, batch)
-        t_logp, s_logp = (t_logits / T).log_softmax(-1), (s_logits / T).log_softmax(-1)
+        t_logp, s_logp = (t_logits / T).log_softmax(-1), (logits.float() / T).log_softmax(-1)
         kd = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * T**2
-        terms = {"ce": ce, "kd": kd}
-        loss = ce + self.kd_weight * kd
-        aux = student.model.update.aux_loss()  # an adaptive student's router BCE
-        if aux is not None:
-            terms["router_aux"] = aux
-            loss = loss + aux
-        if record:
-            mse = torch.stack([F.mse_loss(s_rec[l][-1].float(), t_rec[l][-1].float()) for l in s_rec]).mean()
-            terms["hidden_mse"] = mse
-            loss = loss + self.hidden_mse_weight * mse
-        terms["loss"] = loss
+        terms = {"kd": (kd, self.kd_weight)}
+        if hidden:
+            outputs = [(states[l][-1].float(), teacher.states[l][-1].float()) for l in teacher.states]
+            terms["hidden_mse"] = (torch.stack([F.mse_loss(s, t) for s, t in outputs]).mean(), self.hidden_mse_weight)
         return terms
 
     def state_dict(self) -> dict:

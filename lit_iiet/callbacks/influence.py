@@ -42,7 +42,7 @@ class InfluenceLogger(Callback):
         self.every, self.batches, self.count = every_n_validations, batches, 0
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or pl_module.model.update.cfg.scheme != "iiet":
+        if trainer.sanity_checking or not pl_module.model.update.implicit:
             return
         self.count += 1
         if self.count % self.every:

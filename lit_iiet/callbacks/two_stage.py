@@ -37,7 +37,7 @@ class TwoStage(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         update = pl_module.model.update
-        if update.cfg.scheme != "iiet":
+        if not update.implicit:
             raise UserInputError(f"TwoStage needs scheme 'iiet', not {update.cfg.scheme!r}")
         self.full = list(update.schedule)
         if not self.switched:

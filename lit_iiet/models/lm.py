@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -15,7 +14,7 @@ from lit_iiet.analysis.convergence import ConvergenceMeter
 from lit_iiet.errors import UserInputError
 from lit_iiet.media import log_histogram, log_text
 from lit_iiet.models.base import ODEModule, as_config, check_adam_options
-from lit_iiet.nn.decoder import Decoder, DecoderConfig, next_token_loss
+from lit_iiet.nn.decoder import Decoder, DecoderConfig, check_checkpointing, next_token_loss
 from lit_iiet.nn.generate import generate
 from lit_iiet.nn.ode import ODEConfig
 
@@ -59,6 +58,10 @@ class SamplingConfig:
     """Sample among the k most likely tokens (None: all)."""
     top_p: float | None = None
     """Nucleus sampling: the smallest set of tokens whose probability reaches top_p (None: off)."""
+
+
+# An extra training-loss function (see LanguageModel.add_loss_terms): (batch, logits, states) -> {name: (value, weight)}.
+LossTerms = Callable[[Tensor, Tensor, dict[int, list[Tensor]]], dict[str, tuple[Tensor, float]]]
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -113,13 +116,8 @@ class LanguageModel(ODEModule):
         self.optim, self.sampling = as_config(OptimConfig, optim), as_config(SamplingConfig, sampling)
         self.init_from, self.val_sample_prompt = init_from, val_sample_prompt
         self.model = Decoder(arch, ode)
-        if activation_checkpointing not in ("none", "layer", "iteration"):
-            raise UserInputError(
-                f"activation_checkpointing={activation_checkpointing!r}; choose 'none', 'layer' or 'iteration'"
-            )
-        if activation_checkpointing == "layer" and ode.scheme == "pcformer":
-            raise UserInputError("activation_checkpointing='layer' does not support scheme 'pcformer'; use 'iteration'")
-        self.model.checkpointing, self.compile_model = activation_checkpointing, compile
+        check_checkpointing(activation_checkpointing, self.model.update)
+        self.activation_checkpointing, self.compile_model = activation_checkpointing, compile
         self.save_configs(arch=arch, ode=ode, optim=self.optim, sampling=self.sampling)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         # Iterations per token (mean over layers) and, for adaptive policies, agreement with full iteration.
@@ -127,7 +125,7 @@ class LanguageModel(ODEModule):
         self._val_evals_hist: list[Tensor] = []
         # Per layer and iteration: relative increments and the contraction estimate (iiet/increment/..., iiet/contraction/...).
         self.convergence = ConvergenceMeter()
-        self.distiller = None  # an IIAD callback, while it distils a teacher into this model
+        self._loss_terms: list[tuple[LossTerms, bool]] = []  # see add_loss_terms
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -171,6 +169,39 @@ class LanguageModel(ODEModule):
         logits = self.model(batch[:, :-1])
         return next_token_loss(logits, batch)
 
+    def add_loss_terms(self, fn: LossTerms, hidden_states: bool = False) -> None:
+        """Add terms to the training loss (IIAD's distillation). After the model's forward pass, every training
+        step calls fn(batch, logits, states): batch the (B, T + 1) windows, logits the model's (B, T, V), states
+        {layer: [input, iterates..., output]} of every layer if hidden_states, else {}. fn returns
+        {name: (value, weight)}: the loss gains weight * value, and train/<name> logs the value."""
+        self._loss_terms.append((fn, hidden_states))
+
+    def remove_loss_terms(self, fn: LossTerms) -> None:
+        self._loss_terms = [(f, states) for f, states in self._loss_terms if f != fn]
+
+    def loss_terms(self, batch: Tensor) -> dict[str, Tensor]:
+        """The training loss ("loss") and its parts: "ce", the next-token cross-entropy; the terms of
+        `add_loss_terms`; "router_aux", the router policy's BCE."""
+        update = self.model.update
+        with update.trace(record=any(states for _, states in self._loss_terms)) as trace:
+            logits = self.model(batch[:, :-1], checkpointing=self.activation_checkpointing)
+        terms = {"ce": next_token_loss(logits, batch)}
+        loss = terms["ce"]
+        for fn, _ in self._loss_terms:
+            for name, (value, weight) in fn(batch, logits, trace.states).items():
+                terms[name], loss = value, loss + weight * value
+        aux = update.aux_loss(trace)
+        if aux is not None:
+            terms["router_aux"], loss = aux, loss + aux
+        terms["loss"] = loss
+        return terms
+
+    def set_schedule(self, schedule: list[int]) -> None:
+        """Run with this per-layer iteration schedule from now on, and keep it as the hyperparameter `ode.iters`,
+        so that checkpoints rebuild the model with it (IIAD's pruned student)."""
+        self.model.update.set_schedule(schedule)
+        self.hparams["ode"] = {**self.hparams["ode"], "iters": list(schedule)}
+
     def forward_flops(self, batch: Tensor) -> int:
         return self.model.flops(batch.shape[0], batch.shape[1] - 1)
 
@@ -178,38 +209,29 @@ class LanguageModel(ODEModule):
         return (batch.shape[1] - 1) * batch.shape[0]
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        if self.distiller is not None:  # set by the IIAD callback: CE + distillation terms, each logged
-            terms = self.distiller.loss_terms(self, batch)
-            self.log_dict({f"train/{name}": value for name, value in terms.items() if name != "loss"}, sync_dist=True)
-            loss = terms["loss"]
-        else:
-            loss = self.loss(batch)
-            aux = self.model.update.aux_loss()  # the router's BCE (router policy only)
-            if aux is not None:
-                self.log("train/router_aux", aux, sync_dist=True)
-                loss = loss + aux
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
-        return loss
+        terms = self.loss_terms(batch)
+        # Each part of the loss, and the CE alone when terms were added to it (else train/loss is the CE).
+        parts = {name: value for name, value in terms.items() if name != "loss" and (name != "ce" or self._loss_terms)}
+        if parts:
+            self.log_dict({f"train/{name}": value for name, value in parts.items()}, sync_dist=True)
+        self.log("train/loss", terms["loss"], prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
+        return terms["loss"]
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         update = self.model.update
         # How every layer's fixed-point iteration converges, reduced on the fly.
-        observing = (
-            update.observe(self.convergence.observer(update.schedule))
-            if update.cfg.scheme == "iiet"
-            else contextlib.nullcontext()
-        )
-        with observing:
+        observe = self.convergence.observer(update.schedule) if update.implicit else None
+        with update.trace(observe=observe) as trace:
             logits = self.model(batch[:, :-1])
         loss = next_token_loss(logits, batch)
         self.val_loss.update(loss, weight=batch.shape[0])
-        if update.cfg.scheme != "iiet":
+        if not update.implicit:
             return
-        per_token = torch.stack(list(update.counts.values())).float().mean(0)  # (B, T), mean over layers
+        per_token = torch.stack(list(trace.counts.values())).float().mean(0)  # (B, T), mean over layers
         self.val_evals.update(per_token.mean(), weight=per_token.numel())
         self._val_evals_hist.append(per_token.flatten().cpu())
-        if update.cfg.adaptive:
-            with update.full_iterations():
+        if update.adaptive:
+            with update.trace(full_iterations=True):
                 full = self.model(batch[:, :-1])
             agree = (logits.argmax(-1) == full.argmax(-1)).float().mean()
             self.val_agreement.update(agree, weight=per_token.numel())
@@ -219,10 +241,10 @@ class LanguageModel(ODEModule):
         self.val_loss.reset()
         self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=False)
         update = self.model.update
-        if update.cfg.scheme == "iiet" and self.val_evals.update_count:
+        if update.implicit and self.val_evals.update_count:
             self.log("iiet/evals_per_token", self.val_evals.compute())
             self.log_dict(self.convergence.metrics(), sync_dist=True)
-            if update.cfg.adaptive:
+            if update.adaptive:
                 self.log("iiet/agreement", self.val_agreement.compute())
             if not self.trainer.sanity_checking:
                 log_histogram(self.trainer, "iiet/evals_per_token", torch.cat(self._val_evals_hist), self.global_step)

@@ -298,7 +298,7 @@ class Seq2SeqModel(ODEModule):
         with contextlib.ExitStack() as stack:
             for stack_name, update in (("enc", self.model.enc_update), ("dec", self.model.dec_update)):
                 meter = self.convergence[stack_name]
-                stack.enter_context(update.observe(meter.observer(update.schedule, masks[stack_name])))
+                stack.enter_context(update.trace(observe=meter.observer(update.schedule, masks[stack_name])))
             yield
 
     def _eval_step(self, batch: dict, batch_idx: int, split: str) -> None:

@@ -26,7 +26,7 @@ from lit_iiet.nn.layers import (
     self_attention,
     swiglu_hidden,
 )
-from lit_iiet.nn.ode import Branch, LayerUpdate, ODEConfig
+from lit_iiet.nn.ode import SCHEMES, Branch, ODEConfig, Scheme
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Block(nn.Module):
         self,
         x: Tensor,
         layer: int,
-        update: LayerUpdate,
+        update: Scheme,
         history: list[Tensor] | None,
         cos: Tensor,
         sin: Tensor,
@@ -127,6 +127,17 @@ class Block(nn.Module):
         forward (FSDP gathers the block's sharded parameters there) sees every use of the weights."""
         G = self.branch(cos, sin, caches, pos, checkpoint, shared_kv)
         return update(layer, x, G, history)
+
+
+def check_checkpointing(mode: str, update: Scheme) -> None:
+    """Activation checkpointing while training: "none", "layer" (keep each layer's input, recompute the layer with
+    all its evaluations in the backward pass) or "iteration" (keep each F-evaluation's input, recompute one G)."""
+    if mode not in ("none", "layer", "iteration"):
+        raise UserInputError(f"activation_checkpointing={mode!r}; choose 'none', 'layer' or 'iteration'")
+    if mode == "layer" and update.stateful:  # recomputing one layer would extend the pass's state (history) twice
+        raise UserInputError(
+            f"activation_checkpointing='layer' does not support scheme {update.cfg.scheme!r}; use 'iteration'"
+        )
 
 
 def next_token_loss(logits: Tensor, windows: Tensor, reduction: str = "mean") -> Tensor:
@@ -143,10 +154,7 @@ class Decoder(nn.Module):
         self.cfg, self.ode = cfg, ode
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, ode) for _ in range(cfg.n_layers))
-        self.update = LayerUpdate(ode, cfg.n_layers, cfg.d_model)
-        # Activation checkpointing while training: "none", "layer" (keep each layer's input, recompute the
-        # layer with all its evaluations) or "iteration" (keep each F-evaluation's input, recompute one G).
-        self.checkpointing = "none"
+        self.update = SCHEMES[ode.scheme](ode, cfg.n_layers, cfg.d_model)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -179,8 +187,13 @@ class Decoder(nn.Module):
             batch, c.n_kv_heads or c.n_heads, max_len or c.max_seq_len, c.d_model // c.n_heads, self.embed.weight
         )
 
-    def hidden(self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0) -> Tensor:
-        """Final-norm hidden states of the tokens idx placed at positions [pos, pos + T)."""
+    def hidden(
+        self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0, checkpointing: str = "none"
+    ) -> Tensor:
+        """Final-norm hidden states of the tokens idx placed at positions [pos, pos + T).
+
+        checkpointing: activation checkpointing while training (see `check_checkpointing`).
+        """
         T = idx.shape[1]
         if pos + T > self.cfg.max_seq_len:
             raise UserInputError(f"sequence of {pos + T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
@@ -190,12 +203,9 @@ class Decoder(nn.Module):
             x = x * self.cfg.embed_scale
         x = F.dropout(x, self.cfg.dropout, self.training)
         history = self.update.begin(x)
-        mode = self.checkpointing if self.training and torch.is_grad_enabled() else "none"
+        mode = checkpointing if self.training and torch.is_grad_enabled() else "none"
+        check_checkpointing(mode, self.update)
         shared_kv = self.ode.shared_kv
-        if mode not in ("none", "layer", "iteration"):
-            raise UserInputError(f"activation checkpointing {mode!r}; choose 'none', 'layer' or 'iteration'")
-        if mode == "layer" and history is not None:  # recomputing a layer would extend PCformer's history twice
-            raise UserInputError("activation checkpointing 'layer' does not support scheme 'pcformer'; use 'iteration'")
         for layer, block in enumerate(self.blocks):
             args = (x, layer, self.update, history, cos, sin, cache[layer] if cache is not None else None, pos)
             if mode == "layer":
@@ -205,8 +215,13 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def forward(
-        self, idx: Tensor, cache: list[list[KVCache]] | None = None, pos: int = 0, last_only: bool = False
+        self,
+        idx: Tensor,
+        cache: list[list[KVCache]] | None = None,
+        pos: int = 0,
+        last_only: bool = False,
+        checkpointing: str = "none",
     ) -> Tensor:
         """Logits (B, T, V), or (B, 1, V) of the last position with last_only (generation's prefill)."""
-        h = self.hidden(idx, cache, pos)
+        h = self.hidden(idx, cache, pos, checkpointing)
         return self.lm_head(h[:, -1:] if last_only else h)

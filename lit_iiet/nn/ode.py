@@ -1,7 +1,8 @@
 """Layer-update schemes: a Transformer layer as one step of an ODE solver for dy/dt = G(y).
 
-G is a layer's residual branch (`Branch`). Each scheme is a small function `scheme(y, G, ...) -> y_next`; G is
-called as `G(z, e)`, where e numbers the F-evaluations of the layer so that each gets its own KV-cache slot.
+G is a layer's residual branch (`Branch`), called as `G(z, e)`, where e numbers the F-evaluations of the layer so
+that each gets its own KV-cache slot. Each scheme is a small nn.Module (a `Scheme`, chosen by name from `SCHEMES`)
+whose `step(layer, y, G, ...)` is the whole update and which owns the scheme's parameters for every layer of a stack.
 
 | scheme      | update                                                           | evaluations |
 |-------------|------------------------------------------------------------------|-------------|
@@ -92,11 +93,465 @@ class Branch:
         return self._output(out)
 
 
-# --- the schemes -------------------------------------------------------------------------------------------
+# --- configuration -------------------------------------------------------------------------------------------
+
+SchemeName = Literal["euler", "iiet", "looped", "rk2", "rk2_gated", "rk4", "pcformer"]  # the keys of SCHEMES
 
 
-def euler(y: Tensor, G: Branch) -> Tensor:
-    return y + G(y, 0)
+def _check_choice(name: str, value, choices) -> None:
+    """The same check as jsonargparse's for a Literal field, for configs built in Python (dataclasses do not check)."""
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise UserInputError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class IIETConfig:
+    """How scheme iiet iterates (`ode.iiet.*`); the other schemes refuse anything but these defaults."""
+
+    output: Literal["last", "mean"] = "last"
+    """Output the last iterate (plain fixed point) or y + the mean of the iterations' slopes."""
+    damping: float = 1.0
+    """Relaxation b in z <- (1 - b) z + b (y + G(z)); 1.0 is the plain fixed-point iteration. The fixed point does
+    not depend on b; with b < 1 iteration 1 is the shortened explicit step y + b G(y)."""
+    relaxation: Literal["fixed", "learned"] = "fixed"
+    """fixed (damping for every layer) or learned (one relaxation b per layer, a parameter that starts at damping,
+    so r = 1 equals euler at initialisation when damping is 1)."""
+    solver: Literal["picard", "anderson"] = "picard"
+    """picard (plain fixed-point iteration) or anderson (Anderson acceleration per token over the last
+    anderson_memory evaluations: a better iterate from the same r evaluations of G; iteration 1 is unchanged)."""
+    anderson_memory: int = 3
+    """anderson solver: how many of the latest evaluations are mixed (>= 2)."""
+    unit: Literal["layer", "sublayer"] = "layer"
+    """Iterate the whole layer (attention + FFN together) or each sub-layer in turn."""
+    policy: Literal["fixed", "residual", "router"] = "fixed"
+    """How many iterations each token gets in a layer. fixed: the schedule. residual: a token stops once its
+    relative increment ||z_k - z_(k-1)|| / ||z_(k-1)|| falls below threshold (no training needed). router: a learned
+    per-layer router; it picks the top router_capacity of the tokens in training and sigmoid > 0.5 at inference.
+    Increments are gated, z <- z + g (y + G(z) - z): g = 1 continues (for the router a straight-through gate whose
+    gradient is the sigmoid's), g = 0 stops."""
+    threshold: float | list[float] = 0.0
+    """residual policy: the relative-increment threshold, one for every layer or one per layer (0: never stop)."""
+    router_capacity: float = 0.5
+    """router policy, training: the fraction of a batch's tokens that run each iteration after the first."""
+    router_aux_weight: float = 1.0
+    """router policy: weight of the BCE loss that teaches sigmoid > 0.5 to make the training-time choice causally."""
+    early_exit_compaction: Literal["ffn", "all"] = "ffn"
+    """adaptive policies, cached decoding: which sub-layers run on the still-active rows only. ffn: the FFN (the
+    self-attention runs on every row, which also fills the stopped rows' cache slots without gathering any cached
+    prefix); all: the whole layer, on the active rows and their gathered KV prefix. Both are exact."""
+    kv_mode: Literal["exact", "shared"] = "exact"
+    """KV cache: exact (one slot per iteration; stopped tokens' slots filled from their frozen state) or shared (one
+    slot per layer from the first iteration, reused by the others: smaller and approximate, also in training)."""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(IIETConfig)
+        for name in ("output", "relaxation", "solver", "unit", "policy", "early_exit_compaction", "kv_mode"):
+            _check_choice(f"iiet.{name}", getattr(self, name), hints[name])
+        if not 0.0 < self.damping <= 1.0:
+            raise UserInputError(f"iiet.damping={self.damping} must lie in (0, 1]")
+        if not isinstance(self.anderson_memory, int) or self.anderson_memory < 2:
+            raise UserInputError(f"iiet.anderson_memory={self.anderson_memory!r} must be an integer >= 2")
+        if self.solver == "anderson" and (self.output != "last" or self.damping != 1.0 or self.relaxation != "fixed"):
+            raise UserInputError(
+                "iiet.solver='anderson' mixes its own iterates: it needs iiet.output 'last', iiet.damping 1.0 and "
+                "iiet.relaxation 'fixed'"
+            )
+        if self.adaptive or self.kv_mode == "shared":
+            what = f"iiet.policy={self.policy!r}" if self.adaptive else "iiet.kv_mode='shared'"
+            plain = self.output == "last" and self.damping == 1.0 and self.relaxation == "fixed"
+            if self.unit != "layer" or self.solver != "picard" or not plain:
+                raise UserInputError(
+                    f"{what} needs iiet.unit 'layer', iiet.output 'last', iiet.damping 1.0, iiet.relaxation 'fixed' "
+                    "and iiet.solver 'picard'"
+                )
+        thresholds = [self.threshold] if isinstance(self.threshold, (int, float)) else list(self.threshold)
+        if not thresholds or any(not isinstance(t, (int, float)) or t < 0 for t in thresholds):
+            raise UserInputError(f"iiet.threshold={self.threshold!r}: thresholds must be numbers >= 0")
+        if not 0.0 < self.router_capacity <= 1.0:
+            raise UserInputError(f"iiet.router_capacity={self.router_capacity} must lie in (0, 1]")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.policy != "fixed"
+
+    def thresholds(self, n_layers: int) -> list[float]:
+        """The residual policy's per-layer thresholds."""
+        if isinstance(self.threshold, (int, float)):
+            return [float(self.threshold)] * n_layers
+        if len(self.threshold) != n_layers:
+            raise UserInputError(
+                f"iiet.threshold {list(self.threshold)} has {len(self.threshold)} entries; the stack has {n_layers} layers"
+            )
+        return [float(t) for t in self.threshold]
+
+
+# Checkpoints written before the IIET options were grouped under `iiet` stored them flat in `ode`.
+_FLAT_IIET_NAMES = {
+    "iiet_output": "output",
+    "iiet_damping": "damping",
+    "iiet_relaxation": "relaxation",
+    "iiet_solver": "solver",
+    "anderson_memory": "anderson_memory",
+    "iiet_unit": "unit",
+    "iiet_policy": "policy",
+    "iiet_threshold": "threshold",
+    "router_capacity": "router_capacity",
+    "router_aux_weight": "router_aux_weight",
+    "early_exit_compaction": "early_exit_compaction",
+    "kv_mode": "kv_mode",
+}
+
+
+@dataclass
+class ODEConfig:
+    """How each layer of a stack is integrated."""
+
+    scheme: SchemeName = "euler"
+    """Layer-update scheme: euler (vanilla), iiet, looped (r weight-tied explicit steps), rk2, rk2_gated, rk4 or
+    pcformer."""
+    iters: int | list[int] = 1
+    """iiet and looped: iterations per layer, one int for every layer or a per-layer schedule (what IIAD prunes
+    and two-stage training switches). The other schemes have a fixed number of evaluations and take 1."""
+    branch_norm: bool = False
+    """RMSNorm on every G output (PCformer's RK norm). Breaks iiet r = 1 == euler; off by default."""
+    branch_scale: float | None = None
+    """A learned per-channel scale of G's output, one vector per layer, starting at this value (LayerScale; e.g.
+    0.1 makes every update start at a tenth of G); None: off. 1.0 is the plain layer at initialisation."""
+    dropout_mask: Literal["evaluation", "layer"] = "evaluation"
+    """Dropout of the sub-layer outputs: a fresh mask for every F-evaluation, or one mask per layer step that all
+    its evaluations share (as deep-equilibrium models do: the iterations then solve one fixed-point problem).
+    Attention-weight dropout draws a mask per evaluation either way."""
+    iiet: IIETConfig = field(default_factory=IIETConfig)
+    """scheme iiet: the solver, its output and damping, the per-token policy and the KV-cache mode."""
+
+    def __post_init__(self) -> None:
+        _check_choice("scheme", self.scheme, SchemeName)
+        _check_choice("dropout_mask", self.dropout_mask, get_type_hints(ODEConfig)["dropout_mask"])
+        if self.branch_scale is not None and not self.branch_scale > 0:
+            raise UserInputError(f"branch_scale={self.branch_scale!r} must be a number > 0 or null")
+        if isinstance(self.iiet, dict):
+            self.iiet = IIETConfig(**self.iiet)
+        iters = [self.iters] if isinstance(self.iters, int) else list(self.iters)
+        bad = [r for r in iters if not isinstance(r, int) or r < 1]
+        if bad or not iters:
+            raise UserInputError(f"iters={self.iters!r}: every iteration count must be an integer >= 1")
+        if not SCHEMES[self.scheme].iterated and iters != [1]:
+            iterated = " and ".join(repr(name) for name, scheme in SCHEMES.items() if scheme.iterated)
+            raise UserInputError(
+                f"iters={self.iters!r} is only used by schemes {iterated}; scheme {self.scheme!r} takes iters=1"
+            )
+        if self.scheme != "iiet" and self.iiet != IIETConfig():
+            changed = next(f"iiet.{k}={v!r}" for k, v in asdict(self.iiet).items() if v != asdict(IIETConfig())[k])
+            raise UserInputError(f"{changed} is only used by scheme 'iiet'; scheme {self.scheme!r} takes the defaults")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ODEConfig:
+        """A config from its dict form (checkpoints' hyperparameters), also from a checkpoint that stored the IIET
+        options flat (`iiet_policy: residual` for today's `iiet: {policy: residual}`)."""
+        return cls(**upgrade_ode_dict(values))
+
+    @property
+    def adaptive(self) -> bool:
+        return self.iiet.adaptive
+
+    @property
+    def shared_kv(self) -> bool:
+        return self.iiet.kv_mode == "shared"
+
+    def vanilla(self, n_layers: int) -> bool:
+        """Whether every layer is exactly the plain pre-norm layer y + G(y), i.e. the stack is a Transformer++."""
+        return SCHEMES[self.scheme].vanilla(self, n_layers) and not self.branch_norm and self.branch_scale is None
+
+    def schedule(self, n_layers: int) -> list[int]:
+        """The per-layer iteration budget [r_1, ..., r_L]."""
+        if isinstance(self.iters, int):
+            return [self.iters] * n_layers
+        if len(self.iters) != n_layers:
+            raise UserInputError(
+                f"iteration schedule {list(self.iters)} has {len(self.iters)} entries; the stack has {n_layers} layers"
+            )
+        return list(self.iters)
+
+
+def upgrade_ode_dict(values: dict) -> dict:
+    """An `ode` dict with any flat IIET option (the layout before `ode.iiet`) moved into its `iiet` group."""
+    flat = {k: v for k, v in values.items() if k in _FLAT_IIET_NAMES}
+    if not flat:
+        return dict(values)
+    rest = {k: v for k, v in values.items() if k not in _FLAT_IIET_NAMES}
+    group = dict(rest.get("iiet") or {})
+    group.update({_FLAT_IIET_NAMES[k]: v for k, v in flat.items()})
+    return {**rest, "iiet": group}
+
+
+# --- what a forward pass reports -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Trace:
+    """What the forward passes of a stack report while its caller holds this open (`Scheme.trace`).
+
+    The outputs describe the latest forward pass (`Scheme.begin` clears them): read them after the pass.
+    """
+
+    observe: Callable[[int, list[Tensor]], None] | None = None
+    """fn(layer, states), called right after each layer with states = [y, z_1, ..., z_r] for iiet (plus the output
+    when it is not z_r) and [y, y_next] otherwise. fn may reduce them at once, so that nothing of the whole stack
+    has to be kept (convergence metrics at validation)."""
+    record: bool = False
+    """Keep every layer's states in `states`."""
+    full_iterations: bool = False
+    """Every token runs every iteration of the schedule with g = 1, whatever the adaptive policy: the
+    full-iteration reference that agreement metrics compare with."""
+    states: dict[int, list[Tensor]] = field(default_factory=dict)
+    """With record: {layer: states}."""
+    counts: dict[int, Tensor] = field(default_factory=dict)
+    """Implicit schemes: each token's number of iterations in each layer, {layer: (B, T)}."""
+    aux_terms: list[Tensor] = field(default_factory=list)
+    """Router policy, training: the BCE term of every routed iteration (`Scheme.aux_loss` weighs them)."""
+
+    def see(self, layer: int, states: list[Tensor]) -> None:
+        if self.observe is not None:
+            self.observe(layer, states)
+        if self.record:
+            self.states[layer] = states
+
+
+# --- the schemes ---------------------------------------------------------------------------------------------
+
+
+class Scheme(nn.Module):
+    """A stack's layer update: `forward(layer, y, G)` is one layer's step from its input y with its branch G.
+
+    One instance per stack holds the scheme's parameters for all the layers (`update.<name>` in checkpoints).
+    Callers ask it what they need instead of comparing scheme names:
+
+    - `iterated`: layer l evaluates G `schedule[l]` times, a budget that `set_schedule` changes (IIAD, two-stage);
+    - `implicit`: the iterates z_1..z_r approach the implicit Euler step y_next = y + G(y_next): convergence
+      meters and iteration influence apply, and traces get each token's iteration count;
+    - `adaptive`: a per-token policy makes those counts vary (`Trace.full_iterations` gives the reference);
+    - `stateful`: a layer reads what earlier layers of the same pass wrote (`begin`), so it cannot be recomputed
+      alone (activation checkpointing per layer);
+    - `evals`, `total_evals`, `slots`, `init_cache`, `flops`: its cost and its KV cache; `aux_loss`: its own
+      training-loss term, if any.
+
+    Per-forward outputs go to the traces that callers open (`trace`), never to attributes of the scheme.
+    """
+
+    iterated = False
+    implicit = False
+    adaptive = False
+    stateful = False
+    evals_per_layer = 1  # F-evaluations of a layer, for a scheme that is not iterated
+
+    def __init__(self, cfg: ODEConfig, n_layers: int, dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.schedule = cfg.schedule(n_layers)  # changed only through set_schedule() / scheduled()
+        self._traces: list[Trace] = []  # opened and closed by trace()
+        if cfg.branch_scale is not None:
+            self.branch_scale = nn.Parameter(torch.full((n_layers, dim), float(cfg.branch_scale)))
+
+    @classmethod
+    def vanilla(cls, cfg: ODEConfig, n_layers: int) -> bool:
+        """Whether every step under cfg is exactly y + G(y) (see ODEConfig.vanilla)."""
+        return False
+
+    def step(self, layer: int, y: Tensor, G: Branch, states: list[Tensor] | None, history) -> Tensor:
+        """y_next of one layer. states: a list to append the iterates z_k to while someone observes them, else
+        None; history: the state that `begin` started for this forward pass."""
+        raise NotImplementedError
+
+    def forward(self, layer: int, y: Tensor, G: Branch, history: list[Tensor] | None = None) -> Tensor:
+        if self.cfg.branch_scale is not None:
+            G = G.scaled(self.branch_scale[layer])
+        observers = [trace for trace in self._traces if trace.observe is not None or trace.record]
+        states = [y] if observers else None
+        out = self.step(layer, y, G, states, history)
+        if states is not None:
+            if len(states) == 1 or states[-1] is not out:  # the output, unless it is already the last iterate
+                states.append(out)
+            for trace in observers:
+                trace.see(layer, states)
+        return out
+
+    def begin(self, x: Tensor) -> list[Tensor] | None:
+        """Start a forward pass whose stack input is x: the open traces start over, and the result is the state
+        its layers share (`history` of forward: PCformer's layer history, None for the other schemes)."""
+        for trace in self._traces:
+            trace.states, trace.counts, trace.aux_terms = {}, {}, []
+        return None
+
+    @contextlib.contextmanager
+    def trace(
+        self,
+        observe: Callable[[int, list[Tensor]], None] | None = None,
+        record: bool = False,
+        full_iterations: bool = False,
+    ) -> Iterator[Trace]:
+        """A `Trace` that every forward pass of this stack reports to while the context is open. Traces nest:
+        each open one gets the reports, and one that asks for full iterations sets them for all."""
+        trace = Trace(observe, record, full_iterations)
+        self._traces.append(trace)
+        try:
+            yield trace
+        finally:
+            self._traces.remove(trace)
+
+    def set_schedule(self, schedule: list[int]) -> None:
+        """Change the per-layer iteration budget for good (IIAD's pruned student, two-stage training's stages)."""
+        self.schedule = ODEConfig(self.cfg.scheme, list(schedule)).schedule(len(self.schedule))  # validated
+
+    @contextlib.contextmanager
+    def scheduled(self, schedule: list[int]) -> Iterator[None]:
+        """Another schedule while the context is open (the ablation of one layer's iterations); restored after."""
+        previous = self.schedule
+        self.set_schedule(schedule)
+        try:
+            yield
+        finally:
+            self.schedule = previous
+
+    def evals(self, layer: int) -> int:
+        """F-evaluations of one layer (its most, under an adaptive policy)."""
+        return self.schedule[layer] if self.iterated else self.evals_per_layer
+
+    def total_evals(self) -> int:
+        return sum(self.evals(layer) for layer in range(len(self.schedule)))
+
+    def slots(self, layer: int) -> int:
+        """KV-cache slots of one layer: one per evaluation, or one in the shared mode."""
+        return 1 if self.cfg.shared_kv else self.evals(layer)
+
+    def init_cache(self, batch: int, n_heads: int, max_len: int, head_dim: int, like: Tensor) -> list[list[KVCache]]:
+        """An empty KV cache for the stack: one slot per (layer, F-evaluation), or one per layer in the shared mode
+        (docs/DESIGN.md, section 3), on the device and in the dtype of `like`."""
+        return [
+            [KVCache(batch, n_heads, max_len, head_dim, like.device, like.dtype) for _ in range(self.slots(layer))]
+            for layer in range(len(self.schedule))
+        ]
+
+    def flops(self, tokens: int) -> int:
+        """Matmul FLOPs of the scheme itself (not of G) for `tokens` tokens through the whole stack."""
+        return 0
+
+    def aux_loss(self, trace: Trace) -> Tensor | None:
+        """The scheme's own training-loss term, from the trace of a training forward pass; None if it has none."""
+        return None
+
+
+class Euler(Scheme):
+    """The vanilla layer: one explicit Euler step."""
+
+    @classmethod
+    def vanilla(cls, cfg: ODEConfig, n_layers: int) -> bool:
+        return True
+
+    def step(self, layer, y, G, states, history):
+        return y + G(y, 0)
+
+
+class IIET(Scheme):
+    """Iterative implicit Euler: r fixed-point iterations z_k = y + G(z_(k-1)) from z_0 = y towards the implicit
+    step y_next = y + G(y_next); the output is z_r.
+
+    `cfg.iiet` sets the solver (Picard, damped with a fixed or a learned per-layer relaxation, or Anderson), the
+    output, the unit (the whole layer, or each sub-layer in turn), the per-token policy (fixed, or early exit by
+    the residual or a learned router) and the KV-cache mode.
+    """
+
+    iterated = True
+    implicit = True
+
+    def __init__(self, cfg: ODEConfig, n_layers: int, dim: int) -> None:
+        super().__init__(cfg, n_layers, dim)
+        c = cfg.iiet
+        if c.policy == "residual":
+            self.thresholds = c.thresholds(n_layers)
+        if c.policy == "router":
+            self.routers = nn.ModuleList(nn.Linear(dim, 1) for _ in range(n_layers))
+            for router in self.routers:  # start undecided (sigmoid = 0.5); the BCE term calibrates the threshold
+                nn.init.zeros_(router.weight)
+                nn.init.zeros_(router.bias)
+        if c.relaxation == "learned":
+            self.relaxation = nn.Parameter(torch.full((n_layers,), float(c.damping)))
+
+    @property
+    def adaptive(self) -> bool:
+        return self.cfg.iiet.adaptive
+
+    @classmethod
+    def vanilla(cls, cfg: ODEConfig, n_layers: int) -> bool:
+        one_step = cfg.iiet.damping == 1.0 and cfg.iiet.relaxation == "fixed"  # else iteration 1 is y + b G(y)
+        return set(cfg.schedule(n_layers)) == {1} and one_step
+
+    def step(self, layer, y, G, states, history):
+        c, r = self.cfg.iiet, self.schedule[layer]
+        if (c.adaptive or c.kv_mode == "shared") and not any(trace.full_iterations for trace in self._traces):
+            out, counts = adaptive_fixed_point(
+                y, G, r, self.decider(layer), not self.cfg.shared_kv, states, c.early_exit_compaction
+            )
+        else:
+            damping = self.relaxation[layer] if c.relaxation == "learned" else c.damping
+            if c.unit == "layer":
+                out = self.solve(y, G, r, damping, states)
+            else:  # each sub-layer's own implicit step in turn
+                out = y
+                for sublayer in G.sublayers:
+                    out = self.solve(out, sublayer, r, damping, None)
+            counts = torch.full(y.shape[:2], r, dtype=torch.long, device=y.device) if self._traces else None
+        for trace in self._traces:
+            trace.counts[layer] = counts
+        return out
+
+    def solve(self, y: Tensor, f: Sublayer, iters: int, damping: float | Tensor, states: list[Tensor] | None) -> Tensor:
+        """`iters` iterations of the implicit step y_next = y + f(y_next) from y, by the configured solver."""
+        c = self.cfg.iiet
+        if c.solver == "anderson":
+            return anderson(y, f, iters, c.anderson_memory, states)
+        return fixed_point(y, f, iters, damping, c.output, states)
+
+    def decider(self, layer: int):
+        """The per-token continue/stop decision of a layer's adaptive policy: decide(k, z, z_prev, active)."""
+        policy = self.cfg.iiet.policy
+
+        def decide(k: int, z: Tensor, z_prev: Tensor, active: Tensor) -> tuple[Tensor, Tensor | None]:
+            if policy == "fixed":
+                return torch.ones(z.shape[:2], dtype=torch.bool, device=z.device), None
+            if policy == "residual":
+                increment = (z - z_prev).float().norm(dim=-1) / z_prev.float().norm(dim=-1).clamp_min(1e-12)
+                return increment >= self.thresholds[layer], None
+            logit = self.routers[layer](z).float()
+            # Straight-through gate: exactly 1 for a token that continues (it runs the plain IIET iteration),
+            # with the sigmoid's gradient, so the loss tells the router which tokens gain from iterating.
+            prob = torch.sigmoid(logit)
+            gate = (prob / prob.detach()).to(z.dtype)
+            if not self.training:
+                return logit[..., 0] > 0, gate
+            # Expert choice: the top router_capacity of the batch's tokens, among those still active, run this
+            # iteration (not causal); the BCE term teaches the causal rule sigmoid > 0.5 to pick the same tokens.
+            n = min(max(1, round(self.cfg.iiet.router_capacity * logit.numel())), int(active.sum()))
+            chosen = torch.zeros(logit.numel(), dtype=torch.bool, device=z.device)
+            chosen[logit.flatten().masked_fill(~active.flatten(), float("-inf")).topk(n).indices] = True
+            chosen = chosen.view(z.shape[:2])
+            bce = F.binary_cross_entropy_with_logits(logit[..., 0], chosen.float())
+            for trace in self._traces:
+                trace.aux_terms.append(bce)
+            return chosen, gate
+
+        return decide
+
+    def aux_loss(self, trace: Trace) -> Tensor | None:
+        """The router's BCE over a training pass, weighted; it touches every router so DDP never finds one unused."""
+        if self.cfg.iiet.policy != "router" or not self.training:
+            return None
+        unused_guard = sum(p.sum() for p in self.routers.parameters()) * 0.0
+        terms = trace.aux_terms
+        return unused_guard + (self.cfg.iiet.router_aux_weight * torch.stack(terms).mean() if terms else 0.0)
+
+
+# IIET's solvers: plain functions of y and G, which the influence analysis also runs on its own.
 
 
 def fixed_point(
@@ -232,480 +687,116 @@ def adaptive_fixed_point(
     return z, counts
 
 
-def iiet(
-    y: Tensor,
-    G: Branch,
-    iters: int,
-    damping: float | Tensor = 1.0,
-    output: str = "last",
-    unit: str = "layer",
-    iterates: list[Tensor] | None = None,
-    solver: str = "picard",
-    memory: int = 3,
-) -> Tensor:
-    """Iterative implicit Euler. unit="sublayer" iterates each sub-layer's own implicit step in turn.
-
-    solver="picard" is the plain (optionally damped) fixed-point iteration; "anderson" accelerates it.
-    """
-
-    def solve(h: Tensor, f: Sublayer, states: list[Tensor] | None) -> Tensor:
-        if solver == "anderson":
-            return anderson(h, f, iters, memory, states)
-        return fixed_point(h, f, iters, damping, output, states)
-
-    if unit == "layer":
-        return solve(y, G, iterates)
-    h = y
-    for sublayer in G.sublayers:
-        h = solve(h, sublayer, None)
-    return h
-
-
-def looped(y: Tensor, G: Branch, iters: int, iterates: list[Tensor] | None = None) -> Tensor:
+class Looped(Scheme):
     """r explicit Euler steps with the same weights (looped / Universal-Transformer blocks): IIET's compute per
     parameter without its anchor. IIET adds every slope to y, the layer input; this adds it to the last iterate."""
-    z = y
-    for k in range(iters):
-        z = z + G(z, k)
-        if iterates is not None:
-            iterates.append(z)
-    return z
+
+    iterated = True
+
+    def step(self, layer, y, G, states, history):
+        z = y
+        for k in range(self.schedule[layer]):
+            z = z + G(z, k)
+            if states is not None:
+                states.append(z)
+        return z
 
 
-def rk2(y: Tensor, G: Branch) -> Tensor:
-    f1 = G(y, 0)
-    f2 = G(y + f1, 1)
-    return y + (f1 + f2) / 2
+class RK2(Scheme):
+    """Heun's second-order Runge-Kutta step."""
+
+    evals_per_layer = 2
+
+    def step(self, layer, y, G, states, history):
+        f1 = G(y, 0)
+        f2 = G(y + f1, 1)
+        return y + (f1 + f2) / 2
 
 
-def rk2_gated(y: Tensor, G: Branch, gate: nn.Linear) -> Tensor:
-    f1 = G(y, 0)
-    f2 = G(y + f1, 1)
-    g = torch.sigmoid(gate(torch.cat((f1, f2), dim=-1)))
-    return y + g * f1 + (1 - g) * f2
+class RK2Gated(Scheme):
+    """RK2 whose two stages are mixed by a learned per-token gate, one per layer (starting at plain RK2)."""
 
-
-def rk4(y: Tensor, G: Branch) -> Tensor:
-    f1 = G(y, 0)
-    f2 = G(y + f1 / 2, 1)
-    f3 = G(y + f2 / 2, 2)
-    f4 = G(y + f3, 3)
-    return y + (f1 + 2 * f2 + 2 * f3 + f4) / 6
-
-
-def pcformer_predictor(y: Tensor, G: Branch, alpha: Tensor) -> Tensor:
-    """RK2 predictor with EMA coefficients: stage i of m weighted alpha (1 - alpha)^(m - i)."""
-    f1 = G(y, 0)
-    f2 = G(y + f1, 1)
-    return y + alpha * (1 - alpha) * f1 + alpha * f2
-
-
-def pcformer_corrector(
-    history: list[Tensor],
-    prediction: Tensor,
-    G: Branch,
-    w_in: Tensor,
-    w_out: Tensor,
-    norm_p: nn.Module,
-    norm_h: nn.Module,
-) -> Tensor:
-    """Learnable multistep corrector over the layer history (a DLCL-style weighted sum of earlier outputs).
-
-    history holds [embedding, N(y_1), ..., N(y_t)] and is extended in place with N(h), h the corrected state.
-    """
-    history.append(norm_p(prediction))
-    c = sum(w * h for w, h in zip(w_in, history))
-    h = c + G(c, 2)
-    history[-1] = norm_h(h)
-    return sum(w * h for w, h in zip(w_out, history))
-
-
-# --- configuration and the per-stack update ------------------------------------------------------------------
-
-Scheme = Literal["euler", "iiet", "looped", "rk2", "rk2_gated", "rk4", "pcformer"]
-ITERATED = ("iiet", "looped")  # the schemes whose evaluations per layer are the schedule `iters`
-FIXED_EVALS = {"euler": 1, "rk2": 2, "rk2_gated": 2, "rk4": 4, "pcformer": 3}
-SCHEMES = get_args(Scheme)
-
-
-def _check_choice(name: str, value, choices) -> None:
-    """The same check as jsonargparse's for a Literal field, for configs built in Python (dataclasses do not check)."""
-    allowed = get_args(choices)
-    if value not in allowed:
-        raise UserInputError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-
-
-@dataclass
-class IIETConfig:
-    """How scheme iiet iterates (`ode.iiet.*`); the other schemes refuse anything but these defaults."""
-
-    output: Literal["last", "mean"] = "last"
-    """Output the last iterate (plain fixed point) or y + the mean of the iterations' slopes."""
-    damping: float = 1.0
-    """Relaxation b in z <- (1 - b) z + b (y + G(z)); 1.0 is the plain fixed-point iteration. The fixed point does
-    not depend on b; with b < 1 iteration 1 is the shortened explicit step y + b G(y)."""
-    relaxation: Literal["fixed", "learned"] = "fixed"
-    """fixed (damping for every layer) or learned (one relaxation b per layer, a parameter that starts at damping,
-    so r = 1 equals euler at initialisation when damping is 1)."""
-    solver: Literal["picard", "anderson"] = "picard"
-    """picard (plain fixed-point iteration) or anderson (Anderson acceleration per token over the last
-    anderson_memory evaluations: a better iterate from the same r evaluations of G; iteration 1 is unchanged)."""
-    anderson_memory: int = 3
-    """anderson solver: how many of the latest evaluations are mixed (>= 2)."""
-    unit: Literal["layer", "sublayer"] = "layer"
-    """Iterate the whole layer (attention + FFN together) or each sub-layer in turn."""
-    policy: Literal["fixed", "residual", "router"] = "fixed"
-    """How many iterations each token gets in a layer. fixed: the schedule. residual: a token stops once its
-    relative increment ||z_k - z_(k-1)|| / ||z_(k-1)|| falls below threshold (no training needed). router: a learned
-    per-layer router; it picks the top router_capacity of the tokens in training and sigmoid > 0.5 at inference.
-    Increments are gated, z <- z + g (y + G(z) - z): g = 1 continues (for the router a straight-through gate whose
-    gradient is the sigmoid's), g = 0 stops."""
-    threshold: float | list[float] = 0.0
-    """residual policy: the relative-increment threshold, one for every layer or one per layer (0: never stop)."""
-    router_capacity: float = 0.5
-    """router policy, training: the fraction of a batch's tokens that run each iteration after the first."""
-    router_aux_weight: float = 1.0
-    """router policy: weight of the BCE loss that teaches sigmoid > 0.5 to make the training-time choice causally."""
-    early_exit_compaction: Literal["ffn", "all"] = "ffn"
-    """adaptive policies, cached decoding: which sub-layers run on the still-active rows only. ffn: the FFN (the
-    self-attention runs on every row, which also fills the stopped rows' cache slots without gathering any cached
-    prefix); all: the whole layer, on the active rows and their gathered KV prefix. Both are exact."""
-    kv_mode: Literal["exact", "shared"] = "exact"
-    """KV cache: exact (one slot per iteration; stopped tokens' slots filled from their frozen state) or shared (one
-    slot per layer from the first iteration, reused by the others: smaller and approximate, also in training)."""
-
-    def __post_init__(self) -> None:
-        hints = get_type_hints(IIETConfig)
-        for name in ("output", "relaxation", "solver", "unit", "policy", "early_exit_compaction", "kv_mode"):
-            _check_choice(f"iiet.{name}", getattr(self, name), hints[name])
-        if not 0.0 < self.damping <= 1.0:
-            raise UserInputError(f"iiet.damping={self.damping} must lie in (0, 1]")
-        if not isinstance(self.anderson_memory, int) or self.anderson_memory < 2:
-            raise UserInputError(f"iiet.anderson_memory={self.anderson_memory!r} must be an integer >= 2")
-        if self.solver == "anderson" and (self.output != "last" or self.damping != 1.0 or self.relaxation != "fixed"):
-            raise UserInputError(
-                "iiet.solver='anderson' mixes its own iterates: it needs iiet.output 'last', iiet.damping 1.0 and "
-                "iiet.relaxation 'fixed'"
-            )
-        if self.adaptive or self.kv_mode == "shared":
-            what = f"iiet.policy={self.policy!r}" if self.adaptive else "iiet.kv_mode='shared'"
-            plain = self.output == "last" and self.damping == 1.0 and self.relaxation == "fixed"
-            if self.unit != "layer" or self.solver != "picard" or not plain:
-                raise UserInputError(
-                    f"{what} needs iiet.unit 'layer', iiet.output 'last', iiet.damping 1.0, iiet.relaxation 'fixed' "
-                    "and iiet.solver 'picard'"
-                )
-        thresholds = [self.threshold] if isinstance(self.threshold, (int, float)) else list(self.threshold)
-        if not thresholds or any(not isinstance(t, (int, float)) or t < 0 for t in thresholds):
-            raise UserInputError(f"iiet.threshold={self.threshold!r}: thresholds must be numbers >= 0")
-        if not 0.0 < self.router_capacity <= 1.0:
-            raise UserInputError(f"iiet.router_capacity={self.router_capacity} must lie in (0, 1]")
-
-    @property
-    def adaptive(self) -> bool:
-        return self.policy != "fixed"
-
-    def thresholds(self, n_layers: int) -> list[float]:
-        """The residual policy's per-layer thresholds."""
-        if isinstance(self.threshold, (int, float)):
-            return [float(self.threshold)] * n_layers
-        if len(self.threshold) != n_layers:
-            raise UserInputError(
-                f"iiet.threshold {list(self.threshold)} has {len(self.threshold)} entries; the stack has {n_layers} layers"
-            )
-        return [float(t) for t in self.threshold]
-
-
-# Checkpoints written before the IIET options were grouped under `iiet` stored them flat in `ode`.
-_FLAT_IIET_NAMES = {
-    "iiet_output": "output",
-    "iiet_damping": "damping",
-    "iiet_relaxation": "relaxation",
-    "iiet_solver": "solver",
-    "anderson_memory": "anderson_memory",
-    "iiet_unit": "unit",
-    "iiet_policy": "policy",
-    "iiet_threshold": "threshold",
-    "router_capacity": "router_capacity",
-    "router_aux_weight": "router_aux_weight",
-    "early_exit_compaction": "early_exit_compaction",
-    "kv_mode": "kv_mode",
-}
-
-
-@dataclass
-class ODEConfig:
-    """How each layer of a stack is integrated."""
-
-    scheme: Scheme = "euler"
-    """Layer-update scheme: euler (vanilla), iiet, looped (r weight-tied explicit steps), rk2, rk2_gated, rk4 or
-    pcformer."""
-    iters: int | list[int] = 1
-    """iiet and looped: iterations per layer, one int for every layer or a per-layer schedule (what IIAD prunes
-    and two-stage training switches). The other schemes have a fixed number of evaluations and take 1."""
-    branch_norm: bool = False
-    """RMSNorm on every G output (PCformer's RK norm). Breaks iiet r = 1 == euler; off by default."""
-    branch_scale: float | None = None
-    """A learned per-channel scale of G's output, one vector per layer, starting at this value (LayerScale; e.g.
-    0.1 makes every update start at a tenth of G); None: off. 1.0 is the plain layer at initialisation."""
-    dropout_mask: Literal["evaluation", "layer"] = "evaluation"
-    """Dropout of the sub-layer outputs: a fresh mask for every F-evaluation, or one mask per layer step that all
-    its evaluations share (as deep-equilibrium models do: the iterations then solve one fixed-point problem).
-    Attention-weight dropout draws a mask per evaluation either way."""
-    iiet: IIETConfig = field(default_factory=IIETConfig)
-    """scheme iiet: the solver, its output and damping, the per-token policy and the KV-cache mode."""
-
-    def __post_init__(self) -> None:
-        _check_choice("scheme", self.scheme, Scheme)
-        _check_choice("dropout_mask", self.dropout_mask, get_type_hints(ODEConfig)["dropout_mask"])
-        if self.branch_scale is not None and not self.branch_scale > 0:
-            raise UserInputError(f"branch_scale={self.branch_scale!r} must be a number > 0 or null")
-        if isinstance(self.iiet, dict):
-            self.iiet = IIETConfig(**self.iiet)
-        iters = [self.iters] if isinstance(self.iters, int) else list(self.iters)
-        bad = [r for r in iters if not isinstance(r, int) or r < 1]
-        if bad or not iters:
-            raise UserInputError(f"iters={self.iters!r}: every iteration count must be an integer >= 1")
-        if self.scheme not in ITERATED and iters != [1]:
-            raise UserInputError(
-                f"iters={self.iters!r} is only used by schemes 'iiet' and 'looped'; scheme {self.scheme!r} takes iters=1"
-            )
-        if self.scheme != "iiet" and self.iiet != IIETConfig():
-            changed = next(f"iiet.{k}={v!r}" for k, v in asdict(self.iiet).items() if v != asdict(IIETConfig())[k])
-            raise UserInputError(f"{changed} is only used by scheme 'iiet'; scheme {self.scheme!r} takes the defaults")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> ODEConfig:
-        """A config from its dict form (checkpoints' hyperparameters), also from a checkpoint that stored the IIET
-        options flat (`iiet_policy: residual` for today's `iiet: {policy: residual}`)."""
-        return cls(**upgrade_ode_dict(values))
-
-    @property
-    def adaptive(self) -> bool:
-        return self.iiet.adaptive
-
-    @property
-    def shared_kv(self) -> bool:
-        return self.iiet.kv_mode == "shared"
-
-    def schedule(self, n_layers: int) -> list[int]:
-        """The per-layer iteration budget [r_1, ..., r_L]."""
-        if isinstance(self.iters, int):
-            return [self.iters] * n_layers
-        if len(self.iters) != n_layers:
-            raise UserInputError(
-                f"iteration schedule {list(self.iters)} has {len(self.iters)} entries; the stack has {n_layers} layers"
-            )
-        return list(self.iters)
-
-
-def upgrade_ode_dict(values: dict) -> dict:
-    """An `ode` dict with any flat IIET option (the layout before `ode.iiet`) moved into its `iiet` group."""
-    flat = {k: v for k, v in values.items() if k in _FLAT_IIET_NAMES}
-    if not flat:
-        return dict(values)
-    rest = {k: v for k, v in values.items() if k not in _FLAT_IIET_NAMES}
-    group = dict(rest.get("iiet") or {})
-    group.update({_FLAT_IIET_NAMES[k]: v for k, v in flat.items()})
-    return {**rest, "iiet": group}
-
-
-class LayerUpdate(nn.Module):
-    """Applies a stack's scheme layer by layer and holds the scheme's own parameters (gates, PCformer weights)."""
+    evals_per_layer = 2
 
     def __init__(self, cfg: ODEConfig, n_layers: int, dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.schedule = cfg.schedule(n_layers)  # changed only through set_schedule() / scheduled()
-        self._observer: Callable[[int, list[Tensor]], None] | None = None  # see observe()
-        self._full = False  # see full_iterations()
-        # iiet: each token's iteration count per layer, (B, T), of the last forward pass (metrics).
-        self.counts: dict[int, Tensor] = {}
-        self.aux_losses: list[Tensor] = []  # router BCE terms of the last training forward pass
-        if cfg.iiet.policy == "residual":
-            self.thresholds = cfg.iiet.thresholds(n_layers)
-        if cfg.iiet.policy == "router":
-            self.routers = nn.ModuleList(nn.Linear(dim, 1) for _ in range(n_layers))
-            for router in self.routers:  # start undecided (sigmoid = 0.5); the BCE term calibrates the threshold
-                nn.init.zeros_(router.weight)
-                nn.init.zeros_(router.bias)
-        if cfg.branch_scale is not None:
-            self.branch_scale = nn.Parameter(torch.full((n_layers, dim), float(cfg.branch_scale)))
-        if cfg.scheme == "iiet" and cfg.iiet.relaxation == "learned":
-            self.relaxation = nn.Parameter(torch.full((n_layers,), float(cfg.iiet.damping)))
-        if cfg.scheme == "rk2_gated":
-            self.gates = nn.ModuleList(nn.Linear(2 * dim, 1) for _ in range(n_layers))
-            for gate in self.gates:  # start at g = 0.5, i.e. plain RK2
-                nn.init.zeros_(gate.weight)
-                nn.init.zeros_(gate.bias)
-        if cfg.scheme == "pcformer":
-            self.alpha = nn.Parameter(torch.tensor(0.5))
-            # Row l mixes history entries 0..l+1 (embedding, l earlier layers, this layer); start uniform.
-            rows = torch.arange(n_layers).unsqueeze(1)
-            uniform = (torch.arange(n_layers + 1) <= rows + 1).float() / (rows + 2).float()
-            self.w_in = nn.Parameter(uniform.clone())
-            self.w_out = nn.Parameter(uniform.clone())
-            self.norm_p = nn.ModuleList(RMSNorm(dim) for _ in range(n_layers))
-            self.norm_h = nn.ModuleList(RMSNorm(dim) for _ in range(n_layers))
+        super().__init__(cfg, n_layers, dim)
+        self.gates = nn.ModuleList(nn.Linear(2 * dim, 1) for _ in range(n_layers))
+        for gate in self.gates:  # start at g = 0.5, i.e. plain RK2
+            nn.init.zeros_(gate.weight)
+            nn.init.zeros_(gate.bias)
 
-    @contextlib.contextmanager
-    def observe(self, fn: Callable[[int, list[Tensor]], None]) -> Iterator[None]:
-        """While the context is open, every forward pass calls fn(layer, states) right after each layer, with
-        states = [y, z_1, ..., z_r] for iiet (plus the output when it is not z_r) and [y, y_next] otherwise.
-
-        Whoever opens the context owns the observation; fn may reduce the states at once, so that nothing of
-        the whole stack has to be kept (convergence metrics at validation).
-        """
-        previous, self._observer = self._observer, fn
-        try:
-            yield
-        finally:
-            self._observer = previous
-
-    def set_schedule(self, schedule: list[int]) -> None:
-        """Change the per-layer iteration budget for good (IIAD's pruned student, two-stage training's stages)."""
-        self.schedule = ODEConfig(self.cfg.scheme, list(schedule)).schedule(len(self.schedule))  # validated
-
-    @contextlib.contextmanager
-    def scheduled(self, schedule: list[int]) -> Iterator[None]:
-        """Another schedule while the context is open (the ablation of one layer's iterations); restored after."""
-        previous = self.schedule
-        self.set_schedule(schedule)
-        try:
-            yield
-        finally:
-            self.schedule = previous
-
-    @contextlib.contextmanager
-    def full_iterations(self) -> Iterator[None]:
-        """While the context is open, every token runs every iteration of the schedule with g = 1, whatever the
-        adaptive policy: the full-iteration reference that agreement metrics compare with."""
-        previous, self._full = self._full, True
-        try:
-            yield
-        finally:
-            self._full = previous
-
-    @contextlib.contextmanager
-    def record(self) -> Iterator[dict[int, list[Tensor]]]:
-        """observe() into a dict {layer: states}, filled as the forward pass runs."""
-        states: dict[int, list[Tensor]] = {}
-        with self.observe(states.__setitem__):
-            yield states
-
-    def evals(self, layer: int) -> int:
-        """F-evaluations of one layer (its most, under an adaptive policy)."""
-        return self.schedule[layer] if self.cfg.scheme in ITERATED else FIXED_EVALS[self.cfg.scheme]
-
-    def slots(self, layer: int) -> int:
-        """KV-cache slots of one layer: one per evaluation, or one in the shared mode."""
-        return 1 if self.cfg.shared_kv else self.evals(layer)
-
-    def init_cache(self, batch: int, n_heads: int, max_len: int, head_dim: int, like: Tensor) -> list[list[KVCache]]:
-        """An empty KV cache for the stack: one slot per (layer, F-evaluation), or one per layer in the shared mode
-        (docs/DESIGN.md, section 3), on the device and in the dtype of `like`."""
-        return [
-            [KVCache(batch, n_heads, max_len, head_dim, like.device, like.dtype) for _ in range(self.slots(layer))]
-            for layer in range(len(self.schedule))
-        ]
-
-    def decider(self, layer: int):
-        """The per-token continue/stop decision of a layer's adaptive policy: decide(k, z, z_prev, active)."""
-        policy = self.cfg.iiet.policy
-
-        def decide(k: int, z: Tensor, z_prev: Tensor, active: Tensor) -> tuple[Tensor, Tensor | None]:
-            if policy == "fixed":
-                return torch.ones(z.shape[:2], dtype=torch.bool, device=z.device), None
-            if policy == "residual":
-                increment = (z - z_prev).float().norm(dim=-1) / z_prev.float().norm(dim=-1).clamp_min(1e-12)
-                return increment >= self.thresholds[layer], None
-            logit = self.routers[layer](z).float()
-            # Straight-through gate: exactly 1 for a token that continues (it runs the plain IIET iteration),
-            # with the sigmoid's gradient, so the loss tells the router which tokens gain from iterating.
-            prob = torch.sigmoid(logit)
-            gate = (prob / prob.detach()).to(z.dtype)
-            if not self.training:
-                return logit[..., 0] > 0, gate
-            # Expert choice: the top router_capacity of the batch's tokens, among those still active, run this
-            # iteration (not causal); the BCE term teaches the causal rule sigmoid > 0.5 to pick the same tokens.
-            n = min(max(1, round(self.cfg.iiet.router_capacity * logit.numel())), int(active.sum()))
-            chosen = torch.zeros(logit.numel(), dtype=torch.bool, device=z.device)
-            chosen[logit.flatten().masked_fill(~active.flatten(), float("-inf")).topk(n).indices] = True
-            chosen = chosen.view(z.shape[:2])
-            self.aux_losses.append(F.binary_cross_entropy_with_logits(logit[..., 0], chosen.float()))
-            return chosen, gate
-
-        return decide
-
-    def aux_loss(self) -> Tensor | None:
-        """Router BCE of the last training forward, weighted; it touches every router so DDP never finds one unused."""
-        if self.cfg.iiet.policy != "router" or not self.training:
-            return None
-        unused_guard = sum(p.sum() for p in self.routers.parameters()) * 0.0
-        terms = self.aux_losses
-        return unused_guard + (self.cfg.iiet.router_aux_weight * torch.stack(terms).mean() if terms else 0.0)
-
-    def total_evals(self) -> int:
-        return sum(self.evals(layer) for layer in range(len(self.schedule)))
+    def step(self, layer, y, G, states, history):
+        f1 = G(y, 0)
+        f2 = G(y + f1, 1)
+        g = torch.sigmoid(self.gates[layer](torch.cat((f1, f2), dim=-1)))
+        return y + g * f1 + (1 - g) * f2
 
     def flops(self, tokens: int) -> int:
-        """Matmul FLOPs of the scheme itself (rk2 gates) for `tokens` tokens through the whole stack."""
-        return sum(2 * tokens * g.weight.numel() for g in self.gates) if self.cfg.scheme == "rk2_gated" else 0
+        return sum(2 * tokens * g.weight.numel() for g in self.gates)
 
-    def begin(self, x: Tensor) -> list[Tensor] | None:
-        """Per-forward state: PCformer's layer history starts with the embedding output."""
-        return [x] if self.cfg.scheme == "pcformer" else None
 
-    def forward(self, layer: int, y: Tensor, G: Branch, history: list[Tensor] | None = None) -> Tensor:
-        s, states = self.cfg.scheme, [y] if self._observer is not None else None
-        if layer == 0:
-            self.aux_losses = []
-        if self.cfg.branch_scale is not None:
-            G = G.scaled(self.branch_scale[layer])
-        if s == "euler":
-            out = euler(y, G)
-        elif s == "iiet" and not self._full and (self.cfg.adaptive or self.cfg.shared_kv):
-            fill = not self.cfg.shared_kv
-            out, self.counts[layer] = adaptive_fixed_point(
-                y, G, self.schedule[layer], self.decider(layer), fill, states, self.cfg.iiet.early_exit_compaction
-            )
-        elif s == "iiet":
-            c = self.cfg.iiet
-            damping = self.relaxation[layer] if c.relaxation == "learned" else c.damping
-            out = iiet(
-                y,
-                G,
-                self.schedule[layer],
-                damping,
-                c.output,
-                c.unit,
-                states,
-                c.solver,
-                c.anderson_memory,
-            )
-            self.counts[layer] = torch.full(y.shape[:2], self.schedule[layer], dtype=torch.long, device=y.device)
-        elif s == "looped":
-            out = looped(y, G, self.schedule[layer], states)
-        elif s == "rk2":
-            out = rk2(y, G)
-        elif s == "rk2_gated":
-            out = rk2_gated(y, G, self.gates[layer])
-        elif s == "rk4":
-            out = rk4(y, G)
-        else:
-            prediction = pcformer_predictor(y, G, self.alpha)
-            n = layer + 2
-            out = pcformer_corrector(
-                history,
-                prediction,
-                G,
-                self.w_in[layer, :n],
-                self.w_out[layer, :n],
-                self.norm_p[layer],
-                self.norm_h[layer],
-            )
-        if states is not None:
-            if len(states) == 1 or states[-1] is not out:  # the output, unless it is already the last iterate
-                states.append(out)
-            self._observer(layer, states)
-        return out
+class RK4(Scheme):
+    """The classic fourth-order Runge-Kutta step."""
+
+    evals_per_layer = 4
+
+    def step(self, layer, y, G, states, history):
+        f1 = G(y, 0)
+        f2 = G(y + f1 / 2, 1)
+        f3 = G(y + f2 / 2, 2)
+        f4 = G(y + f3, 3)
+        return y + (f1 + 2 * f2 + 2 * f3 + f4) / 6
+
+
+class PCformer(Scheme):
+    """Predictor-corrector: an RK2 predictor with EMA coefficients, then a learnable multistep corrector over the
+    layer history (a DLCL-style weighted sum of earlier layers' outputs)."""
+
+    stateful = True
+    evals_per_layer = 3
+
+    def __init__(self, cfg: ODEConfig, n_layers: int, dim: int) -> None:
+        super().__init__(cfg, n_layers, dim)
+        self.alpha = nn.Parameter(torch.tensor(0.5))
+        # Row l mixes history entries 0..l+1 (embedding, l earlier layers, this layer); start uniform.
+        rows = torch.arange(n_layers).unsqueeze(1)
+        uniform = (torch.arange(n_layers + 1) <= rows + 1).float() / (rows + 2).float()
+        self.w_in = nn.Parameter(uniform.clone())
+        self.w_out = nn.Parameter(uniform.clone())
+        self.norm_p = nn.ModuleList(RMSNorm(dim) for _ in range(n_layers))
+        self.norm_h = nn.ModuleList(RMSNorm(dim) for _ in range(n_layers))
+
+    def begin(self, x: Tensor) -> list[Tensor]:
+        super().begin(x)
+        return [x]  # the layer history starts with the embedding output
+
+    def step(self, layer, y, G, states, history):
+        return self.correct(layer, history, self.predict(y, G), G)
+
+    def predict(self, y: Tensor, G: Branch) -> Tensor:
+        """RK2 with EMA coefficients: stage i of m weighted alpha (1 - alpha)^(m - i)."""
+        f1 = G(y, 0)
+        f2 = G(y + f1, 1)
+        return y + self.alpha * (1 - self.alpha) * f1 + self.alpha * f2
+
+    def correct(self, layer: int, history: list[Tensor], prediction: Tensor, G: Branch) -> Tensor:
+        """history holds [embedding, N(y_1), ..., N(y_t)] and is extended in place with N(h), h the corrected
+        state of this layer."""
+        n = layer + 2
+        w_in, w_out = self.w_in[layer, :n], self.w_out[layer, :n]
+        history.append(self.norm_p[layer](prediction))
+        c = sum(w * h for w, h in zip(w_in, history))
+        h = c + G(c, 2)
+        history[-1] = self.norm_h[layer](h)
+        return sum(w * h for w, h in zip(w_out, history))
+
+
+SCHEMES: dict[str, type[Scheme]] = {
+    "euler": Euler,
+    "iiet": IIET,
+    "looped": Looped,
+    "rk2": RK2,
+    "rk2_gated": RK2Gated,
+    "rk4": RK4,
+    "pcformer": PCformer,
+}

@@ -29,7 +29,7 @@ from lit_iiet.nn.layers import (
     rope_tables,
     self_attention,
 )
-from lit_iiet.nn.ode import Branch, LayerUpdate, ODEConfig
+from lit_iiet.nn.ode import SCHEMES, Branch, ODEConfig
 
 
 @dataclass
@@ -134,10 +134,10 @@ class Seq2Seq(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=cfg.d_model**-0.5)  # scaled by sqrt(d_model) in embed_tokens
         self.encoder = nn.ModuleList(EncoderBlock(cfg, enc_ode) for _ in range(cfg.enc_layers))
-        self.enc_update = LayerUpdate(enc_ode, cfg.enc_layers, cfg.d_model)
+        self.enc_update = SCHEMES[enc_ode.scheme](enc_ode, cfg.enc_layers, cfg.d_model)
         self.enc_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.decoder = nn.ModuleList(DecoderBlock(cfg, dec_ode) for _ in range(cfg.dec_layers))
-        self.dec_update = LayerUpdate(dec_ode, cfg.dec_layers, cfg.d_model)
+        self.dec_update = SCHEMES[dec_ode.scheme](dec_ode, cfg.dec_layers, cfg.d_model)
         self.dec_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.init == "gpt2":
             gpt2_init(self.encoder, 2 * cfg.enc_layers)
