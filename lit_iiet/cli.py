@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
-import textwrap
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
@@ -26,7 +24,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lit_iiet.callbacks import TextPredictionWriter
 from lit_iiet.checkpoint import SPECIAL_CKPT_PATHS, checkpoint_tokenizer, load_checkpoint
 from lit_iiet.errors import UserInputError, exit_on_user_error, user_error_in
-from lit_iiet.models.base import upgrade_hparams
 
 PROG = "python -m lit_iiet"
 TRAINER_COMMANDS = {
@@ -125,8 +122,8 @@ class IIETCLI(LightningCLI):
         if checkpoint is None:
             return  # "last" etc.: Lightning resolves them in the Trainer, with the hyperparameters of the config
         given = self.config[subcommand]["model"].clone()
-        # What LightningCLI does here, on the hyperparameters in today's layout (older checkpoints are upgraded).
-        hparams = upgrade_hparams(dict(checkpoint.get("hyper_parameters", {})))
+        # What LightningCLI does with the checkpoint's hyperparameters, then the rule below.
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
         hparams.pop("_instantiator", None)
         if not hparams:
             return
@@ -185,71 +182,21 @@ class IIETCLI(LightningCLI):
             init_args["tokenizer"] = str(tokenizer.path)
 
 
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" -"))
+def short_parse_error(message: str, subcommand: str) -> str:
+    """jsonargparse's report of a bad option on one line, with the command that lists the options it is about.
 
-
-def _unknown_option(option: str) -> str:
-    """An unknown dotted option; one from before the IIET options moved under `ode.iiet` gets its new name."""
-    flat = re.match(r"(.*ode)\.(iiet_\w+|anderson_memory|router_\w+|early_exit_compaction|kv_mode)\b", option)
-    if flat is None:
-        return f"unrecognized option --{option}"
-    new = f"{flat.group(1)}.iiet.{flat.group(2).removeprefix('iiet_')}"
-    return f"unrecognized option --{option}; the IIET options are under {flat.group(1)}.iiet now: --{new}"
-
-
-def short_parse_error(message: str, prefix: str = "") -> str:
-    """jsonargparse's nested report of a bad option as one line: the option's full dotted name and what is wrong.
-
-    The report is a `Parser key "K":` block whose detail may hold a `Problem with given class_path` block, the
-    report of the class's own parser (model -> ode.iiet.policy); `prefix` is the key of the enclosing blocks.
+    A model's or data module's own options are checked by that class's parser, whose report comes nested under
+    `- Problem with given class_path 'C':` in the report of the `model` / `data` key; only that inner report names
+    the option, so it is the part kept (its lines joined), and `--model.help C` lists the options.
     """
-    lines = [line for line in message.splitlines() if line.strip()]
-    if not lines:
-        return message
-    head = lines[0].strip().removeprefix("- ")
-    match = re.match(r'Parser key "([^"]+)":\s*(.*)$', head)
-    if match is None:
-        dotted = lambda name: f"{prefix}.{name}" if prefix else name  # noqa: E731
-        unrecognized = re.match(r"unrecognized arguments: --(\S+)", head)
-        if unrecognized:
-            return _unknown_option(dotted(unrecognized.group(1)))
-        group = re.match(r"Group '(.+)' does not accept option '(.+)'", head)
-        if group:
-            return _unknown_option(dotted(f"{group.group(1)}.{group.group(2)}"))
-        return f"{prefix}: {head}" if prefix else head
-    key = f"{prefix}.{match.group(1)}" if prefix else match.group(1)
-    body = lines[1:]
-    for i, line in enumerate(body):
-        if line.strip().startswith("- Problem with given class_path"):
-            block = []
-            for inner in body[i + 1 :]:
-                if _indent(inner) <= _indent(line):
-                    break
-                block.append(inner)
-            return short_parse_error(textwrap.dedent("\n".join(block)), key)
-    text = " ".join([match.group(2)] + [line.strip().removeprefix("- ") for line in body]).strip()
-    literal = re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", text)
-    if literal:
-        choices = ", ".join(c.strip().strip("'\"") for c in literal.group(1).split(","))
-        return f"{key}: unknown {key.rsplit('.', 1)[-1]} {literal.group(2)!r}; choose one of {choices}"
-    value = re.search(r"Given value: (.*?)$", text) or re.search(r"Got value: (.*?)$", text)
-    subtypes = next((b.strip().removeprefix("Subtypes: ") for b in body if b.strip().startswith("Subtypes: [")), None)
-    types = re.match(r"\[(.*)\]$", subtypes) if subtypes else re.search(r"Expected a (.*?)\. Got value", text)
-    if value and types:
-        wanted = re.sub(r"<class '(\w+)'>", r"\1", types.group(1)).replace(", ", " or ")
-        return f"{key}={value.group(1)!r}: expected {wanted}"
-    return f"{key}: {text}"
-
-
-def help_command(message: str, subcommand: str) -> str:
-    """The command that lists the options a parse error is about: a model's or data module's own options are shown
-    by `--model.help CLASS` / `--data.help CLASS`, not by `--help`."""
-    group = re.match(r'Parser key "(model|data)":', message)
-    class_path = re.search(r"Problem with given class_path '([^']+)'", message)
-    if group and class_path:
-        return f"{PROG} {subcommand} --{group.group(1)}.help {class_path.group(1)}"
-    return f"{PROG} {subcommand} --help"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("- Problem with given class_path"):
+            group, class_path = lines[0].split('"')[1], line.split("'")[1]
+            detail = lines[i + 1 :]
+            detail = detail[: next((k for k, text in enumerate(detail) if text.startswith("- ")), len(detail))]
+            return f"{group}: {' '.join(detail)} (see {PROG} {subcommand} --{group}.help {class_path})"
+    return f"{' '.join(lines)} (see {PROG} {subcommand} --help)"
 
 
 def main(args: list[str] | None = None) -> None:
@@ -293,4 +240,4 @@ def lightning_cli(args: list[str] | None) -> None:
                 raise
             given = list(sys.argv[1:] if args is None else args)
             subcommand = next((a for a in given if not a.startswith("-")), "SUBCOMMAND")
-            raise UserInputError(f"{short_parse_error(str(e))} (see {help_command(str(e), subcommand)})") from None
+            raise UserInputError(short_parse_error(str(e), subcommand)) from None

@@ -19,12 +19,10 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from lit_iiet.checkpoint import TOKENIZER_KEY, checkpoint_tokenizer, load_checkpoint
 from lit_iiet.data.tokenizer import Tokenizer
 from lit_iiet.errors import UserInputError
-from lit_iiet.nn.ode import upgrade_ode_dict
 
 # Parameters that start from their own init when init_from / an IIAD teacher lacks them: the routers of an adaptive
 # policy, and a learned relaxation (it starts at iiet.damping, so plain-iteration weights keep their meaning).
 OPTIONAL_PARAMS = ("model.update.routers.", "model.update.relaxation")
-ODE_KEYS = ("ode", "enc_ode", "dec_ode")  # the hyperparameters that hold an ODEConfig
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -59,17 +57,11 @@ def check_adam_options(cfg) -> None:
             raise UserInputError(f"model.optim.{name}={value}: must be {allowed}")
 
 
-def upgrade_hparams(hparams: dict) -> dict:
-    """A checkpoint's hyperparameters in today's layout: `ode`, `enc_ode` and `dec_ode` written before the IIET
-    options moved under `iiet` get them moved there (`upgrade_ode_dict`)."""
-    return {k: upgrade_ode_dict(v) if k in ODE_KEYS and isinstance(v, dict) else v for k, v in hparams.items()}
-
-
 def as_config(cls, value):
     """Dataclass from a dict: checkpoints store hyperparameters as plain dicts (weights_only loading)."""
     if not isinstance(value, dict):
         return value
-    return cls.from_dict(value) if hasattr(cls, "from_dict") else cls(**value)
+    return cls(**value)
 
 
 class ODEModule(L.LightningModule):
@@ -156,9 +148,9 @@ class ODEModule(L.LightningModule):
 
     @classmethod
     def checkpoint_hparams(cls, checkpoint: dict, source: str | Path) -> dict:
-        """A loaded checkpoint's hyperparameters in today's layout (`upgrade_hparams`), once it is known to be one
+        """A loaded checkpoint's hyperparameters, once it is known to be one
         of this class: by the class LightningCLI recorded, else by the `checkpoint_keys` it carries."""
-        hparams = upgrade_hparams(dict(checkpoint.get("hyper_parameters", {})))
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
         hparams.pop("_instantiator", None)
         class_path = hparams.pop("_class_path", None)
         theirs = str(class_path).rpartition(".")[2] if class_path is not None else None

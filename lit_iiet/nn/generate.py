@@ -128,8 +128,8 @@ def beam_search(
     best hypotheses' scores (-inf where a sentence finished none).
 
     Every step is tensor operations on the device; its one host sync reads which sentences are still live and
-    which rows took another row's beam (the cache copies only those). benchmarks/beam_reference.py holds the
-    former Python-loop version, which the tests compare with.
+    which rows took another row's beam (the cache copies only those). benchmarks/beam_reference.py is a plain
+    Python-loop beam search that the tests compare with.
     """
     if beam < 1:
         raise UserInputError(f"beam={beam} must be >= 1")

@@ -83,11 +83,9 @@ class KVCache(nn.Module):
         An index shorter than the batch keeps only the rows it names (finished sentences leave).
 
         moved: the rows i with index[i] != i, when the caller knows them. A beam mostly extends itself, so few
-        rows move at a step (3-6% in `python -m benchmarks.beam_search --part reorder`), and copying only those
-        takes 0.2x the time of the former in-place reorder of every row. When many move (over a fifth of the
-        rows) or rows leave, every row is gathered into a second buffer that then becomes the cache (0.3x: one
-        read and one write, no new memory; the in-place way went through a new temporary). Indexing on read
-        instead (write-once rows, gathered through an ancestry table by the attention) measured 1.0-1.3x.
+        rows move at a step, and only those are copied. When many move (over a fifth of the rows) or rows leave,
+        every row is gathered into a second buffer that then becomes the cache (one read and one write, no new
+        memory). `python -m benchmarks.beam_search --part reorder` measures the choices (docs/RESULTS.md).
         """
         n = index.shape[0]
         if moved is not None and n == self.k.shape[0] and 5 * moved.numel() <= n:

@@ -186,23 +186,6 @@ class IIETConfig:
         return [float(t) for t in self.threshold]
 
 
-# Checkpoints written before the IIET options were grouped under `iiet` stored them flat in `ode`.
-_FLAT_IIET_NAMES = {
-    "iiet_output": "output",
-    "iiet_damping": "damping",
-    "iiet_relaxation": "relaxation",
-    "iiet_solver": "solver",
-    "anderson_memory": "anderson_memory",
-    "iiet_unit": "unit",
-    "iiet_policy": "policy",
-    "iiet_threshold": "threshold",
-    "router_capacity": "router_capacity",
-    "router_aux_weight": "router_aux_weight",
-    "early_exit_compaction": "early_exit_compaction",
-    "kv_mode": "kv_mode",
-}
-
-
 @dataclass
 class ODEConfig:
     """How each layer of a stack is integrated."""
@@ -245,12 +228,6 @@ class ODEConfig:
             changed = next(f"iiet.{k}={v!r}" for k, v in asdict(self.iiet).items() if v != asdict(IIETConfig())[k])
             raise UserInputError(f"{changed} is only used by scheme 'iiet'; scheme {self.scheme!r} takes the defaults")
 
-    @classmethod
-    def from_dict(cls, values: dict) -> ODEConfig:
-        """A config from its dict form (checkpoints' hyperparameters), also from a checkpoint that stored the IIET
-        options flat (`iiet_policy: residual` for today's `iiet: {policy: residual}`)."""
-        return cls(**upgrade_ode_dict(values))
-
     @property
     def adaptive(self) -> bool:
         return self.iiet.adaptive
@@ -272,17 +249,6 @@ class ODEConfig:
                 f"iteration schedule {list(self.iters)} has {len(self.iters)} entries; the stack has {n_layers} layers"
             )
         return list(self.iters)
-
-
-def upgrade_ode_dict(values: dict) -> dict:
-    """An `ode` dict with any flat IIET option (the layout before `ode.iiet`) moved into its `iiet` group."""
-    flat = {k: v for k, v in values.items() if k in _FLAT_IIET_NAMES}
-    if not flat:
-        return dict(values)
-    rest = {k: v for k, v in values.items() if k not in _FLAT_IIET_NAMES}
-    group = dict(rest.get("iiet") or {})
-    group.update({_FLAT_IIET_NAMES[k]: v for k, v in flat.items()})
-    return {**rest, "iiet": group}
 
 
 # --- what a forward pass reports -----------------------------------------------------------------------------
