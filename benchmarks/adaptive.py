@@ -7,7 +7,7 @@ threshold, the router checkpoint, and, with --shared_kv, IIET and the first resi
 KV slot per layer (the approximate cache mode, to measure its quality cost). For each row:
 - evaluations per token: F-evaluations per token and layer, averaged over the whole validation split;
 - agreement: share of validation positions whose argmax equals the same weights' full-iteration argmax;
-- val loss on the whole validation split (the `conf/lm/shakespeare_*.yaml` data settings);
+- val loss on the whole validation split (the `conf/lm/shakespeare.yaml` data settings);
 - cached greedy decoding tokens/s at batch 1 and batch 16 as ratios to vanilla: rounds alternate the models and
   the table gives the median; decoding gathers each iteration's active rows into a dense sub-batch, and "idle"
   is the share of (token, iteration) slots of the batch that early exit freed: 1 - sum k_t / (tokens * r).

@@ -31,7 +31,7 @@ def add_shape_args(
     seq_len: int = 128,
     batch_size: int = 16,
 ) -> None:
-    """The model and training-batch shape; defaults are the conf/lm/shakespeare_*.yaml shape."""
+    """The model and training-batch shape; defaults are the conf/lm/shakespeare.yaml shape."""
     parser.add_argument("--n_layers", type=int, default=4)
     parser.add_argument("--d_model", type=int, default=d_model)
     parser.add_argument("--n_heads", type=int, default=4)

@@ -214,7 +214,7 @@ def needed_tokens_per_s() -> float:
     from lit_iiet.nn.decoder import Decoder, DecoderConfig
     from lit_iiet.nn.ode import ODEConfig
 
-    model = yaml.safe_load((ROOT / "conf/lm/slimpajama_340m_iiet.yaml").read_text())["model"]["init_args"]
+    model = yaml.safe_load((ROOT / "conf/lm/slimpajama.yaml").read_text())["model"]["init_args"]
     with torch.device("meta"):
         decoder = Decoder(DecoderConfig(**model["arch"]), ODEConfig(**model["ode"]))
     train_flops_per_token = 3 * decoder.flops(1, SEQ_LEN) / SEQ_LEN

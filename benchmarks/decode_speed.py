@@ -1,7 +1,7 @@
 """Cached greedy decoding speed of several checkpoints, as ratios to the first, measured in one run.
 
     python -m benchmarks.decode_speed vanilla=runs/shakespeare_euler/checkpoints/last.ckpt \
-        iiet=runs/shakespeare_iiet/checkpoints/last.ckpt e-iiet=runs/shakespeare_iiad/checkpoints/last.ckpt
+        iiet=runs/shakespeare/checkpoints/last.ckpt e-iiet=runs/shakespeare_iiad/checkpoints/last.ckpt
 
 Each round decodes `--tokens` new tokens after a `--prompt`-token prompt at `--batch` sequences for every model
 in turn (alternating, so that drifts of the machine's speed hit all alike); the table gives the median

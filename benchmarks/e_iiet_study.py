@@ -2,7 +2,7 @@
 
     python -m benchmarks.e_iiet_study --vanilla V.ckpt --teacher IIET.ckpt --out runs/e_iiet
 
-Every row continues training for the steps of conf/lm/shakespeare_iiad.yaml (its lr, schedule, data and seed;
+Every row continues training for the steps of conf/recipe/iiad.yaml (its lr, schedule, data and seed;
 --seed changes the seed), so all rows end at the same total number of steps:
 - vanilla: the vanilla checkpoint, cross-entropy only;
 - IIET: the teacher, cross-entropy only;
@@ -26,7 +26,7 @@ from benchmarks.common import fit_and_test, machine
 from benchmarks.decode_speed import decode_speeds
 from lit_iiet.models import LanguageModel
 
-RECIPE = ["--config", "conf/lm/shakespeare_iiad.yaml"]
+RECIPE = ["--config", "conf/lm/shakespeare.yaml", "--config", "conf/recipe/iiad.yaml"]
 
 
 def rows(vanilla: str, teacher: str, thresholds: list[float], out: Path) -> dict[str, list[str]]:

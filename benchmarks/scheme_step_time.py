@@ -1,6 +1,6 @@
 """Training step time of each layer-update scheme as a ratio to euler, measured in one run.
 
-    python -m benchmarks.scheme_step_time                     # the shakespeare_*.yaml shape, fp32 on CPU
+    python -m benchmarks.scheme_step_time                     # the conf/lm/shakespeare.yaml shape, fp32 on CPU
     python -m benchmarks.scheme_step_time --device cuda --dtype bf16 --d_model 1024 --n_layers 24 --seq_len 2048
 
 Every scheme trains on the same batch. Rounds alternate the schemes (euler, iiet r=2, ..., euler, iiet r=2, ...)

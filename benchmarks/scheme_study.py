@@ -5,8 +5,8 @@
     python -m benchmarks.scheme_study --out runs/screen --arms iiet "iiet anderson" --lrs 2e-3 --seeds 1337
     python -m benchmarks.scheme_study --out runs/mt --arms "mt euler" "mt iiet" --lrs 1e-3 2e-3 4e-3   # translation
 
-Every arm is a shipped config (`conf/lm/shakespeare_<scheme>.yaml`, or `conf/mt/bible_fr_en_<encoder>.yaml` for
-the "mt" arms) plus a few command-line overrides, so any row can be rerun by hand with the command that the CSV
+Every arm is a shipped config (`conf/lm/shakespeare.yaml` with a `conf/scheme/<scheme>.yaml` overlay, or
+`conf/mt/bible_fr_en_<encoder>.yaml` for the "mt" arms) plus a few command-line overrides, so any row can be rerun by hand with the command that the CSV
 records. The arms of one study share a task. For translation, val_loss and test_loss are the token NLL without
 label smoothing, the validation decodes nothing, and the test adds BLEU and chrF (whole test split). For each arm:
 1. tuning: one run per learning rate of --lrs with each of --tune_seeds; the lr with the lowest mean final
@@ -25,8 +25,10 @@ in. The CSV (--results/NAME.csv, one row per run, written as runs finish) is the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -39,7 +41,10 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+import yaml
+
 from benchmarks.common import fit_and_test
+from lit_iiet.cli import main as lit_iiet_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 class Arm:
     """One row of the study: a shipped config and the overrides that make this variant."""
 
-    config: str
+    configs: tuple[str, ...]
+    """The config files, base first (`--config` each)."""
     overrides: tuple[str, ...] = ()
     what: str = ""
     flops: float | None = 1.0
@@ -60,13 +66,14 @@ class Arm:
     """lm (decoder-only, Shakespeare) or mt (encoder-decoder, Bible Fr->En)."""
 
 
-def lm(scheme: str) -> str:
-    return f"conf/lm/shakespeare_{scheme}.yaml"
+def lm(scheme: str) -> tuple[str, ...]:
+    """conf/lm/shakespeare.yaml (IIET r = 3) with the scheme's overlay conf/scheme/<scheme>.yaml."""
+    return ("conf/lm/shakespeare.yaml",) + (() if scheme == "iiet" else (f"conf/scheme/{scheme}.yaml",))
 
 
 def mt(encoder: str, overrides: tuple[str, ...] = (), what: str = "", group: str = "scheme") -> Arm:
     """An arm of the translation study: conf/mt/bible_fr_en_<encoder>.yaml plus overrides."""
-    return Arm(f"conf/mt/bible_fr_en_{encoder}.yaml", overrides, what, None, group, "mt")
+    return Arm((f"conf/mt/bible_fr_en_{encoder}.yaml",), overrides, what, None, group, "mt")
 
 
 ARMS: dict[str, Arm] = {
@@ -152,6 +159,17 @@ DEFAULT_ARMS = [
 ]
 
 
+def resolved_config(args: list[str]) -> dict:
+    """`python -m lit_iiet fit ARGS --print_config`, in this process, as a dict."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+        lit_iiet_main(["fit", *args, "--print_config"])
+    config = yaml.safe_load(out.getvalue())
+    if not isinstance(config, dict):
+        raise SystemExit(f"scheme_study: python -m lit_iiet fit {' '.join(args)} does not parse: {err.getvalue()}")
+    return config
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
@@ -235,12 +253,12 @@ class Run:
     """tune (chooses the lr) or final (reported): a tuning run is never reused as a final run."""
     store: Store | None = None
     args: list[str] = field(init=False)
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         a = ARMS[self.arm]
         self.args = [
-            "--config",
-            a.config,
+            *(arg for config in a.configs for arg in ("--config", config)),
             *a.overrides,
             *self.extra,
             "--model.optim.lr",
@@ -254,9 +272,15 @@ class Run:
         return self.out / "runs" / slug(self.arm) / f"{self.stage}_lr{self.lr:g}_seed{self.seed}"
 
     def fingerprint(self) -> str:
-        """The command and the config file's text: a finished run is reused only if both are unchanged."""
-        text = (ROOT / ARMS[self.arm].config).read_text()
-        return hashlib.sha256(json.dumps([self.args, text]).encode()).hexdigest()[:16]
+        """The run's whole config as `fit` resolves it (every default, the overlays merged), without the folder it
+        is written to: a finished run is reused only while that is unchanged, however the config files are laid
+        out."""
+        if self._fingerprint is None:
+            config = resolved_config(self.args)
+            config["trainer"].pop("default_root_dir", None)
+            text = json.dumps(config, sort_keys=True)
+            self._fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._fingerprint
 
     def result(self, required: bool = False) -> dict | None:
         path = self.dir / "result.json"

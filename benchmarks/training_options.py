@@ -1,6 +1,6 @@
 """Activation checkpointing and torch.compile on an IIET training step: time and peak memory, in one run.
 
-    python -m benchmarks.training_options                      # iiet r=3, the shakespeare_*.yaml shape, CPU fp32
+    python -m benchmarks.training_options                      # iiet r=3, the conf/lm/shakespeare.yaml shape, CPU fp32
     python -m benchmarks.training_options --device cuda --dtype bf16 --d_model 1024 --n_layers 24 --seq_len 2048
 
 Variants (the `LanguageModel` options `activation_checkpointing` and `compile`): none, checkpointing per layer,

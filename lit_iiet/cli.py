@@ -69,6 +69,14 @@ def checkpoint_dir(default_root_dir: str | None) -> str:
     return str(Path(default_root_dir or os.getcwd()) / "checkpoints")
 
 
+def run_folder(config_files: list) -> str:
+    """A run's folder when no config sets trainer.default_root_dir: runs/ and the names of its config files, base
+    first, trainer presets left out (`--config conf/lm/shakespeare.yaml --config conf/scheme/euler.yaml`:
+    runs/shakespeare_euler), so that every combination of overlays has its own folder."""
+    names = [Path(str(path)).stem for path in config_files if Path(str(path)).parent.name != "trainer"]
+    return str(Path("runs") / "_".join(names))
+
+
 class IIETCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Always checkpoint: the best model by val/loss and last.ckpt. Lightning's version counter writes
@@ -105,6 +113,10 @@ class IIETCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         self.command_line = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         super().parse_arguments(parser, args)
+        config = self.config[self.config["subcommand"]] if "subcommand" in self.config else self.config
+        if config["trainer"].get("default_root_dir") is None and config.get("config"):
+            config["trainer"]["default_root_dir"] = run_folder(config["config"])
+            config["checkpoint"]["dirpath"] = checkpoint_dir(config["trainer"]["default_root_dir"])
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here; check the file first so that a missing or

@@ -8,7 +8,7 @@ else the BPE model that LMDataModule trained and cached under `$LIT_IIET_CACHE/t
 
 Command line (lm-eval's built-in tasks plus the YAML tasks found under --include_path):
 
-    python -m lit_iiet evaluate --checkpoint runs/shakespeare_iiet/checkpoints/last.ckpt \\
+    python -m lit_iiet evaluate --checkpoint runs/shakespeare/checkpoints/last.ckpt \\
         --include_path tests/assets/lm_eval_task --tasks shakespeare_cloze shakespeare_next_line
 
 In Python, `LitIIETLM(model=..., tokenizer=...)` wraps an already loaded `LanguageModel` or `Decoder`. Pass it to

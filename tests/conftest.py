@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A small model on the shipped corpus: a CLI run of a few steps takes seconds on a 2-core CPU.
 TINY = [
     "--config",
-    "conf/lm/shakespeare_iiet.yaml",
+    "conf/lm/shakespeare.yaml",
     "--model.arch.n_layers",
     "2",
     "--model.arch.d_model",

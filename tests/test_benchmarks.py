@@ -52,7 +52,7 @@ def test_scheme_study_tunes_on_validation_resumes_from_its_csv_and_refuses_chang
         ("iiet", 3e-2, 1, "tune"),
         ("iiet", 3e-2, 2, "final"),
     ]
-    assert all(r["command"].startswith("python -m lit_iiet fit --config conf/lm/shakespeare_") for r in rows)
+    assert all(r["command"].startswith("python -m lit_iiet fit --config conf/lm/shakespeare.yaml") for r in rows)
     table = (results / "study.md").read_text()
     assert "| euler | 0.03 | 1 |" in table and "| iiet | 0.03 | 1 |" in table
     detail = (tmp_path / "study_detail.md").read_text()

@@ -19,7 +19,17 @@ from lit_iiet.cli import main
 from lit_iiet.errors import UserInputError
 from lit_iiet.models import LanguageModel, Seq2SeqModel
 
-CONFIGS = sorted(p for group in ("lm", "mt", "sum") for p in (ROOT / "conf" / group).glob("*.yaml"))
+BASES = sorted(p for group in ("lm", "mt", "sum") for p in (ROOT / "conf" / group).glob("*.yaml"))
+SCHEMES = sorted((ROOT / "conf" / "scheme").glob("*.yaml"))
+SIZES = sorted((ROOT / "conf" / "size").glob("*.yaml"))
+RECIPES = sorted((ROOT / "conf" / "recipe").glob("*.yaml"))
+# Every shipped config file, parsed as it is used: a base alone, an overlay on the base it is written for.
+CONFIGS = (
+    [(base,) for base in BASES]
+    + [(ROOT / "conf/lm/shakespeare.yaml", overlay) for overlay in SCHEMES + RECIPES]
+    + [(ROOT / "conf/lm/slimpajama.yaml", size) for size in SIZES]
+    + [(ROOT / "conf/lm/slimpajama.yaml", SIZES[0], ROOT / "conf/scheme/euler.yaml")]
+)
 TRAINER_PRESETS = sorted((ROOT / "conf" / "trainer").glob("*.yaml"))
 
 
@@ -30,30 +40,66 @@ def print_config(capsys, *args) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_config_parses_and_builds(path, capsys):
+@pytest.mark.parametrize("paths", CONFIGS, ids=lambda paths: "+".join(f"{p.parent.name}/{p.stem}" for p in paths))
+def test_config_parses_and_builds(paths, capsys):
     """Each config validates through the CLI, and its model builds (on the meta device: no memory, no time)."""
-    config = print_config(capsys, "--config", str(path.relative_to(ROOT)))
+    config = print_config(capsys, *(arg for path in paths for arg in ("--config", str(path.relative_to(ROOT)))))
     module, _, name = config["model"]["class_path"].rpartition(".")
     with torch.device("meta"):
         model = getattr(importlib.import_module(module), name)(**config["model"]["init_args"])
     n_params = sum(p.numel() for p in model.parameters())
     expected = {
-        "340m": (3.0e8, 4.0e8),
+        "slimpajama.yaml": (3.0e8, 4.0e8),  # conf/size/340m.yaml is the base's own shape
         "740m": (7.0e8, 8.0e8),
         "1.3b": (1.25e9, 1.4e9),
         "wmt14_en_de_euler": (5.5e7, 7.5e7),
         "iiet_big": (2.0e8, 2.6e8),
     }
-    for key, (low, high) in expected.items():
-        if key in path.name:
-            assert low < n_params < high, n_params
-    assert config["trainer"]["default_root_dir"].endswith(path.stem)
+    key = next((key for key in expected if key in paths[-1].name), None)
+    if key is not None:
+        low, high = expected[key]
+        assert low < n_params < high, n_params
+
+
+@pytest.mark.parametrize("group, key", [("scheme", "ode"), ("size", "arch")])
+def test_overlays_change_one_thing(group, key):
+    """A scheme overlay sets only model.ode, a size overlay only model.arch, so that runs on one base compare
+    schemes (or sizes) and nothing else."""
+    for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
+        overlay = yaml.safe_load(path.read_text())
+        assert list(overlay) == ["model"] and list(overlay["model"]) == ["init_args"], path
+        assert list(overlay["model"]["init_args"]) == [key], path
+
+
+def test_run_folder_is_named_after_the_config_files(tmp_path):
+    """Without a trainer.default_root_dir, a run writes to runs/<config names> (trainer presets left out), and its
+    checkpoints go there too; one that a config sets wins."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from lit_iiet.cli import IIETCLI
+
+    def folders(*args: str) -> tuple[str, str]:
+        cli = IIETCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            args=[*args, "--trainer.logger", "false"],
+        )
+        return cli.trainer.default_root_dir, cli.trainer.checkpoint_callback.dirpath
+
+    base, euler, cpu = "conf/lm/shakespeare.yaml", "conf/scheme/euler.yaml", "conf/trainer/cpu.yaml"
+    root, checkpoints = folders("--config", base, "--config", euler, "--config", cpu)
+    assert root == "runs/shakespeare_euler" and checkpoints == str(ROOT / "runs/shakespeare_euler/checkpoints")
+    assert folders("--config", base)[0] == "runs/shakespeare"
+    assert folders("--config", base, "--trainer.default_root_dir", str(tmp_path))[0] == str(tmp_path)
 
 
 @pytest.mark.parametrize("path", TRAINER_PRESETS, ids=lambda p: p.name)
 def test_trainer_preset_parses(path, capsys):
-    config = print_config(capsys, "--config", "conf/lm/shakespeare_iiet.yaml", "--config", str(path.relative_to(ROOT)))
+    config = print_config(capsys, "--config", "conf/lm/shakespeare.yaml", "--config", str(path.relative_to(ROOT)))
     preset = yaml.safe_load(path.read_text())["trainer"]
     for key, value in preset.items():
         if key != "strategy":

@@ -12,6 +12,6 @@ def quick_start_commands() -> list[str]:
 
 def test_readme_has_exactly_two_commands_and_ci_runs_the_test_command():
     main_job, test_command = quick_start_commands()[:2]
-    assert main_job.endswith("python -m lit_iiet fit --config conf/lm/shakespeare_iiet.yaml")
+    assert main_job.endswith("python -m lit_iiet fit --config conf/lm/shakespeare.yaml")
     assert test_command.endswith("python -m pytest")
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()

@@ -172,7 +172,7 @@ def test_two_process_ddp_resumes_from_shards_exactly(tmp_path, shards):
     windows: rank r takes positions r, r + 2, ... of the same order, so the losses and the final weights match
     the single process's (up to float reduction order; other windows would change them by far more)."""
     args = (
-        "--config conf/lm/shakespeare_iiet.yaml --model.arch.n_layers 2 --model.arch.d_model 32 --model.arch.n_heads 2 "
+        "--config conf/lm/shakespeare.yaml --model.arch.n_layers 2 --model.arch.d_model 32 --model.arch.n_heads 2 "
         "--model.arch.vocab_size 320 --model.val_sample_prompt null --data lit_iiet.data.ShardedLMDataModule "
         "--data.seq_len 16 --data.num_workers 0 --data.shuffle_block 8 --trainer.max_steps 6 "
         "--trainer.val_check_interval 3 --trainer.limit_val_batches 2 --trainer.log_every_n_steps 1 "

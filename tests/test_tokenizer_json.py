@@ -146,7 +146,9 @@ def test_predict_needs_only_the_checkpoint(run, tmp_path, monkeypatch):
     assert not (repo / "data").exists()
     args = [
         "--config",
-        "conf/lm/shakespeare_euler.yaml",
+        "conf/lm/shakespeare.yaml",
+        "--config",
+        "conf/scheme/euler.yaml",
         "--ckpt_path",
         "model.ckpt",
         "--trainer.default_root_dir",
