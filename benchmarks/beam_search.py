@@ -5,7 +5,7 @@
     python -m benchmarks.beam_search                     # the whole Bible test split, 3 rounds: over an hour there
     python -m benchmarks.beam_search --part synthetic --beams 4 8 12 --device cuda
 
-The model has random (seeded) weights and the shape of conf/mt/bible_fr_en_*.yaml: 3 + 3 layers x 256, d_ff 512,
+The model has random (seeded) weights and the shape of conf/mt/bible_fr_en.yaml: 3 + 3 layers x 256, d_ff 512,
 4 heads, a 4,000-token joint vocabulary, euler decoder (`--dec_scheme` for another one). Speed does not depend
 on what the weights say, but how long hypotheses run does: random weights almost never rank eos first, so the
 eos row of the tied embedding is scaled by `--eos_scale`, and hypotheses end at varied lengths, as a trained

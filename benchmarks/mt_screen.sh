@@ -20,7 +20,7 @@ run() {
   [ -f "$out/$name/done" ] && return 0
   rm -rf "${out:?}/$name"
   mkdir -p "$out/$name"
-  local cmd=(python -m lit_iiet fit --config "conf/mt/bible_fr_en_$encoder.yaml" "$@" --data.max_tokens 1400
+  local cmd=(python -m lit_iiet fit --config conf/mt/bible_fr_en.yaml --config "conf/encoder/$encoder.yaml" "$@" --data.max_tokens 1400
     --trainer.max_steps 400 --trainer.val_check_interval 200 --model.val_decode_batches 0
     "--trainer.callbacks+=lit_iiet.callbacks.GradientNorms" --trainer.callbacks.every_n_steps=50)
   echo "${cmd[*]}" > "$out/$name/command.txt"

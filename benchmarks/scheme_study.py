@@ -6,7 +6,7 @@
     python -m benchmarks.scheme_study --out runs/mt --arms "mt euler" "mt iiet" --lrs 1e-3 2e-3 4e-3   # translation
 
 Every arm is a shipped config (`conf/lm/shakespeare.yaml` with a `conf/scheme/<scheme>.yaml` overlay, or
-`conf/mt/bible_fr_en_<encoder>.yaml` for the "mt" arms) plus a few command-line overrides, so any row can be rerun by hand with the command that the CSV
+`conf/mt/bible_fr_en.yaml` with a `conf/encoder/<scheme>.yaml` overlay for the "mt" arms) plus a few command-line overrides, so any row can be rerun by hand with the command that the CSV
 records. The arms of one study share a task. For translation, val_loss and test_loss are the token NLL without
 label smoothing, the validation decodes nothing, and the test adds BLEU and chrF (whole test split). For each arm:
 1. tuning: one run per learning rate of --lrs with each of --tune_seeds; the lr with the lowest mean final
@@ -72,8 +72,9 @@ def lm(scheme: str) -> tuple[str, ...]:
 
 
 def mt(encoder: str, overrides: tuple[str, ...] = (), what: str = "", group: str = "scheme") -> Arm:
-    """An arm of the translation study: conf/mt/bible_fr_en_<encoder>.yaml plus overrides."""
-    return Arm((f"conf/mt/bible_fr_en_{encoder}.yaml",), overrides, what, None, group, "mt")
+    """An arm of the translation study: conf/mt/bible_fr_en.yaml (IIET encoder) with the encoder's overlay."""
+    configs = ("conf/mt/bible_fr_en.yaml",) + (() if encoder == "iiet" else (f"conf/encoder/{encoder}.yaml",))
+    return Arm(configs, overrides, what, None, group, "mt")
 
 
 ARMS: dict[str, Arm] = {

@@ -6,7 +6,7 @@ Padding fraction = pad tokens / all tokens of the padded source and target tenso
 a training epoch's batches). "random" is Seq2SeqDataModule(batch_size=B): shuffled pairs cut into batches of B;
 "bucketed" is Seq2SeqDataModule(max_tokens=M) with M the smallest budget whose batches hold B pairs or more on
 average, so both feed about as many pairs per step. Two sets of pairs: the shipped Bible fr-en training split,
-tokenized as conf/mt/bible_fr_en_iiet.yaml does (joint 4k vocabulary, 128-token limits, batch 32), and synthetic
+tokenized as conf/mt/bible_fr_en.yaml does (joint 4k vocabulary, 128-token limits, batch 32), and synthetic
 pairs with WMT'14 En-De-like lengths (see `wmt_like_lengths`) at the WMT configs' batch of 128.
 """
 
@@ -78,7 +78,7 @@ def wmt_like_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bible_lengths() -> tuple[np.ndarray, np.ndarray]:
-    """Row lengths of the shipped Bible training split under conf/mt/bible_fr_en_iiet.yaml's data settings."""
+    """Row lengths of the shipped Bible training split under conf/mt/bible_fr_en.yaml's data settings."""
     from lit_iiet.data import TranslationDataModule
 
     dm = TranslationDataModule(vocab_size=4000, max_src_len=128, max_tgt_len=128)

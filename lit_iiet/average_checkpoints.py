@@ -1,6 +1,6 @@
 """Average the weights of several checkpoints of one run (as fairseq's average_checkpoints.py does for WMT).
 
-    python -m lit_iiet average runs/wmt14_en_de_iiet/checkpoints --last 5 --output avg.ckpt
+    python -m lit_iiet average runs/wmt14_en_de/checkpoints --last 5 --output avg.ckpt
     python -m lit_iiet average a.ckpt b.ckpt c.ckpt --output avg.ckpt
 
 Keep more than the best and last checkpoint while training, e.g. --checkpoint.save_top_k -1

@@ -195,7 +195,7 @@ def test_resumed_run_trains_the_uninterrupted_token_batches(files, tmp_path, mon
 def tiny_mt(files, run) -> list[str]:
     return [
         "--config",
-        "conf/mt/bible_fr_en_iiet.yaml",
+        "conf/mt/bible_fr_en.yaml",
         "--data.train",
         str(files["train"]),
         "--data.val",

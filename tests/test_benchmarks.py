@@ -100,7 +100,7 @@ def test_translation_study_records_test_bleu_and_chrf_of_the_written_hypotheses(
     result = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = csv.DictReader(open(tmp_path / "mt.csv"))
-    assert row["command"].startswith("python -m lit_iiet fit --config conf/mt/bible_fr_en_iiet.yaml")
+    assert row["command"].startswith("python -m lit_iiet fit --config conf/mt/bible_fr_en.yaml")
     logs = tmp_path / "runs" / "mt_iiet" / "final_lr0.002_seed1" / "lightning_logs"
     (hyp_file,) = logs.glob("*/test.hyp.txt")
     hyps, refs = hyp_file.read_text().splitlines(), (hyp_file.parent / "test.ref.txt").read_text().splitlines()

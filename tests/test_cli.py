@@ -21,14 +21,17 @@ from lit_iiet.models import LanguageModel, Seq2SeqModel
 
 BASES = sorted(p for group in ("lm", "mt", "sum") for p in (ROOT / "conf" / group).glob("*.yaml"))
 SCHEMES = sorted((ROOT / "conf" / "scheme").glob("*.yaml"))
-SIZES = sorted((ROOT / "conf" / "size").glob("*.yaml"))
+ENCODERS = sorted((ROOT / "conf" / "encoder").glob("*.yaml"))
+LM_SIZES = sorted(p for p in (ROOT / "conf" / "size").glob("*.yaml") if not p.stem.startswith("transformer"))
 RECIPES = sorted((ROOT / "conf" / "recipe").glob("*.yaml"))
 # Every shipped config file, parsed as it is used: a base alone, an overlay on the base it is written for.
 CONFIGS = (
     [(base,) for base in BASES]
     + [(ROOT / "conf/lm/shakespeare.yaml", overlay) for overlay in SCHEMES + RECIPES]
-    + [(ROOT / "conf/lm/slimpajama.yaml", size) for size in SIZES]
-    + [(ROOT / "conf/lm/slimpajama.yaml", SIZES[0], ROOT / "conf/scheme/euler.yaml")]
+    + [(ROOT / "conf/lm/slimpajama.yaml", size) for size in LM_SIZES]
+    + [(ROOT / "conf/lm/slimpajama.yaml", LM_SIZES[0], ROOT / "conf/scheme/euler.yaml")]
+    + [(ROOT / "conf/mt/bible_fr_en.yaml", ENCODERS[0])]
+    + [(ROOT / "conf/mt/wmt14_en_de.yaml", overlay) for overlay in ENCODERS + [ROOT / "conf/size/transformer_big.yaml"]]
 )
 TRAINER_PRESETS = sorted((ROOT / "conf" / "trainer").glob("*.yaml"))
 
@@ -48,22 +51,24 @@ def test_config_parses_and_builds(paths, capsys):
     with torch.device("meta"):
         model = getattr(importlib.import_module(module), name)(**config["model"]["init_args"])
     n_params = sum(p.numel() for p in model.parameters())
-    expected = {
-        "slimpajama.yaml": (3.0e8, 4.0e8),  # conf/size/340m.yaml is the base's own shape
+    names = [p.stem for p in paths]
+    expected = {  # parameters, by the last file that sets the shape
+        "slimpajama": (3.0e8, 4.0e8),  # conf/size/340m.yaml is the base's own shape
+        "340m": (3.0e8, 4.0e8),
         "740m": (7.0e8, 8.0e8),
         "1.3b": (1.25e9, 1.4e9),
-        "wmt14_en_de_euler": (5.5e7, 7.5e7),
-        "iiet_big": (2.0e8, 2.6e8),
+        "wmt14_en_de": (5.5e7, 7.5e7),  # Transformer-base, whatever the encoder's scheme
+        "transformer_big": (2.0e8, 2.6e8),
     }
-    key = next((key for key in expected if key in paths[-1].name), None)
-    if key is not None:
-        low, high = expected[key]
-        assert low < n_params < high, n_params
+    shape = next((name for name in reversed(names) if name in expected), None)
+    if shape is not None:
+        low, high = expected[shape]
+        assert low < n_params < high, (shape, n_params)
 
 
-@pytest.mark.parametrize("group, key", [("scheme", "ode"), ("size", "arch")])
+@pytest.mark.parametrize("group, key", [("scheme", "ode"), ("encoder", "enc_ode"), ("size", "arch")])
 def test_overlays_change_one_thing(group, key):
-    """A scheme overlay sets only model.ode, a size overlay only model.arch, so that runs on one base compare
+    """A scheme overlay sets only model.ode (an encoder overlay model.enc_ode), a size overlay only model.arch, so that runs on one base compare
     schemes (or sizes) and nothing else."""
     for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
         overlay = yaml.safe_load(path.read_text())
@@ -531,7 +536,7 @@ def test_encoder_decoder_refuses_what_it_does_not_support(args, message, capsys)
     """The translation model checks its optimizer options, and refuses per-token policies and the shared KV
     cache, which only the language model implements (before, they were accepted and silently not honoured)."""
     with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", "conf/mt/bible_fr_en_iiet.yaml", *args, "--trainer.max_steps", "1"])
+        main(["fit", "--config", "conf/mt/bible_fr_en.yaml", *args, "--trainer.max_steps", "1"])
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 

@@ -98,7 +98,7 @@ def test_readme_python_snippet_gives_what_predict_writes(mt_run, mt_predicted):
     snippet = re.search(r"```python\n(.+?)```", section, re.S).group(1)
     assert "generate_text([SOURCE], beam=5)".replace("SOURCE", repr(SOURCES[0]).replace("'", '"')) in snippet
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        exec(snippet.replace("runs/bible_fr_en_iiet/checkpoints/last.ckpt", str(mt_run[1])), {})
+        exec(snippet.replace("runs/bible_fr_en/checkpoints/last.ckpt", str(mt_run[1])), {})
     assert out.getvalue().strip() == repr(mt_predicted[2][:1])
 
 
@@ -225,7 +225,7 @@ def test_missing_empty_or_unknown_predict_files_are_one_line_errors(tmp_path, ca
     with pytest.raises(UserInputError, match=r"predict data 'x.csv': expected one of .txt, .txt.gz, .jsonl, .jsonl.gz"):
         TranslationDataModule(predict="x.csv")
     with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "--config", "conf/mt/bible_fr_en_iiet.yaml", "--data.predict", str(tmp_path / "nope.txt")])
+        main(["predict", "--config", "conf/mt/bible_fr_en.yaml", "--data.predict", str(tmp_path / "nope.txt")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"lit_iiet: error: predict data file {str(tmp_path / 'nope.txt')!r} does not exist"

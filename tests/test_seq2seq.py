@@ -377,7 +377,7 @@ def test_bible_loads_and_round_trips_through_the_joint_tokenizer(bible):
     [
         ("conf/sum/aclsum_iiet.yaml", ("document", "summary")),
         ("conf/sum/cnn_dailymail_iiet.yaml", ("article", "highlights")),
-        ("conf/mt/bible_fr_en_iiet.yaml", ("fr", "en")),
+        ("conf/mt/bible_fr_en.yaml", ("fr", "en")),
     ],
 )
 def test_data_fields_resolve_through_the_cli(config, fields):
@@ -573,7 +573,7 @@ def test_unavailable_datasets_source_says_how_to_provide_it(tmp_path, hf_offline
 
 TINY_MT = [
     "--config",
-    "conf/mt/bible_fr_en_iiet.yaml",
+    "conf/mt/bible_fr_en.yaml",
     "--model.arch.d_model",
     "32",
     "--model.arch.n_heads",
