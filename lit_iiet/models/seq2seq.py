@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torchmetrics import MeanMetric
 
 from lit_iiet.analysis.convergence import ConvergenceMeter
-from lit_iiet.data.seq2seq import collate_sources, encode_sources, source_batches
+from lit_iiet.data.seq2seq import Seq2SeqData, collate_sources, encode_sources, source_batches
 from lit_iiet.errors import UserInputError
 from lit_iiet.media import log_text
 from lit_iiet.metrics import bleu_chrf, compound_split_bleu, rouge
@@ -159,27 +159,34 @@ class Seq2SeqModel(ODEModule):
         self.val_text_samples, self.compound_split_bleu = val_text_samples, compound_split_bleu
         self.model = Seq2Seq(arch, enc_ode, dec_ode)
         self.save_configs(arch=arch, enc_ode=enc_ode, dec_ode=dec_ode, optim=self.optim, decoding=self.decoding)
+        self.data: Seq2SeqData | None = None  # what the data module told `connect`
         self.loss_metric, self.nll_metric = MeanMetric(), MeanMetric()
         self._outputs: list[tuple[int, str, str]] = []
         # Convergence of the iterated stacks at validation: iiet/increment/enc<layer>/<k>, iiet/contraction/enc<layer>.
         self.convergence = {"enc": ConvergenceMeter(), "dec": ConvergenceMeter()}
 
+    def connect(self, data: Seq2SeqData) -> None:
+        """Take what the data module says about the data this model runs on: its tokenizer, lengths, task and texts.
+        One-line errors where the model cannot hold them."""
+        self.check_vocab(data.tokenizer, self.model.cfg.vocab_size)
+        cfg = self.model.cfg
+        for name, theirs, own in (
+            ("max_src_len", data.max_src_len, cfg.max_src_len),
+            ("max_tgt_len", data.max_tgt_len, cfg.max_tgt_len),
+        ):
+            if theirs > own:
+                raise UserInputError(f"data.{name}={theirs} is longer than model.arch.{name}={own}")
+        if self.compound_split_bleu and data.task != "translation":
+            raise UserInputError(
+                f"model.compound_split_bleu=true scores translation; this data module's task is {data.task}"
+            )
+        self.data = data
+
     def setup(self, stage: str) -> None:
-        self.check_vocab(self.model.cfg.vocab_size)
-        h = getattr(self.datamodule, "hparams", None)
-        if h is not None and h.get("max_src_len", 0) > self.model.cfg.max_src_len:
-            raise UserInputError(
-                f"data.max_src_len={h.max_src_len} is longer than model.arch.max_src_len={self.model.cfg.max_src_len}"
-            )
-        if h is not None and h.get("max_tgt_len", 0) > self.model.cfg.max_tgt_len:
-            raise UserInputError(
-                f"data.max_tgt_len={h.max_tgt_len} is longer than model.arch.max_tgt_len={self.model.cfg.max_tgt_len}"
-            )
-        task = getattr(self.datamodule, "task", "translation")
-        if self.compound_split_bleu and task != "translation":
-            raise UserInputError(
-                f"model.compound_split_bleu=true scores translation; this data module's task is {task}"
-            )
+        # Lightning sets the data module up first; this is where it hands the model what the steps need.
+        if self.datamodule is None:
+            raise UserInputError("Seq2SeqModel runs on a translation or summarization data module; none was given")
+        self.connect(self.datamodule.for_model())
         super().setup(stage)
 
     def configure_optimizers(self):
@@ -192,13 +199,13 @@ class Seq2SeqModel(ODEModule):
 
     def losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(batch["src"], batch["src_mask"], batch["tgt_in"])
-        return label_smoothed_nll(logits, batch["tgt_out"], self.label_smoothing, self.datamodule.tokenizer.pad_id)
+        return label_smoothed_nll(logits, batch["tgt_out"], self.label_smoothing, self.data.pad_id)
 
     def forward_flops(self, batch: dict) -> int:
         return self.model.flops(batch["src"].shape[0], batch["src"].shape[1], batch["tgt_in"].shape[1])
 
     def batch_tokens(self, batch: dict) -> int:
-        return int(batch["src_mask"].sum() + (batch["tgt_out"] != self.datamodule.tokenizer.pad_id).sum())
+        return int(batch["src_mask"].sum() + (batch["tgt_out"] != self.data.pad_id).sum())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, nll = self.losses(batch)
@@ -249,7 +256,7 @@ class Seq2SeqModel(ODEModule):
     def on_predict_start(self) -> None:
         d = self.decoding
         print(
-            f"decoding {len(self.datamodule.predict_sources)} sources: beam={d.beam} lenpen={d.lenpen} "
+            f"decoding {self.data.predict_sources} sources: beam={d.beam} lenpen={d.lenpen} "
             f"max_len={d.max_len_a}*src+{d.max_len_b} min_len={d.min_len} no_repeat_ngram={d.no_repeat_ngram}",
             flush=True,
         )
@@ -294,7 +301,7 @@ class Seq2SeqModel(ODEModule):
         """Feed the states of both stacks (real tokens only) to their convergence meters: the iterates of an
         iterated stack, the input and output of a layer of any other scheme (its update's relative size, which
         compares the schemes' first updates)."""
-        masks = {"enc": batch["src_mask"], "dec": batch["tgt_out"] != self.datamodule.tokenizer.pad_id}
+        masks = {"enc": batch["src_mask"], "dec": batch["tgt_out"] != self.data.pad_id}
         with contextlib.ExitStack() as stack:
             for stack_name, update in (("enc", self.model.enc_update), ("dec", self.model.dec_update)):
                 meter = self.convergence[stack_name]
@@ -304,11 +311,11 @@ class Seq2SeqModel(ODEModule):
     def _eval_step(self, batch: dict, batch_idx: int, split: str) -> None:
         with self._observe_convergence(batch) if split == "val" else contextlib.nullcontext():
             loss, nll = self.losses(batch)
-        n = (batch["tgt_out"] != self.datamodule.tokenizer.pad_id).sum()
+        n = (batch["tgt_out"] != self.data.pad_id).sum()
         self.loss_metric.update(loss, weight=n)
         self.nll_metric.update(nll, weight=n)
         if split == "test" or self.val_decode_batches is None or batch_idx < self.val_decode_batches:
-            texts = self.datamodule.texts[split]
+            texts = self.data.texts[split]
             for i, hyp in zip(batch["index"].tolist(), self.translate(batch["src"], batch["src_mask"])):
                 self._outputs.append((i, hyp, texts[i][1]))
 
@@ -335,7 +342,7 @@ class Seq2SeqModel(ODEModule):
         scores: dict = {}
         if outputs and not self.trainer.sanity_checking:
             hyps, refs = [h for _, h, _ in outputs], [r for _, _, r in outputs]
-            scores = bleu_chrf(hyps, refs) if self.datamodule.task == "translation" else rouge(hyps, refs)
+            scores = bleu_chrf(hyps, refs) if self.data.task == "translation" else rouge(hyps, refs)
             if self.compound_split_bleu:
                 scores.update(compound_split_bleu(hyps, refs))
             metrics.update({f"{split}/{k}": v for k, v in scores.items() if not k.endswith("signature")})
@@ -347,7 +354,7 @@ class Seq2SeqModel(ODEModule):
             meter.reset()
         texts = {key: value for key, value in scores.items() if key.startswith("bleu") and key.endswith("signature")}
         if split == "val" and self.val_text_samples and outputs and not self.trainer.sanity_checking:
-            sources = self.datamodule.texts[split]
+            sources = self.data.texts[split]
             texts["samples"] = samples_markdown(
                 [(i, sources[i][0], ref, hyp) for i, hyp, ref in outputs[: self.val_text_samples]]
             )
@@ -365,7 +372,7 @@ class Seq2SeqModel(ODEModule):
         # Hypotheses and references next to the logs, one segment per line, to rescore with the sacrebleu CLI.
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        texts = self.datamodule.texts["test"]
+        texts = self.data.texts["test"]
         files = {
             "test.hyp.txt": [h for _, h, _ in result["outputs"]],
             "test.ref.txt": [r for _, _, r in result["outputs"]],
