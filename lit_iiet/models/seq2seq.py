@@ -219,11 +219,10 @@ class Seq2SeqModel(ODEModule):
         if batch_size < 1:
             raise UserInputError(f"batch_size={batch_size} must be >= 1")
         settings = replace_decoding(self.decoding, **decoding)
-        tokenizer = self.tokenizer
         was_training = self.training
         self.eval()
         try:
-            return decode_texts(self.model, tokenizer, sources, settings, batch_size, long_source)
+            return decode_texts(self.model, self.tokenizer, sources, settings, batch_size, long_source)
         finally:
             self.train(was_training)
 
