@@ -5,8 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -296,6 +297,28 @@ def read_sources(path: Path, field: str) -> list[str]:
     if not sources:
         raise UserInputError(f"predict data file {str(path)!r} holds no sources")
     return sources
+
+
+@dataclass(frozen=True)
+class Seq2SeqData:
+    """What a set-up seq2seq data module tells the model it feeds, once per run (`Seq2SeqModel.connect`)."""
+
+    task: Literal["translation", "summarization"]
+    """Which scores validation and test report: BLEU / chrF for translation, ROUGE for summarization."""
+    tokenizer: Tokenizer
+    """The tokenizer of the batches (pad, bos, eos ids) and of the decoded text."""
+    max_src_len: int
+    """Longest source of a batch, in tokens (data.max_src_len)."""
+    max_tgt_len: int
+    """Longest target row of a batch, in tokens (data.max_tgt_len)."""
+    texts: Mapping[str, Sequence[tuple[str, str]]]
+    """(source, target) texts of the val and test pairs, by split, indexed like the batches' "index"."""
+    predict_sources: int
+    """How many sources `predict` decodes (0 in the other stages)."""
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
 
 
 class Seq2SeqDataModule(L.LightningDataModule):
@@ -615,6 +638,13 @@ class Seq2SeqDataModule(L.LightningDataModule):
             self.datasets[split] = PairDataset(encoded)
             if split != "train":  # references are scored on the original text
                 self.texts[split] = self.pairs(split)
+
+    def for_model(self) -> Seq2SeqData:
+        """What the model needs to know about this data, once `setup` has run (`Seq2SeqModel.connect` takes it)."""
+        h = self.hparams
+        return Seq2SeqData(
+            self.task, self.tokenizer, h.max_src_len, h.max_tgt_len, dict(self.texts), len(self.predict_sources)
+        )
 
     # --- loaders -------------------------------------------------------------------------------------------
 

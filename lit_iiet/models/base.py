@@ -235,8 +235,8 @@ class ODEModule(L.LightningModule):
             )
         return tokenizer
 
-    def check_vocab(self, vocab_size: int, key: str = "model.arch.vocab_size") -> None:
-        tokenizer = getattr(self.datamodule, "tokenizer", None)
+    def check_vocab(self, tokenizer: Tokenizer | None, vocab_size: int, key: str = "model.arch.vocab_size") -> None:
+        """One-line error when the data's tokenizer has ids that the embedding (vocab_size rows) lacks."""
         if tokenizer is not None and tokenizer.vocab_size > vocab_size:
             raise UserInputError(
                 f"{key}={vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size}); "

@@ -130,7 +130,7 @@ class LanguageModel(ODEModule):
     # --- setup ---------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        self.check_vocab(self.model.cfg.vocab_size)
+        self.check_vocab(getattr(self.datamodule, "tokenizer", None), self.model.cfg.vocab_size)
         seq_len = getattr(getattr(self.datamodule, "hparams", None), "seq_len", None)
         if seq_len is not None and seq_len > self.model.cfg.max_seq_len:
             raise UserInputError(

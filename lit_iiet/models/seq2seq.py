@@ -1,24 +1,40 @@
-"""LightningModule for translation and summarization with an encoder-decoder whose layers follow ODE schemes."""
+"""LightningModule for translation and summarization with an encoder-decoder whose layers follow ODE schemes.
+
+It trains and runs the Lightning hooks. In a Trainer the data module tells it, once, what the steps need
+(`Seq2SeqModel.connect`); beam search lives in lit_iiet.models.decoding, scoring in lit_iiet.models.scoring."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torchmetrics import MeanMetric
 
 from lit_iiet.analysis.convergence import ConvergenceMeter
-from lit_iiet.data.seq2seq import collate_sources, encode_sources, source_batches
+from lit_iiet.data.seq2seq import Seq2SeqData
 from lit_iiet.errors import UserInputError
 from lit_iiet.media import log_text
-from lit_iiet.metrics import bleu_chrf, compound_split_bleu, rouge
 from lit_iiet.models.base import ODEModule, as_config, check_adam_options
-from lit_iiet.nn.generate import beam_search
+from lit_iiet.models.decoding import (
+    BeamConfig,
+    check_decoding,
+    decode,
+    decode_batch,
+    decode_texts,
+    replace_decoding,
+)
+from lit_iiet.models.scoring import (
+    Output,
+    gather_outputs,
+    samples_markdown,
+    score_outputs,
+    summarize_test,
+    write_test_files,
+)
 from lit_iiet.nn.ode import ODEConfig
 from lit_iiet.nn.seq2seq import Seq2Seq, Seq2SeqConfig
 
@@ -40,41 +56,6 @@ class Seq2SeqOptimConfig:
 
     def __post_init__(self) -> None:
         check_adam_options(self)
-
-
-@dataclass
-class BeamConfig:
-    """Decoding settings for validation, test and predict."""
-
-    beam: int = 4
-    """Beam size; 1 is greedy decoding."""
-    lenpen: float = 1.0
-    """Length penalty: hypotheses are ranked by log-probability / length ** lenpen."""
-    max_len_a: float = 1.2
-    """Maximum output length is max_len_a * source length + max_len_b tokens."""
-    max_len_b: int = 10
-    """See max_len_a."""
-    min_len: int = 1
-    """Minimum output length in tokens (eos is forbidden before it)."""
-    no_repeat_ngram: int = 0
-    """Forbid repeating any n-gram of this size (0: off)."""
-
-
-def check_decoding(decoding: BeamConfig) -> None:
-    """One-line errors for decoding settings that beam search cannot run with."""
-    if decoding.beam < 1:
-        raise UserInputError(f"decoding.beam={decoding.beam} must be >= 1")
-    if decoding.min_len < 0 or decoding.no_repeat_ngram < 0:
-        raise UserInputError(
-            f"decoding.min_len={decoding.min_len} and decoding.no_repeat_ngram={decoding.no_repeat_ngram} must be >= 0"
-        )
-
-
-def samples_markdown(samples: Sequence[tuple[int, str, str, str]]) -> str:
-    """(index, source, reference, hypothesis) triples as TensorBoard markdown, verbatim in code blocks."""
-    return "\n\n".join(
-        f"**#{i}**\n\n```\nsource:     {src}\nreference:  {ref}\nhypothesis: {hyp}\n```" for i, src, ref, hyp in samples
-    )
 
 
 def inverse_sqrt(step: int, warmup: int) -> float:
@@ -159,27 +140,34 @@ class Seq2SeqModel(ODEModule):
         self.val_text_samples, self.compound_split_bleu = val_text_samples, compound_split_bleu
         self.model = Seq2Seq(arch, enc_ode, dec_ode)
         self.save_configs(arch=arch, enc_ode=enc_ode, dec_ode=dec_ode, optim=self.optim, decoding=self.decoding)
+        self.data: Seq2SeqData | None = None  # what the data module told `connect`
         self.loss_metric, self.nll_metric = MeanMetric(), MeanMetric()
-        self._outputs: list[tuple[int, str, str]] = []
+        self._outputs: list[Output] = []  # decoded this epoch, on this rank
         # Convergence of the iterated stacks at validation: iiet/increment/enc<layer>/<k>, iiet/contraction/enc<layer>.
         self.convergence = {"enc": ConvergenceMeter(), "dec": ConvergenceMeter()}
 
+    def connect(self, data: Seq2SeqData) -> None:
+        """Take what the data module says about the data this model runs on: its tokenizer, lengths, task and texts.
+        One-line errors where the model cannot hold them."""
+        self.check_vocab(data.tokenizer, self.model.cfg.vocab_size)
+        cfg = self.model.cfg
+        for name, theirs, own in (
+            ("max_src_len", data.max_src_len, cfg.max_src_len),
+            ("max_tgt_len", data.max_tgt_len, cfg.max_tgt_len),
+        ):
+            if theirs > own:
+                raise UserInputError(f"data.{name}={theirs} is longer than model.arch.{name}={own}")
+        if self.compound_split_bleu and data.task != "translation":
+            raise UserInputError(
+                f"model.compound_split_bleu=true scores translation; this data module's task is {data.task}"
+            )
+        self.data = data
+
     def setup(self, stage: str) -> None:
-        self.check_vocab(self.model.cfg.vocab_size)
-        h = getattr(self.datamodule, "hparams", None)
-        if h is not None and h.get("max_src_len", 0) > self.model.cfg.max_src_len:
-            raise UserInputError(
-                f"data.max_src_len={h.max_src_len} is longer than model.arch.max_src_len={self.model.cfg.max_src_len}"
-            )
-        if h is not None and h.get("max_tgt_len", 0) > self.model.cfg.max_tgt_len:
-            raise UserInputError(
-                f"data.max_tgt_len={h.max_tgt_len} is longer than model.arch.max_tgt_len={self.model.cfg.max_tgt_len}"
-            )
-        task = getattr(self.datamodule, "task", "translation")
-        if self.compound_split_bleu and task != "translation":
-            raise UserInputError(
-                f"model.compound_split_bleu=true scores translation; this data module's task is {task}"
-            )
+        # Lightning sets the data module up first; this is where it hands the model what the steps need.
+        if self.datamodule is None:
+            raise UserInputError("Seq2SeqModel runs on a translation or summarization data module; none was given")
+        self.connect(self.datamodule.for_model())
         super().setup(stage)
 
     def configure_optimizers(self):
@@ -192,13 +180,13 @@ class Seq2SeqModel(ODEModule):
 
     def losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(batch["src"], batch["src_mask"], batch["tgt_in"])
-        return label_smoothed_nll(logits, batch["tgt_out"], self.label_smoothing, self.datamodule.tokenizer.pad_id)
+        return label_smoothed_nll(logits, batch["tgt_out"], self.label_smoothing, self.data.pad_id)
 
     def forward_flops(self, batch: dict) -> int:
         return self.model.flops(batch["src"].shape[0], batch["src"].shape[1], batch["tgt_in"].shape[1])
 
     def batch_tokens(self, batch: dict) -> int:
-        return int(batch["src_mask"].sum() + (batch["tgt_out"] != self.datamodule.tokenizer.pad_id).sum())
+        return int(batch["src_mask"].sum() + (batch["tgt_out"] != self.data.pad_id).sum())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, nll = self.losses(batch)
@@ -206,57 +194,12 @@ class Seq2SeqModel(ODEModule):
         self.log("train/nll_loss", nll, sync_dist=True)
         return loss
 
-    # --- decoding and evaluation ---------------------------------------------------------------------------
+    # --- decoding: `tokenizer` is the data module's in a Trainer, else the checkpoint's -----------------------
 
-    def decoding_with(self, **overrides) -> BeamConfig:
-        """model.decoding with some settings replaced (e.g. beam=5), for one call; the model's own stay as they are."""
-        names = [f.name for f in fields(BeamConfig)]
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise UserInputError(f"unknown decoding setting {unknown[0]!r}; choose from {', '.join(names)}")
-        decoding = replace(self.decoding, **overrides)
-        check_decoding(decoding)
-        return decoding
-
-    @torch.no_grad()
     def translate(self, src: torch.Tensor, src_mask: torch.Tensor, decoding: BeamConfig | None = None) -> list[str]:
         """Beam search (greedy at beam 1) for a padded batch of sources; detokenised output text. decoding: the
         settings (default model.decoding)."""
-        tok, d = self.tokenizer, decoding or self.decoding
-        src_len = src_mask.sum(1).float()
-        max_len = (d.max_len_a * src_len + d.max_len_b).long().clamp(max=self.model.cfg.max_tgt_len - 1)
-        ids = beam_search(
-            self.model.decoder_for(src, src_mask),
-            src.shape[0],
-            tok.bos_id,
-            tok.eos_id,
-            max_len,
-            d.beam,
-            d.min_len,
-            d.lenpen,
-            d.no_repeat_ngram,
-            banned_ids=(tok.pad_id, tok.bos_id),
-        )
-        return [tok.decode(seq) for seq in ids]
-
-    def decode_batch(self, batch: dict, decoding: BeamConfig | None = None) -> dict[int, str]:
-        """{input position: output text} for a batch of `collate_sources`: what predict_step and generate_text share."""
-        texts = self.translate(batch["src"].to(self.device), batch["src_mask"].to(self.device), decoding)
-        return dict(zip(batch["index"].tolist(), texts))
-
-    # --- new text: predict and Python ------------------------------------------------------------------------
-
-    def on_predict_start(self) -> None:
-        d = self.decoding
-        print(
-            f"decoding {len(self.datamodule.predict_sources)} sources: beam={d.beam} lenpen={d.lenpen} "
-            f"max_len={d.max_len_a}*src+{d.max_len_b} min_len={d.min_len} no_repeat_ngram={d.no_repeat_ngram}",
-            flush=True,
-        )
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[int, str]:
-        # {input position: text}: TextPredictionWriter writes them one per line in input order.
-        return self.decode_batch(batch)
+        return decode(self.model, self.tokenizer, src, src_mask, decoding or self.decoding)
 
     @torch.no_grad()
     def generate_text(
@@ -275,26 +218,35 @@ class Seq2SeqModel(ODEModule):
             raise UserInputError("sources is one string; pass a list of texts")
         if batch_size < 1:
             raise UserInputError(f"batch_size={batch_size} must be >= 1")
-        settings, tok = self.decoding_with(**decoding), self.tokenizer
-        ids = encode_sources(sources, tok, self.model.cfg.max_src_len, long_source, "given", "source", "long_source")
-        outputs: dict[int, str] = {}
+        settings = replace_decoding(self.decoding, **decoding)
         was_training = self.training
         self.eval()
         try:
-            for indices in source_batches([len(s) for s in ids], batch_size):
-                outputs.update(self.decode_batch(collate_sources(indices.tolist(), ids, tok.pad_id), settings))
+            return decode_texts(self.model, self.tokenizer, sources, settings, batch_size, long_source)
         finally:
             self.train(was_training)
-        return [outputs[i] for i in range(len(ids))]
 
-    # --- evaluation ------------------------------------------------------------------------------------------
+    def on_predict_start(self) -> None:
+        d = self.decoding
+        print(
+            f"decoding {self.data.predict_sources} sources: beam={d.beam} lenpen={d.lenpen} "
+            f"max_len={d.max_len_a}*src+{d.max_len_b} min_len={d.min_len} no_repeat_ngram={d.no_repeat_ngram}",
+            flush=True,
+        )
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[int, str]:
+        # {input position: text}: TextPredictionWriter writes them one per line in input order. generate_text
+        # decodes its batches with the same function.
+        return decode_batch(self.model, self.tokenizer, batch, self.decoding)
+
+    # --- validation and test ---------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _observe_convergence(self, batch: dict) -> Iterator[None]:
         """Feed the states of both stacks (real tokens only) to their convergence meters: the iterates of an
         iterated stack, the input and output of a layer of any other scheme (its update's relative size, which
         compares the schemes' first updates)."""
-        masks = {"enc": batch["src_mask"], "dec": batch["tgt_out"] != self.datamodule.tokenizer.pad_id}
+        masks = {"enc": batch["src_mask"], "dec": batch["tgt_out"] != self.data.pad_id}
         with contextlib.ExitStack() as stack:
             for stack_name, update in (("enc", self.model.enc_update), ("dec", self.model.dec_update)):
                 meter = self.convergence[stack_name]
@@ -304,11 +256,11 @@ class Seq2SeqModel(ODEModule):
     def _eval_step(self, batch: dict, batch_idx: int, split: str) -> None:
         with self._observe_convergence(batch) if split == "val" else contextlib.nullcontext():
             loss, nll = self.losses(batch)
-        n = (batch["tgt_out"] != self.datamodule.tokenizer.pad_id).sum()
+        n = (batch["tgt_out"] != self.data.pad_id).sum()
         self.loss_metric.update(loss, weight=n)
         self.nll_metric.update(nll, weight=n)
         if split == "test" or self.val_decode_batches is None or batch_idx < self.val_decode_batches:
-            texts = self.datamodule.texts[split]
+            texts = self.data.texts[split]
             for i, hyp in zip(batch["index"].tolist(), self.translate(batch["src"], batch["src_mask"])):
                 self._outputs.append((i, hyp, texts[i][1]))
 
@@ -318,27 +270,16 @@ class Seq2SeqModel(ODEModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
 
-    def _gathered_outputs(self) -> list[tuple[int, str, str]]:
-        outputs, self._outputs = self._outputs, []
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, outputs)
-            outputs = [o for part in parts for o in part]
-        return sorted(set(outputs))  # DDP samplers may repeat a few items to even out the ranks
-
-    def _eval_epoch_end(self, split: str) -> dict:
+    def _eval_epoch_end(self, split: str) -> tuple[list[Output], dict]:
+        """Log the epoch's loss, scores, convergence and text; return the outputs of all ranks and their scores."""
         loss, nll = self.loss_metric.compute(), self.nll_metric.compute()
         self.loss_metric.reset()
         self.nll_metric.reset()
         metrics = {f"{split}/loss": loss, f"{split}/nll_loss": nll, f"{split}/ppl": nll.exp()}
-        outputs = self._gathered_outputs()
-        scores: dict = {}
-        if outputs and not self.trainer.sanity_checking:
-            hyps, refs = [h for _, h, _ in outputs], [r for _, _, r in outputs]
-            scores = bleu_chrf(hyps, refs) if self.datamodule.task == "translation" else rouge(hyps, refs)
-            if self.compound_split_bleu:
-                scores.update(compound_split_bleu(hyps, refs))
-            metrics.update({f"{split}/{k}": v for k, v in scores.items() if not k.endswith("signature")})
+        outputs, self._outputs = gather_outputs(self._outputs), []
+        scored = bool(outputs) and not self.trainer.sanity_checking
+        scores = score_outputs(outputs, self.data.task, self.compound_split_bleu) if scored else {}
+        metrics.update({f"{split}/{k}": v for k, v in scores.items() if not k.endswith("signature")})
         self.log_dict(metrics, prog_bar=True)
         self.log("iiet/evals_per_token", self.model.enc_update.total_evals() / self.model.cfg.enc_layers)
         for stack_name, meter in self.convergence.items():
@@ -346,47 +287,22 @@ class Seq2SeqModel(ODEModule):
                 self.log_dict(meter.metrics(stack_name), sync_dist=True)
             meter.reset()
         texts = {key: value for key, value in scores.items() if key.startswith("bleu") and key.endswith("signature")}
-        if split == "val" and self.val_text_samples and outputs and not self.trainer.sanity_checking:
-            sources = self.datamodule.texts[split]
+        if split == "val" and self.val_text_samples and scored:
+            sources = self.data.texts[split]
             texts["samples"] = samples_markdown(
                 [(i, sources[i][0], ref, hyp) for i, hyp, ref in outputs[: self.val_text_samples]]
             )
         for key, text in texts.items():
             log_text(self.trainer, f"{split}/{key}", text, self.global_step)
-        return {"outputs": outputs, "scores": scores}
+        return outputs, scores
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def on_test_epoch_end(self) -> None:
-        result = self._eval_epoch_end("test")
-        if not self.trainer.is_global_zero or not result["outputs"]:
+        outputs, scores = self._eval_epoch_end("test")
+        if not self.trainer.is_global_zero or not outputs:
             return
-        # Hypotheses and references next to the logs, one segment per line, to rescore with the sacrebleu CLI.
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        texts = self.datamodule.texts["test"]
-        files = {
-            "test.hyp.txt": [h for _, h, _ in result["outputs"]],
-            "test.ref.txt": [r for _, _, r in result["outputs"]],
-            "test.src.txt": [texts[i][0] for i, _, _ in result["outputs"]],
-        }
-        for name, lines in files.items():
-            (out_dir / name).write_text("".join(line.replace("\n", " ") + "\n" for line in lines), encoding="utf-8")
-        s = result["scores"]
-        if "bleu" in s:
-            print(
-                f"test BLEU = {s['bleu']:.2f}  chrF = {s['chrf']:.2f}  ({len(files['test.hyp.txt'])} segments)\n"
-                f"  BLEU signature: {s['bleu_signature']}\n  chrF signature: {s['chrf_signature']}\n"
-                f"  hypotheses: {out_dir / 'test.hyp.txt'}  references: {out_dir / 'test.ref.txt'}"
-            )
-            if "bleu_compound_split" in s:
-                print(
-                    f"test compound-split BLEU = {s['bleu_compound_split']:.2f}  (tokenized, for comparison with papers; docs/SEQ2SEQ.md)\n"
-                    f"  signature: {s['bleu_compound_split_signature']}"
-                )
-        else:
-            print(
-                f"test ROUGE-1 = {s['rouge1']:.2f}  ROUGE-2 = {s['rouge2']:.2f}  ROUGE-Lsum = {s['rougeLsum']:.2f}  "
-                f"({len(files['test.hyp.txt'])} documents; rouge-score, Porter stemmer)\n  hypotheses: {out_dir / 'test.hyp.txt'}"
-            )
+        write_test_files(out_dir, outputs, self.data.texts["test"])
+        print(summarize_test(scores, len(outputs), out_dir))
