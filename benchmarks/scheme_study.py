@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -44,7 +45,6 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import fit_and_test
-from lit_iiet.cli import main as lit_iiet_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,6 +162,8 @@ DEFAULT_ARMS = [
 
 def resolved_config(args: list[str]) -> dict:
     """`python -m lit_iiet fit ARGS --print_config`, in this process, as a dict."""
+    from lit_iiet.cli import main as lit_iiet_main
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
         lit_iiet_main(["fit", *args, "--print_config"])
@@ -169,6 +171,19 @@ def resolved_config(args: list[str]) -> dict:
     if not isinstance(config, dict):
         raise SystemExit(f"scheme_study: python -m lit_iiet fit {' '.join(args)} does not parse: {err.getvalue()}")
     return config
+
+
+@functools.cache
+def arm_config(arm: str, extra: tuple[str, ...]) -> str:
+    """The config an arm's runs share (its files, overrides and the study's extra overrides, resolved with every
+    default), as sorted JSON, without the run folder; the lr and the seed are the runs' own. Resolved once per arm:
+    parsing costs a second or more."""
+    a = ARMS[arm]
+    config = resolved_config([*(arg for config in a.configs for arg in ("--config", config)), *a.overrides, *extra])
+    config["trainer"].pop("default_root_dir", None)
+    config.pop("seed_everything", None)
+    config["model"]["init_args"]["optim"].pop("lr", None)
+    return json.dumps(config, sort_keys=True)
 
 
 def slug(text: str) -> str:
@@ -254,7 +269,6 @@ class Run:
     """tune (chooses the lr) or final (reported): a tuning run is never reused as a final run."""
     store: Store | None = None
     args: list[str] = field(init=False)
-    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         a = ARMS[self.arm]
@@ -273,15 +287,10 @@ class Run:
         return self.out / "runs" / slug(self.arm) / f"{self.stage}_lr{self.lr:g}_seed{self.seed}"
 
     def fingerprint(self) -> str:
-        """The run's whole config as `fit` resolves it (every default, the overlays merged), without the folder it
-        is written to: a finished run is reused only while that is unchanged, however the config files are laid
-        out."""
-        if self._fingerprint is None:
-            config = resolved_config(self.args)
-            config["trainer"].pop("default_root_dir", None)
-            text = json.dumps(config, sort_keys=True)
-            self._fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return self._fingerprint
+        """The arm's whole config as `fit` resolves it (`arm_config`), with this run's lr and seed: a finished run
+        is reused only while that is unchanged, however the config files are laid out."""
+        arm = arm_config(self.arm, self.extra)
+        return hashlib.sha256(json.dumps([arm, repr(self.lr), self.seed]).encode()).hexdigest()[:16]
 
     def result(self, required: bool = False) -> dict | None:
         path = self.dir / "result.json"
