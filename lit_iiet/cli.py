@@ -26,6 +26,9 @@ from lit_iiet.checkpoint import SPECIAL_CKPT_PATHS, checkpoint_tokenizer, load_c
 from lit_iiet.errors import UserInputError, exit_on_user_error, user_error_in
 
 PROG = "python -m lit_iiet"
+# omegaconf+ resolves ${...} interpolations over the whole merged config (every file, then the command line), so
+# a value a config derives from another (data.vocab_size from model.arch.vocab_size) follows an override of it.
+PARSER_MODE = "omegaconf+"
 TRAINER_COMMANDS = {
     "fit": "train a model, or resume a run with --ckpt_path",
     "validate": "score a checkpoint on the validation split",
@@ -67,6 +70,17 @@ def command_line_keys(args: list[str]) -> set[str]:
 def checkpoint_dir(default_root_dir: str | None) -> str:
     """Checkpoints live in one stable folder per run directory, so that `--ckpt_path last` finds them."""
     return str(Path(default_root_dir or os.getcwd()) / "checkpoints")
+
+
+def config_files(args: list[str]) -> list[str]:
+    """The files of `--config F` / `--config=F` in a command line, in order."""
+    files = []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.removeprefix("--config="))
+    return files
 
 
 def run_folder(config_files: list) -> str:
@@ -114,8 +128,9 @@ class IIETCLI(LightningCLI):
         self.command_line = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         super().parse_arguments(parser, args)
         config = self.config[self.config["subcommand"]] if "subcommand" in self.config else self.config
-        if config["trainer"].get("default_root_dir") is None and config.get("config"):
-            config["trainer"]["default_root_dir"] = run_folder(config["config"])
+        files = config_files(self.command_line)
+        if config["trainer"].get("default_root_dir") is None and files:
+            config["trainer"]["default_root_dir"] = run_folder(files)
             config["checkpoint"]["dirpath"] = checkpoint_dir(config["trainer"]["default_root_dir"])
 
     def _parse_ckpt_path(self) -> None:
@@ -243,7 +258,7 @@ def lightning_cli(args: list[str] | None) -> None:
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 # Bad options raise instead of printing the whole usage: they end in one line, as other bad input.
-                parser_kwargs={"parser_mode": "omegaconf", "prog": PROG, "exit_on_error": False},
+                parser_kwargs={"parser_mode": PARSER_MODE, "prog": PROG, "exit_on_error": False},
                 save_config_kwargs={"overwrite": True},
                 args=args,
             )

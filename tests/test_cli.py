@@ -15,7 +15,7 @@ from conftest import ROOT, TINY
 from lit_iiet.analysis.logs import read_scalars, read_texts
 from lit_iiet.average_checkpoints import main as average_main
 from lit_iiet.checkpoint import TOKENIZER_KEY
-from lit_iiet.cli import main
+from lit_iiet.cli import PARSER_MODE, main
 from lit_iiet.errors import UserInputError
 from lit_iiet.models import LanguageModel, Seq2SeqModel
 
@@ -76,6 +76,22 @@ def test_overlays_change_one_thing(group, key):
         assert list(overlay["model"]["init_args"]) == [key], path
 
 
+def test_values_derived_in_a_config_follow_an_override(capsys):
+    """conf/lm/shakespeare.yaml writes the vocabulary once: data.vocab_size is ${...model.init_args.arch.vocab_size},
+    resolved after every config and the command line, so overriding the model's follows through; giving the data's
+    own value still wins."""
+    base = ["--config", "conf/lm/shakespeare.yaml"]
+    config = print_config(capsys, *base, "--model.arch.vocab_size", "3000")
+    assert config["model"]["init_args"]["arch"]["vocab_size"] == config["data"]["init_args"]["vocab_size"] == 3000
+    config = print_config(capsys, *base, "--model.arch.vocab_size", "3000", "--data.vocab_size", "1000")
+    assert (config["model"]["init_args"]["arch"]["vocab_size"], config["data"]["init_args"]["vocab_size"]) == (
+        3000,
+        1000,
+    )
+    bible = print_config(capsys, "--config", "conf/mt/bible_fr_en.yaml", "--model.arch.max_src_len", "64")
+    assert bible["data"]["init_args"]["max_src_len"] == 64 and bible["data"]["init_args"]["vocab_size"] == 4000
+
+
 def test_run_folder_is_named_after_the_config_files(tmp_path):
     """Without a trainer.default_root_dir, a run writes to runs/<config names> (trainer presets left out), and its
     checkpoints go there too; one that a config sets wins."""
@@ -90,7 +106,7 @@ def test_run_folder_is_named_after_the_config_files(tmp_path):
             subclass_mode_model=True,
             subclass_mode_data=True,
             run=False,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": PARSER_MODE},
             args=[*args, "--trainer.logger", "false"],
         )
         return cli.trainer.default_root_dir, cli.trainer.checkpoint_callback.dirpath

@@ -16,7 +16,7 @@ from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.callbacks import IIAD, TwoStage
 from lit_iiet.callbacks.influence import heatmap_image
 from lit_iiet.checkpoint import TOKENIZER_KEY
-from lit_iiet.cli import main
+from lit_iiet.cli import PARSER_MODE, main
 from lit_iiet.errors import UserInputError
 from lit_iiet.models import LanguageModel
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
@@ -217,7 +217,7 @@ def test_two_stage_switches_at_the_right_step_and_is_vanilla_before(tmp_path):
         subclass_mode_model=True,
         subclass_mode_data=True,
         run=False,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": PARSER_MODE},
         args=[
             *TINY,
             *THREE_LAYERS,

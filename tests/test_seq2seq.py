@@ -14,7 +14,7 @@ from rouge_score import rouge_scorer
 
 from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.checkpoint import TOKENIZER_KEY
-from lit_iiet.cli import main
+from lit_iiet.cli import PARSER_MODE, main
 from lit_iiet.data import SummarizationDataModule, Tokenizer, TranslationDataModule
 from lit_iiet.data.seq2seq import clean_pairs
 from lit_iiet.errors import UserInputError
@@ -392,7 +392,7 @@ def test_data_fields_resolve_through_the_cli(config, fields):
         subclass_mode_model=True,
         subclass_mode_data=True,
         run=False,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": PARSER_MODE},
         args=[
             "--config",
             config,
