@@ -244,6 +244,22 @@ def main(args: list[str] | None = None) -> None:
     lightning_cli(args)
 
 
+def build_cli(args: list[str] | None, run: bool = True) -> IIETCLI:
+    """The LightningCLI of fit / validate / test / predict. run=False: no subcommand; parse the configs and
+    instantiate the model, the data module and the Trainer (`cli.model`, `cli.datamodule`, `cli.trainer`)."""
+    return IIETCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        # Bad options raise instead of printing the whole usage: they end in one line, as other bad input.
+        parser_kwargs={"parser_mode": PARSER_MODE, "prog": PROG, "exit_on_error": False},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
 def lightning_cli(args: list[str] | None) -> None:
     """fit, validate, test and predict."""
     set_docstring_parse_options(attribute_docstrings=True)
@@ -252,16 +268,7 @@ def lightning_cli(args: list[str] | None) -> None:
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ GPUs; no effect on CPU
     with exit_on_user_error():
         try:
-            IIETCLI(
-                LightningModule,
-                LightningDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                # Bad options raise instead of printing the whole usage: they end in one line, as other bad input.
-                parser_kwargs={"parser_mode": PARSER_MODE, "prog": PROG, "exit_on_error": False},
-                save_config_kwargs={"overwrite": True},
-                args=args,
-            )
+            build_cli(args)
         except ArgumentError as e:
             if user_error_in(e) is not None:
                 raise

@@ -15,7 +15,7 @@ from conftest import ROOT, TINY
 from lit_iiet.analysis.logs import read_scalars, read_texts
 from lit_iiet.average_checkpoints import main as average_main
 from lit_iiet.checkpoint import TOKENIZER_KEY
-from lit_iiet.cli import PARSER_MODE, main
+from lit_iiet.cli import build_cli, main
 from lit_iiet.errors import UserInputError
 from lit_iiet.models import LanguageModel, Seq2SeqModel
 
@@ -95,18 +95,10 @@ def test_values_derived_in_a_config_follow_an_override(capsys):
 def test_run_folder_is_named_after_the_config_files(tmp_path):
     """Without a trainer.default_root_dir, a run writes to runs/<config names> (trainer presets left out), and its
     checkpoints go there too; one that a config sets wins."""
-    from lightning.pytorch import LightningDataModule, LightningModule
-
-    from lit_iiet.cli import IIETCLI
 
     def folders(*args: str) -> tuple[str, str]:
-        cli = IIETCLI(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
+        cli = build_cli(
             run=False,
-            parser_kwargs={"parser_mode": PARSER_MODE},
             args=[*args, "--trainer.logger", "false"],
         )
         return cli.trainer.default_root_dir, cli.trainer.checkpoint_callback.dirpath

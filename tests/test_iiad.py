@@ -16,7 +16,7 @@ from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.callbacks import IIAD, TwoStage
 from lit_iiet.callbacks.influence import heatmap_image
 from lit_iiet.checkpoint import TOKENIZER_KEY
-from lit_iiet.cli import PARSER_MODE, main
+from lit_iiet.cli import build_cli, main
 from lit_iiet.errors import UserInputError
 from lit_iiet.models import LanguageModel
 from lit_iiet.nn.decoder import Decoder, DecoderConfig
@@ -207,17 +207,8 @@ class ScheduleRecorder(Callback):
 
 
 def test_two_stage_switches_at_the_right_step_and_is_vanilla_before(tmp_path):
-    from lightning.pytorch import LightningDataModule, LightningModule
-
-    from lit_iiet.cli import IIETCLI
-
-    cli = IIETCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
+    cli = build_cli(
         run=False,
-        parser_kwargs={"parser_mode": PARSER_MODE},
         args=[
             *TINY,
             *THREE_LAYERS,

@@ -14,7 +14,7 @@ from rouge_score import rouge_scorer
 
 from lit_iiet.analysis.logs import read_scalars
 from lit_iiet.checkpoint import TOKENIZER_KEY
-from lit_iiet.cli import PARSER_MODE, main
+from lit_iiet.cli import build_cli, main
 from lit_iiet.data import SummarizationDataModule, Tokenizer, TranslationDataModule
 from lit_iiet.data.seq2seq import clean_pairs
 from lit_iiet.errors import UserInputError
@@ -382,17 +382,8 @@ def test_bible_loads_and_round_trips_through_the_joint_tokenizer(bible):
 )
 def test_data_fields_resolve_through_the_cli(config, fields):
     """Defaults that subclasses derive (schema or language -> field names) survive LightningCLI's instantiation."""
-    from lightning.pytorch import LightningDataModule, LightningModule
-
-    from lit_iiet.cli import IIETCLI
-
-    cli = IIETCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
+    cli = build_cli(
         run=False,
-        parser_kwargs={"parser_mode": PARSER_MODE},
         args=[
             "--config",
             config,
