@@ -17,7 +17,7 @@ otherwise); under bf16 their agreement is only reported.
 Part "beam": `beam_search` of the encoder-decoder `Seq2Seq` (euler decoder; encoder scheme as given) on
 `--sentences` random sources of `--src_len` tokens, with beams `--beams`. max_len = min_len = `--tgt_len`, so
 every sentence decodes exactly tgt_len tokens + the forced eos (tgt_len + 1 decoder steps, checked). A timed
-call includes encoding the sources, as in `Seq2SeqModule.translate`. Rounds alternate every (scheme, beam); the
+call includes encoding the sources, as in `Seq2SeqModel.translate`. Rounds alternate every (scheme, beam); the
 table gives output tokens/s (= sentences * tgt_len / s) as a ratio to beam 1 of the same scheme, the same for
 hypothesis tokens/s (output tokens/s * beam: the work that beam search batches), and sentences/s as a ratio
 to euler at beam 1. Absolute tokens/s and sentences/s are printed only on CUDA (docs/DESIGN.md, section 6).
