@@ -7,10 +7,25 @@ PyTorch code can raise it without importing Lightning.
 
 import sys
 from contextlib import contextmanager
+from dataclasses import fields
+from typing import Literal, get_args, get_origin, get_type_hints
 
 
 class UserInputError(ValueError):
     """A value given by the user is not allowed; the message names the value and what is allowed."""
+
+
+def check_choices(config, prefix: str = "") -> None:
+    """Check every Literal field of a config dataclass, as jsonargparse does on the command line: dataclasses built
+    in Python do not check their types."""
+    hints = get_type_hints(type(config))
+    for f in fields(config):
+        if get_origin(hints[f.name]) is Literal:
+            value, allowed = getattr(config, f.name), get_args(hints[f.name])
+            if value not in allowed:
+                raise UserInputError(
+                    f"unknown {prefix}{f.name} {value!r}; choose one of {', '.join(map(str, allowed))}"
+                )
 
 
 def user_error_in(error: BaseException | None) -> UserInputError | None:

@@ -291,7 +291,7 @@ def test_gpt2_init_shrinks_the_projections_into_the_stream():
     for name, std in expected.items():
         assert abs(params[name].std().item() / std - 1) < 0.05, name
     assert all(params[n].abs().sum() == 0 for n in params if n.endswith("bias"))
-    with pytest.raises(UserInputError, match="init='xavier'; choose 'torch' or 'gpt2'"):
+    with pytest.raises(UserInputError, match="unknown init 'xavier'; choose one of torch, gpt2"):
         Seq2SeqConfig(V, init="xavier")
 
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Literal, get_args, get_type_hints
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from lit_iiet.errors import UserInputError
+from lit_iiet.errors import UserInputError, check_choices
 from lit_iiet.nn.layers import KVCache, RMSNorm
 
 Sublayer = Callable[[Tensor, int], Tensor]
@@ -98,13 +98,6 @@ class Branch:
 SchemeName = Literal["euler", "iiet", "looped", "rk2", "rk2_gated", "rk4", "pcformer"]  # the keys of SCHEMES
 
 
-def _check_choice(name: str, value, choices) -> None:
-    """The same check as jsonargparse's for a Literal field, for configs built in Python (dataclasses do not check)."""
-    allowed = get_args(choices)
-    if value not in allowed:
-        raise UserInputError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-
-
 @dataclass
 class IIETConfig:
     """How scheme iiet iterates (`ode.iiet.*`); the other schemes refuse anything but these defaults."""
@@ -145,9 +138,7 @@ class IIETConfig:
     slot per layer from the first iteration, reused by the others: smaller and approximate, also in training)."""
 
     def __post_init__(self) -> None:
-        hints = get_type_hints(IIETConfig)
-        for name in ("output", "relaxation", "solver", "unit", "policy", "early_exit_compaction", "kv_mode"):
-            _check_choice(f"iiet.{name}", getattr(self, name), hints[name])
+        check_choices(self, "iiet.")
         if not 0.0 < self.damping <= 1.0:
             raise UserInputError(f"iiet.damping={self.damping} must lie in (0, 1]")
         if not isinstance(self.anderson_memory, int) or self.anderson_memory < 2:
@@ -209,8 +200,7 @@ class ODEConfig:
     """scheme iiet: the solver, its output and damping, the per-token policy and the KV-cache mode."""
 
     def __post_init__(self) -> None:
-        _check_choice("scheme", self.scheme, SchemeName)
-        _check_choice("dropout_mask", self.dropout_mask, get_type_hints(ODEConfig)["dropout_mask"])
+        check_choices(self)
         if self.branch_scale is not None and not self.branch_scale > 0:
             raise UserInputError(f"branch_scale={self.branch_scale!r} must be a number > 0 or null")
         if isinstance(self.iiet, dict):

@@ -15,7 +15,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_iiet.errors import UserInputError
+from lit_iiet.errors import UserInputError, check_choices
 from lit_iiet.nn.layers import (
     Attention,
     KVCache,
@@ -70,10 +70,7 @@ class Seq2SeqConfig:
             raise UserInputError(
                 f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size (RoPE)"
             )
-        if self.ffn not in ("relu", "swiglu"):
-            raise UserInputError(f"ffn={self.ffn!r}; choose 'relu' or 'swiglu'")
-        if self.init not in ("torch", "gpt2"):
-            raise UserInputError(f"init={self.init!r}; choose 'torch' or 'gpt2'")
+        check_choices(self)
         for name in ("vocab_size", "enc_layers", "dec_layers", "d_ff", "max_src_len", "max_tgt_len"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"{name}={getattr(self, name)} must be >= 1")
