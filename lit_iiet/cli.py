@@ -260,15 +260,15 @@ def build_cli(args: list[str] | None, run: bool = True) -> IIETCLI:
     )
 
 
-def lightning_cli(args: list[str] | None) -> None:
-    """fit, validate, test and predict."""
+def lightning_cli(args: list[str] | None) -> IIETCLI:
+    """fit, validate, test and predict; returns the LightningCLI (its `trainer`, `model` and `datamodule`)."""
     set_docstring_parse_options(attribute_docstrings=True)
     # LMDataModule's sampler resumes mid-epoch from Lightning's own counters; this warning does not apply.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ GPUs; no effect on CPU
     with exit_on_user_error():
         try:
-            build_cli(args)
+            return build_cli(args)
         except ArgumentError as e:
             if user_error_in(e) is not None:
                 raise
