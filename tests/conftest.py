@@ -2,8 +2,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: a second intra-op thread per worker (or per process a test starts)
+    # would only contend for the same cores.
+    torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
 
 # A small model on the shipped corpus: a CLI run of a few steps takes seconds on a 2-core CPU.
 TINY = [
