@@ -17,6 +17,10 @@ study --name screen --lrs 2e-3 --seeds 1337 --arms \
 # runs run). The first 1.2 table tuned on seed 1337 and reused it as a final run, which the runner now refuses.
 python -m benchmarks.scheme_study --out "$out" --jobs 2 --name lm_core --results docs/results --arms euler iiet \
   --tune_seeds 1 2 --seeds 101 102 103 104 105 106 107 108 109 110 111 112
+# ... and its controls, each with its own lr from the same grid and three final seeds paired with euler's first
+# three: looped r = 3 (IIET's FLOPs without the implicit anchor), RK2, RK4, PCformer, and vanilla with 3x the steps.
+python -m benchmarks.scheme_study --out "$out" --jobs 2 --name lm_core --results docs/results --arms euler looped \
+  rk2 rk4 pcformer "euler 3x steps" --tune_seeds 1 2 --seeds 101 102 103
 # 1.3 IIET options: a one-seed screen at plain IIET's chosen lr, then three seeds for the best
 study --name options --lrs 4e-3 --seeds 1337 --arms euler iiet "iiet anderson" "iiet relaxation" "iiet mean" \
   "iiet damping 0.5" "iiet sublayer" "iiet branch_norm" "iiet r=2" "euler stream 4.0" "iiet stream 4.0"
