@@ -361,12 +361,20 @@ def run_one(spec: dict, threads: int) -> None:
     tmp.replace(run.dir / "result.json")
 
 
-def execute(runs: list[Run], jobs: int, threads: int) -> None:
-    """Run what is not finished yet, `jobs` processes at a time; a failed run stops the study with its log."""
-    todo = [r for r in runs if r.result() is None]
-    print(f"scheme_study: {len(runs) - len(todo)} of {len(runs)} runs finished before; running {len(todo)}", flush=True)
+def execute(study: Study, jobs: int, threads: int) -> None:
+    """Run what is not finished yet, `jobs` processes at a time; a failed run stops the study with its log.
+    Tuning runs go first; an arm's final runs may start as soon as its own tuning has finished."""
+    total = len(study.tuning()) + len(study.arms) * len(study.seeds)
+    finished = sum(r.result() is not None for r in study.startable_runs())
+    print(f"scheme_study: {finished} of {total} runs finished before; running {total - finished}", flush=True)
     active: list[tuple[Run, subprocess.Popen, float]] = []
-    while todo or active:
+    todo = None  # the runs to start, recomputed when a run ends (it may complete an arm's tuning)
+    while True:
+        if todo is None:
+            busy = {run.dir for run, _, _ in active}
+            todo = [r for r in study.startable_runs() if r.result() is None and r.dir not in busy]
+            if not todo and not active:
+                return
         while todo and len(active) < jobs:
             run = todo.pop(0)
             run.dir.mkdir(parents=True, exist_ok=True)
@@ -385,6 +393,7 @@ def execute(runs: list[Run], jobs: int, threads: int) -> None:
             if proc.poll() is None:
                 continue
             active.remove(item)
+            todo = None
             if proc.returncode != 0:
                 for _, other, _ in active:
                     other.terminate()
@@ -458,6 +467,13 @@ class Study:
 
     def final(self, arm: str) -> list[Run]:
         return [self.run(arm, self.chosen_lr(arm), s) for s in self.seeds]
+
+    def startable_runs(self) -> list[Run]:
+        """Every tuning run, then the final runs of each arm whose tuning has finished (its lr is chosen), seed by
+        seed across those arms, so that an interrupted study leaves complete pairs."""
+        tuning = self.tuning()
+        tuned = [a for a in self.arms if all(r.result() is not None for r in tuning if r.arm == a)]
+        return tuning + [self.run(a, self.chosen_lr(a), seed) for seed in self.seeds for a in tuned]
 
 
 def contraction(runs: list[Run]) -> str:
@@ -592,9 +608,7 @@ def main(argv: list[str] | None = None) -> None:
         args.arms, args.lrs, args.tune_seeds, args.seeds, Path(args.out), tuple(args.override or ()), args.name, store
     )
     if not args.report_only:
-        # the final runs need each arm's chosen lr, known once its tuning runs have finished
-        execute(study.tuning(), args.jobs, threads)
-        execute([r for a in args.arms for r in study.final(a)], args.jobs, threads)
+        execute(study, args.jobs, threads)
     report(study)
 
 

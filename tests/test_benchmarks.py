@@ -40,7 +40,8 @@ def test_scheme_study_tunes_on_validation_resumes_from_its_csv_and_refuses_chang
     grid += ["--results", str(results)]
     full = study(tmp_path, *grid)
     assert full.returncode == 0, full.stderr[-3000:]
-    assert "0 of 4 runs finished before; running 4" in full.stdout  # the tuning runs, then the final ones
+    # 4 tuning runs and 2 final ones; an arm's final run may start once that arm's own tuning has finished
+    assert "0 of 6 runs finished before; running 6" in full.stdout
     rows = list(csv.DictReader(open(results / "study.csv")))
     # 2 arms x 2 learning rates with tune seed 1, then final seed 2 at each arm's chosen lr: 4 steps at 1e-5
     # barely move a model, and the tuning runs are not reused as final runs.
@@ -61,12 +62,45 @@ def test_scheme_study_tunes_on_validation_resumes_from_its_csv_and_refuses_chang
     # The CSV alone is the record: a fresh machine (no runs folder) runs nothing again.
     shutil.rmtree(tmp_path / "runs")
     again = study(tmp_path, *grid)
-    assert again.returncode == 0 and "4 of 4 runs finished before; running 0" in again.stdout
-    assert "2 of 2 runs finished before; running 0" in again.stdout
+    assert again.returncode == 0 and "6 of 6 runs finished before; running 0" in again.stdout
     changed = study(tmp_path, *grid, "--override=--model.optim.weight_decay=0.0")
     assert changed.returncode != 0 and "made by another command or config" in changed.stderr
     reused = study(tmp_path, "--arms", "euler", "--lrs", "1e-5", "3e-2", "--tune_seeds", "1", "--seeds", "1")
     assert reused.returncode != 0 and "a tuning run is not reused as a final run" in reused.stderr
+
+
+def test_an_arms_final_runs_may_start_once_its_own_tuning_has_finished(tmp_path):
+    from benchmarks.scheme_study import Study
+
+    study = Study(["euler", "iiet"], [1e-3, 2e-3], [1], [2, 3], tmp_path)
+
+    def finish(arm, lr, val_loss):
+        run = study.run(arm, lr, 1, "tune")
+        run.dir.mkdir(parents=True)
+        (run.dir / "result.json").write_text(json.dumps({"fingerprint": run.fingerprint(), "val_loss": val_loss}))
+
+    def startable():
+        return [(r.arm, r.lr, r.seed, r.stage) for r in study.startable_runs() if r.result() is None]
+
+    tuning = [
+        ("euler", 1e-3, 1, "tune"),
+        ("euler", 2e-3, 1, "tune"),
+        ("iiet", 1e-3, 1, "tune"),
+        ("iiet", 2e-3, 1, "tune"),
+    ]
+    assert startable() == tuning  # no lr is chosen yet
+    finish("euler", 1e-3, 4.0)
+    finish("euler", 2e-3, 3.9)
+    assert startable() == tuning[2:] + [("euler", 2e-3, 2, "final"), ("euler", 2e-3, 3, "final")]
+    finish("iiet", 1e-3, 3.8)
+    finish("iiet", 2e-3, 3.85)
+    # seed by seed across arms: an interrupted study leaves complete pairs
+    assert startable() == [
+        ("euler", 2e-3, 2, "final"),
+        ("iiet", 1e-3, 2, "final"),
+        ("euler", 2e-3, 3, "final"),
+        ("iiet", 1e-3, 3, "final"),
+    ]
 
 
 TINY_MT = [
