@@ -14,7 +14,8 @@ label smoothing, the validation decodes nothing, and the test adds BLEU and chrF
 2. final: the chosen lr with every seed of --seeds (disjoint from --tune_seeds: a tuning run is not reused as a
    final run); the table reports the mean and standard deviation over those seeds of val/loss and of test/loss
    (the test split is only read here, never for choosing), and the difference to euler paired by seed.
-Every arm gets the same lr grid and the same seeds. Runs are independent processes and resumable: a run
+Every arm gets the same lr grid and the same seeds. An arm's final runs start as soon as its own tuning has
+finished, seed by seed across arms. Runs are independent processes and resumable: a run
 recorded in the study's CSV or with its result.json written is skipped, an interrupted one resumes from its
 last checkpoint, and a run whose command changed since (an edited arm or config) is refused rather than mixed
 in. The CSV (--results/NAME.csv, one row per run, written as runs finish) is the study's record: commit it, and
