@@ -37,3 +37,5 @@ run euler_gpt2_init euler --model.arch.init gpt2
 run iiet_shared_dropout iiet --model.enc_ode.dropout_mask layer
 run iiet_decoder iiet --model.dec_ode.scheme iiet --model.dec_ode.iters 3
 run iiet_r2 iiet --model.enc_ode.iters 2
+run iiet_branch_scale_both iiet --model.enc_ode.branch_scale 0.1 --model.dec_ode.branch_scale 0.1
+run iiet_learned_relaxation iiet --model.enc_ode.iiet.relaxation learned
