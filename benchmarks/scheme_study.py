@@ -15,8 +15,9 @@ label smoothing, the validation decodes nothing, and the test adds BLEU and chrF
    final run); the table reports the mean and standard deviation over those seeds of val/loss and of test/loss
    (the test split is only read here, never for choosing), and the difference to euler paired by seed.
 Every arm gets the same lr grid and the same seeds. An arm's final runs start as soon as its own tuning has
-finished, seed by seed across arms. Runs are independent processes and resumable: a run
-recorded in the study's CSV or with its result.json written is skipped, an interrupted one resumes from its
+finished, seed by seed across arms and before the tuning of arms listed later, so list the comparison that matters
+first. Runs are independent processes and resumable: a run recorded in the study's CSV or with its result.json
+written is skipped (and recorded in the CSV if it is not yet), an interrupted one resumes from its
 last checkpoint, and a run whose command changed since (an edited arm or config) is refused rather than mixed
 in. The CSV (--results/NAME.csv, one row per run, written as runs finish) is the study's record: commit it, and
 `python -m benchmarks.results` regenerates NAME.md from it alone. --out holds the runs, NAME_detail.md
@@ -364,9 +365,15 @@ def run_one(spec: dict, threads: int) -> None:
 
 def execute(study: Study, jobs: int, threads: int) -> None:
     """Run what is not finished yet, `jobs` processes at a time; a failed run stops the study with its log.
-    Tuning runs go first; an arm's final runs may start as soon as its own tuning has finished."""
+    An arm's final runs start as soon as its own tuning has finished, before the other arms' tuning runs."""
     total = len(study.tuning()) + len(study.arms) * len(study.seeds)
-    finished = sum(r.result() is not None for r in study.startable_runs())
+    finished = 0
+    for run in study.startable_runs():
+        result = run.result()
+        if result is not None:
+            finished += 1
+            if run.store is not None:  # finished while no study process was watching it: record it now
+                run.store.add(run, result)
     print(f"scheme_study: {finished} of {total} runs finished before; running {total - finished}", flush=True)
     active: list[tuple[Run, subprocess.Popen, float]] = []
     todo = None  # the runs to start, recomputed when a run ends (it may complete an arm's tuning)
@@ -470,11 +477,12 @@ class Study:
         return [self.run(arm, self.chosen_lr(arm), s) for s in self.seeds]
 
     def startable_runs(self) -> list[Run]:
-        """Every tuning run, then the final runs of each arm whose tuning has finished (its lr is chosen), seed by
-        seed across those arms, so that an interrupted study leaves complete pairs."""
+        """The final runs of each arm whose tuning has finished (its lr is chosen), seed by seed across those arms,
+        then every tuning run: an interrupted study leaves complete pairs, and the arms listed first (the
+        comparison that matters most) are decided first."""
         tuning = self.tuning()
         tuned = [a for a in self.arms if all(r.result() is not None for r in tuning if r.arm == a)]
-        return tuning + [self.run(a, self.chosen_lr(a), seed) for seed in self.seeds for a in tuned]
+        return [self.run(a, self.chosen_lr(a), seed) for seed in self.seeds for a in tuned] + tuning
 
 
 def contraction(runs: list[Run]) -> str:

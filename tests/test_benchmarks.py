@@ -59,6 +59,13 @@ def test_scheme_study_tunes_on_validation_resumes_from_its_csv_and_refuses_chang
     detail = (tmp_path / "study_detail.md").read_text()
     assert "| iiet | IIET r = 3, plain Picard iteration | 3 | 0.03 |" in detail
     assert (tmp_path / "study.png").stat().st_size > 10_000
+    # A run that finished while no study process watched it (the study was killed) is recorded by the next one.
+    (results / "study.csv").rename(tmp_path / "lost.csv")
+    recorded = study(tmp_path, *grid)
+    assert recorded.returncode == 0 and "6 of 6 runs finished before; running 0" in recorded.stdout
+    assert sorted(map(tuple, map(dict.values, csv.DictReader(open(results / "study.csv"))))) == sorted(
+        map(tuple, map(dict.values, rows))
+    )
     # The CSV alone is the record: a fresh machine (no runs folder) runs nothing again.
     shutil.rmtree(tmp_path / "runs")
     again = study(tmp_path, *grid)
@@ -91,7 +98,8 @@ def test_an_arms_final_runs_may_start_once_its_own_tuning_has_finished(tmp_path)
     assert startable() == tuning  # no lr is chosen yet
     finish("euler", 1e-3, 4.0)
     finish("euler", 2e-3, 3.9)
-    assert startable() == tuning[2:] + [("euler", 2e-3, 2, "final"), ("euler", 2e-3, 3, "final")]
+    # euler's finals go before iiet's tuning: the arms listed first are decided first
+    assert startable() == [("euler", 2e-3, 2, "final"), ("euler", 2e-3, 3, "final")] + tuning[2:]
     finish("iiet", 1e-3, 3.8)
     finish("iiet", 2e-3, 3.85)
     # seed by seed across arms: an interrupted study leaves complete pairs
