@@ -191,15 +191,15 @@ def table(name: str, rows: list[dict]) -> str:
                 continue
             d = paired(diffs)
             lower_better = any(word in m for word in LOWER_IS_BETTER)
-            if math.isnan(d["low"]) or d["low"] <= 0 <= d["high"]:
+            digits = 3 if "loss" in m else 2
+            interval = f"[{d['low']:+.{digits}f}, {d['high']:+.{digits}f}] | {d['p']:.3g}"
+            if d["n"] < 2:  # one pair has no spread: nothing is decided yet
+                interval, verdict = "– | –", "undecided (one pair)"
+            elif d["low"] <= 0 <= d["high"]:
                 verdict = "no difference"
             else:
                 verdict = "better" if (d["mean"] < 0) == lower_better else "worse"
-            digits = 3 if "loss" in m else 2
-            out.append(
-                f"| {arm} | {m} | {d['n']} | {d['mean']:+.{digits}f} | [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}] | "
-                f"{d['p']:.3g} | {verdict} |"
-            )
+            out.append(f"| {arm} | {m} | {d['n']} | {d['mean']:+.{digits}f} | {interval} | {verdict} |")
     commands = sorted({r["command"] for r in rows if r.get("command")})
     out += ([""] if compared else []) + [f"Commands ({len(commands)} distinct) are in the CSV's `command` column."]
     return "\n".join(out) + "\n"

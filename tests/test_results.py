@@ -47,4 +47,7 @@ def test_a_study_table_chooses_on_validation_and_says_no_difference_when_the_int
     noisy = [r.replace("iiet,11,0.002,final,3.84,3.84", "iiet,11,0.002,final,4.30,4.30") for r in rows]
     (tmp_path / "n.csv").write_text(header + "\n".join(noisy) + "\n")
     assert "| no difference |" in table("n", read(tmp_path / "n.csv"))
+    one_pair = [r for r in rows if ",final," not in r or r.split(",")[1] == "10"]
+    (tmp_path / "o.csv").write_text(header + "\n".join(one_pair) + "\n")
+    assert "| iiet | test_loss | 1 | -0.100 | – | – | undecided (one pair) |" in table("o", read(tmp_path / "o.csv"))
     assert RESULTS.name == "results"
