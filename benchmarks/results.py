@@ -6,9 +6,10 @@
 A study CSV has one row per run: `arm`, `seed`, `lr`, `stage` (tune or final), `val_loss`, `test_loss`, any
 further `test_<metric>` columns (translation: `test_bleu`, `test_chrf`), `command`, and whatever else the runner
 records. Each arm's lr is the one with the lowest mean val_loss over its tune rows (tuning runs are never final
-runs); the final rows at that lr are compared with the reference arm (the first arm of the CSV, unless the CSV's
-`reference` column names one) seed by seed: the mean of the paired differences, its 95% interval (Student t) and
-the two-sided p. An interval that covers 0 reads "no difference", whatever the means say.
+runs); the final rows at that lr are compared seed by seed with the arm's references: the arms its rows'
+`reference` column names (several separated by ";"), else the first arm of the CSV. A comparison gives the mean of
+the paired differences, its 95% interval (Student t) and the two-sided p. An interval that covers 0 reads "no
+difference", whatever the means say.
 """
 
 from __future__ import annotations
@@ -119,10 +120,25 @@ def chosen_lrs(rows: list[dict]) -> dict[str, float]:
     return chosen
 
 
-def table(name: str, rows: list[dict]) -> str:
-    """The markdown of one study: tuning grid, final rows, paired comparisons with the reference arm."""
+def references(rows: list[dict]) -> dict[str, list[str]]:
+    """The arms each arm is paired with: the `reference` column of its rows (";"-separated), else the first arm.
+    An arm is never its own reference; a reference may have no rows yet (a study that has not run it)."""
     arms = list(dict.fromkeys(r["arm"] for r in rows))
-    reference = next((r["reference"] for r in rows if r.get("reference")), arms[0])
+    named: dict[str, list[str]] = {}
+    for r in rows:
+        for ref in filter(None, (part.strip() for part in (r.get("reference") or "").split(";"))):
+            named.setdefault(r["arm"], [])
+            if ref not in named[r["arm"]]:
+                named[r["arm"]].append(ref)
+    return {a: [ref for ref in named.get(a, [arms[0]]) if ref != a] for a in arms}
+
+
+def table(name: str, rows: list[dict]) -> str:
+    """The markdown of one study: tuning grid, final rows, paired comparisons of each arm with its references."""
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    pairs = [(arm, ref) for arm, refs in references(rows).items() for ref in refs]
+    unrun = [(arm, ref) for arm, ref in pairs if ref not in arms]
+    pairs = [pair for pair in pairs if pair not in unrun]
     lrs = chosen_lrs(rows)
     metrics = ["val_loss", "test_loss"] + [k for k in rows[0] if k.startswith("test_") and k != "test_loss"]
     final = {
@@ -165,21 +181,22 @@ def table(name: str, rows: list[dict]) -> str:
         out.append(f"| {arm} | {lrs[arm]:g} | {len(final[arm])} | " + " | ".join(cells) + " |")
     out.append("")
 
-    compared = [m for m in metrics if m != "val_loss"] if len(arms) > 1 else []
+    compared = [m for m in metrics if m != "val_loss"] if pairs else []
+    refs = list(dict.fromkeys(ref for _, ref in pairs + unrun))  # labels stay when a reference gets rows
+    against = f"`{refs[0]}` (arm minus {refs[0]})" if len(refs) == 1 else "each arm's reference (arm minus reference)"
     out += (
         []
         if not compared
         else [
-            f"Paired by seed against `{reference}` (arm minus {reference}): mean difference, 95% interval, p. "
+            f"Paired by seed against {against}: mean difference, 95% interval, p. "
             "An interval that covers 0 is no difference.",
             "",
             "| arm | metric | pairs | difference | 95% interval | p | verdict |",
             "|---|---|---|---|---|---|---|",
         ]
     )
-    for arm in arms:
-        if arm == reference:
-            continue
+    for arm, reference in pairs:
+        label = arm if len(refs) == 1 else f"{arm} vs {reference}"
         seeds = sorted(set(final[arm]) & set(final[reference]))
         for m in compared:
             diffs = [
@@ -199,9 +216,13 @@ def table(name: str, rows: list[dict]) -> str:
                 verdict = "no difference"
             else:
                 verdict = "better" if (d["mean"] < 0) == lower_better else "worse"
-            out.append(f"| {arm} | {m} | {d['n']} | {d['mean']:+.{digits}f} | {interval} | {verdict} |")
+            out.append(f"| {label} | {m} | {d['n']} | {d['mean']:+.{digits}f} | {interval} | {verdict} |")
+    if unrun:
+        out += ["", "Not compared (the reference has no rows): " + "; ".join(f"{a} vs {r}" for a, r in unrun) + "."]
     commands = sorted({r["command"] for r in rows if r.get("command")})
-    out += ([""] if compared else []) + [f"Commands ({len(commands)} distinct) are in the CSV's `command` column."]
+    out += ([""] if compared or unrun else []) + [
+        f"Commands ({len(commands)} distinct) are in the CSV's `command` column."
+    ]
     return "\n".join(out) + "\n"
 
 

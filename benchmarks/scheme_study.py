@@ -66,6 +66,8 @@ class Arm:
     stream (without the stream scale)."""
     task: str = "lm"
     """lm (decoder-only, Shakespeare) or mt (encoder-decoder, Bible Fr->En)."""
+    references: tuple[str, ...] = ()
+    """The arms this one is paired with in the table (the CSV's `reference` column); none: the study's first arm."""
 
 
 def lm(scheme: str) -> tuple[str, ...]:
@@ -73,10 +75,16 @@ def lm(scheme: str) -> tuple[str, ...]:
     return ("conf/lm/shakespeare.yaml",) + (() if scheme == "iiet" else (f"conf/scheme/{scheme}.yaml",))
 
 
-def mt(encoder: str, overrides: tuple[str, ...] = (), what: str = "", group: str = "scheme") -> Arm:
+def mt(
+    encoder: str,
+    overrides: tuple[str, ...] = (),
+    what: str = "",
+    group: str = "scheme",
+    references: tuple[str, ...] = (),
+) -> Arm:
     """An arm of the translation study: conf/mt/bible_fr_en.yaml (IIET encoder) with the encoder's overlay."""
     configs = ("conf/mt/bible_fr_en.yaml",) + (() if encoder == "iiet" else (f"conf/encoder/{encoder}.yaml",))
-    return Arm(configs, overrides, what, None, group, "mt")
+    return Arm(configs, overrides, what, None, group, "mt", references)
 
 
 ARMS: dict[str, Arm] = {
@@ -125,7 +133,12 @@ MT_ARMS: dict[str, Arm] = {
         "iiet", ("--model.enc_ode.dropout_mask", "layer"), "IIET r = 3, one dropout mask per layer step", "option"
     ),
     "mt iiet branch scale": mt(
-        "iiet", ("--model.enc_ode.branch_scale", "0.1"), "IIET r = 3, learned branch scale from 0.1", "option"
+        "iiet",
+        ("--model.enc_ode.branch_scale", "0.1"),
+        "IIET r = 3, learned branch scale from 0.1",
+        "option",
+        # against vanilla, and against vanilla with the same scale (does the scale help IIET more than vanilla?)
+        references=("mt euler", "mt euler branch scale"),
     ),
     "mt euler branch scale": mt(
         "euler", ("--model.enc_ode.branch_scale", "0.1"), "vanilla encoder, learned branch scale from 0.1", "option"
@@ -204,6 +217,7 @@ CSV_FIELDS = [
     "threads",
     "date",
     "fingerprint",
+    "reference",
     "command",
 ]
 SCORES = {"lm": [], "mt": ["test_bleu", "test_chrf"]}  # further columns of a task's CSV, after test_loss
@@ -247,6 +261,7 @@ class Store:
                 "threads": result["threads"],
                 "date": result["date"],
                 "fingerprint": result["fingerprint"],
+                "reference": ";".join(ARMS[run.arm].references),
                 "command": result["command"],
             }
         )

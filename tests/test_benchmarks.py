@@ -138,19 +138,22 @@ def test_translation_study_records_test_bleu_and_chrf_of_the_written_hypotheses(
     cmd = [sys.executable, "-m", "benchmarks.scheme_study", "--out", str(tmp_path), "--name", "mt"]
     mixed = subprocess.run([*cmd, "--arms", "mt euler", "euler"], cwd=ROOT, capture_output=True, text=True)
     assert mixed.returncode != 0 and "--arms mixes tasks (lm, mt)" in mixed.stderr
-    args = ["--arms", "mt iiet", "--lrs", "2e-3", "--seeds", "1", "--jobs", "1", *TINY_MT]
+    args = ["--arms", "mt iiet branch scale", "--lrs", "2e-3", "--seeds", "1", "--jobs", "1", *TINY_MT]
     result = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = csv.DictReader(open(tmp_path / "mt.csv"))
     assert row["command"].startswith("python -m lit_iiet fit --config conf/mt/bible_fr_en.yaml")
-    logs = tmp_path / "runs" / "mt_iiet" / "final_lr0.002_seed1" / "lightning_logs"
+    assert row["reference"] == "mt euler;mt euler branch scale"  # the arm's pairs, for benchmarks.results
+    logs = tmp_path / "runs" / "mt_iiet_branch_scale" / "final_lr0.002_seed1" / "lightning_logs"
     (hyp_file,) = logs.glob("*/test.hyp.txt")
     hyps, refs = hyp_file.read_text().splitlines(), (hyp_file.parent / "test.ref.txt").read_text().splitlines()
     assert len(hyps) == 4  # one test batch
     assert float(row["test_bleu"]) == round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
     assert float(row["test_chrf"]) == round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2)
     assert float(row["evals_per_token"]) == 3.0
-    assert "| mt iiet | 0.002 | 1 |" in (tmp_path / "mt.md").read_text()
+    table = (tmp_path / "mt.md").read_text()
+    assert "| mt iiet branch scale | 0.002 | 1 |" in table
+    assert "(the reference has no rows): mt iiet branch scale vs mt euler; mt iiet branch scale vs mt euler" in table
 
     # collect_runs turns a folder of fit runs into a study CSV: seed and lr from each run's saved config, the last
     # val NLL and the requested scalars from its TensorBoard logs, the command from command.txt.

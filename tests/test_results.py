@@ -51,3 +51,30 @@ def test_a_study_table_chooses_on_validation_and_says_no_difference_when_the_int
     (tmp_path / "o.csv").write_text(header + "\n".join(one_pair) + "\n")
     assert "| iiet | test_loss | 1 | -0.100 | – | – | undecided (one pair) |" in table("o", read(tmp_path / "o.csv"))
     assert RESULTS.name == "results"
+
+
+def test_an_arm_is_paired_with_each_reference_its_rows_name(tmp_path):
+    header = "arm,seed,lr,stage,val_loss,test_loss,command,reference\n"
+    rows = []
+    for seed, (e, es, i) in enumerate([(3.90, 3.70, 3.60), (3.80, 3.71, 3.62), (3.95, 3.69, 3.58)], start=1):
+        rows += [
+            f"e,{seed},0.002,final,{e},{e},c,",
+            f"e+s,{seed},0.002,final,{es},{es},c,",
+            f"i+s,{seed},0.002,final,{i},{i},c,e; e+s",
+        ]
+    (tmp_path / "r.csv").write_text(header + "\n".join(rows) + "\n")
+    from benchmarks.results import read
+
+    text = table("r", read(tmp_path / "r.csv"))
+    # e+s names no reference: the first arm; i+s names both. Differences: -0.183, -0.283 and -0.100 by hand.
+    assert "| e+s vs e | test_loss | 3 | -0.183 |" in text
+    assert "| i+s vs e | test_loss | 3 | -0.283 |" in text
+    assert "| i+s vs e+s | test_loss | 3 | -0.100 | [-0.125, -0.075] |" in text
+    assert "| e vs" not in text  # the first arm is nobody's pair with itself
+    # a reference the study has not run (yet) is named, not silently dropped
+    (tmp_path / "unrun.csv").write_text(header + "\n".join(rows).replace("e; e+s", "e; x") + "\n")
+    text = table("unrun", read(tmp_path / "unrun.csv"))
+    assert (
+        "| i+s vs e | test_loss | 3 | -0.283 |" in text
+        and "Not compared (the reference has no rows): i+s vs x." in text
+    )
