@@ -392,6 +392,10 @@ BAD_INPUTS = {
         ["--data.seq_len", "many"],
         """data: Parser key "seq_len": Expected a <class 'int'>. Got value: many (see python -m lit_iiet fit --data.help""",
     ),
+    "null for a nested option": (  # jsonargparse passes it on as the string "None"; the error says what parses
+        ["--model.ode.branch_scale", "null"],
+        "--model.ode.branch_scale null reaches the model as the string 'None'; write --model.ode '{branch_scale: null}'",
+    ),
     "anderson with mean": (
         ["--model.ode.iiet.solver", "anderson", "--model.ode.iiet.output", "mean"],
         "iiet.solver='anderson' mixes its own",
