@@ -20,10 +20,12 @@ run() {
   [ -f "$out/$name/done" ] && return 0
   rm -rf "${out:?}/$name"
   mkdir -p "$out/$name"
-  local cmd=(python -m lit_iiet fit --config conf/mt/bible_fr_en.yaml --config "conf/encoder/$encoder.yaml" "$@" --data.max_tokens 1400
+  # the screen's arms add their options to an encoder without the branch scale that the configs ship since 2026-12-05
+  local cmd=(python -m lit_iiet fit --config conf/mt/bible_fr_en.yaml --config "conf/encoder/$encoder.yaml"
+    --model.enc_ode "{branch_scale: null}" "$@" --data.max_tokens 1400
     --trainer.max_steps 400 --trainer.val_check_interval 200 --model.val_decode_batches 0
     "--trainer.callbacks+=lit_iiet.callbacks.GradientNorms" --trainer.callbacks.every_n_steps=50)
-  echo "${cmd[*]}" > "$out/$name/command.txt"
+  printf '%q ' "${cmd[@]}" | sed 's/ $/\n/' > "$out/$name/command.txt"
   "${cmd[@]}" --trainer.enable_progress_bar false --trainer.default_root_dir "$out/$name" > "$out/$name.log" 2>&1
   touch "$out/$name/done"
 }
