@@ -222,13 +222,13 @@ def short_parse_error(message: str, subcommand: str) -> str:
             group, class_path = lines[0].split('"')[1], line.split("'")[1]
             see = f"(see {PROG} {subcommand} --{group}.help {class_path})"
             detail = lines[i + 1 :]
-            if detail[0].startswith('Parser key "') and "Given value: None" in detail:
+            if detail and detail[0].startswith('Parser key "') and "Given value: None" in detail:
                 # jsonargparse (4.53) hands a null given to a nested option of a subclass on as the string "None";
                 # the mapping form of the option above it parses, and merges into it
                 parent, _, leaf = detail[0].split('"')[1].rpartition(".")
                 if parent and "Given value type: <class 'str'>" in detail:
                     return (
-                        f"{group}: --{group}.{parent}.{leaf} null reaches the model as the string 'None'; "
+                        f"{group}: --{group}.{parent}.{leaf} null arrives as the string 'None'; "
                         f"write --{group}.{parent} '{{{leaf}: null}}' {see}"
                     )
             detail = detail[: next((k for k, text in enumerate(detail) if text.startswith("- ")), len(detail))]

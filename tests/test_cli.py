@@ -394,7 +394,7 @@ BAD_INPUTS = {
     ),
     "null for a nested option": (  # jsonargparse passes it on as the string "None"; the error says what parses
         ["--model.ode.branch_scale", "null"],
-        "--model.ode.branch_scale null reaches the model as the string 'None'; write --model.ode '{branch_scale: null}'",
+        "--model.ode.branch_scale null arrives as the string 'None'; write --model.ode '{branch_scale: null}'",
     ),
     "anderson with mean": (
         ["--model.ode.iiet.solver", "anderson", "--model.ode.iiet.output", "mean"],
