@@ -94,6 +94,7 @@ def mt(
     return Arm(configs, scale + overrides, what, None, group, "mt", references)
 
 
+CONTROL_REFERENCES = ("euler", "iiet")
 ARMS: dict[str, Arm] = {
     "euler": Arm(lm("euler"), what="vanilla Transformer++"),
     "iiet": Arm(lm("iiet"), what="IIET r = 3, plain Picard iteration", flops=3),
@@ -110,14 +111,25 @@ ARMS: dict[str, Arm] = {
         lm("iiet"), ("--model.ode.iiet.unit", "sublayer"), "IIET r = 3, attention then FFN solved in turn", 3, "option"
     ),
     "iiet branch_norm": Arm(lm("iiet"), ("--model.ode.branch_norm", "true"), "IIET r = 3, RMSNorm on G", 3, "option"),
+    # The controls of the language-model study are paired with vanilla and with IIET r = 3 (same seeds).
     "looped": Arm(
-        lm("looped"), what="looped r = 3: weight-tied explicit steps, IIET's FLOPs without its anchor", flops=3
+        lm("looped"),
+        what="looped r = 3: weight-tied explicit steps, IIET's FLOPs without its anchor",
+        flops=3,
+        references=CONTROL_REFERENCES,
     ),
-    "rk2": Arm(lm("rk2"), what="ODE Transformer RK2", flops=2),
+    "rk2": Arm(lm("rk2"), what="ODE Transformer RK2", flops=2, references=CONTROL_REFERENCES),
     "rk2_gated": Arm(lm("rk2_gated"), what="ODE Transformer RK2, gated", flops=2),
-    "rk4": Arm(lm("rk4"), what="ODE Transformer RK4", flops=4),
-    "pcformer": Arm(lm("pcformer"), what="PCformer", flops=3),
-    "euler 3x steps": Arm(lm("euler"), ("--trainer.max_steps", "1800"), "vanilla, 1800 steps", 3, "flops"),
+    "rk4": Arm(lm("rk4"), what="ODE Transformer RK4", flops=4, references=CONTROL_REFERENCES),
+    "pcformer": Arm(lm("pcformer"), what="PCformer", flops=3, references=CONTROL_REFERENCES),
+    "euler 3x steps": Arm(
+        lm("euler"),
+        ("--trainer.max_steps", "1800"),
+        "vanilla, 1800 steps",
+        3,
+        "flops",
+        references=CONTROL_REFERENCES,
+    ),
     "euler 12 layers": Arm(
         lm("euler"), ("--model.arch.n_layers", "12"), "vanilla, 12 layers (3x parameters)", 3, "flops"
     ),
